@@ -1,0 +1,143 @@
+"""Conversation actors: one per active conversation, each with a bounded mailbox, and their registry.
+
+An actor takes everything waiting in its mailbox, hands it to the writer as one unit, and waits for
+that commit before taking the next: one conversation's deliveries are stored in the order they came,
+and whatever arrives during a commit is coalesced into the next unit. Quiet actors idle out, so memory
+is bounded by the conversations that are active now.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from daemon.errors import Overloaded, ShuttingDown
+from storage.deliveries import Delivery
+from storage.errors import StorageError
+
+log = logging.getLogger("transcriptd.actors")
+
+State = Literal["starting", "running", "draining", "closed"]
+
+
+class Sink(Protocol):
+    """Where actors send their units: the writer."""
+
+    async def submit(self, unit: list[Delivery]) -> None: ...
+
+
+class ConversationActor:
+    def __init__(self, registry: ActorRegistry, conversation_id: str, mailbox_size: int) -> None:
+        self.registry = registry
+        self.conversation_id = conversation_id
+        self.mailbox: MemoryObjectSendStream[Delivery]
+        self._inbox: MemoryObjectReceiveStream[Delivery]
+        self.mailbox, self._inbox = anyio.create_memory_object_stream[Delivery](mailbox_size)
+
+    async def run(self, sink: Sink, idle_s: float, max_rows: int) -> None:
+        async with self._inbox:
+            while True:
+                first: Delivery | None = None
+                with anyio.move_on_after(idle_s):
+                    try:
+                        first = await self._inbox.receive()
+                    except anyio.EndOfStream:
+                        return
+                if first is None:
+                    # Idle. No await between this check and leaving the registry, so no delivery can
+                    # be sent to a mailbox that nobody will read.
+                    if self._inbox.statistics().current_buffer_used == 0:
+                        self.registry._forget(self)
+                        return
+                    continue
+                await self._flush(sink, self._coalesce(first, max_rows))
+
+    def _coalesce(self, first: Delivery, max_rows: int) -> list[Delivery]:
+        unit, rows = [first], first.size
+        while rows < max_rows:
+            try:
+                delivery = self._inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            unit.append(delivery)
+            rows += delivery.size
+        return unit
+
+    async def _flush(self, sink: Sink, unit: list[Delivery]) -> None:
+        try:
+            await sink.submit(unit)
+        except StorageError as exc:
+            for delivery in unit:
+                delivery.fail(exc)
+            return
+        # Every delivery of a unit is resolved by the same commit (or kept for a retry by the writer).
+        await unit[-1].done.wait()
+
+
+class ActorRegistry:
+    """Routes each delivery to its conversation's actor, starting one when needed, in its own task group."""
+
+    def __init__(self, sink: Sink, *, mailbox_size: int, idle_s: float, max_rows: int, retry_after_s: int) -> None:
+        self.state: State = "starting"
+        self._sink = sink
+        self._mailbox_size = mailbox_size
+        self._idle_s = idle_s
+        self._max_rows = max_rows
+        self._retry_after_s = retry_after_s
+        self._actors: dict[str, ConversationActor] = {}
+        self._tg: TaskGroup | None = None
+        self._stop = anyio.Event()
+        self._closed = anyio.Event()
+
+    @property
+    def live_actors(self) -> int:
+        return len(self._actors)
+
+    @property
+    def queued(self) -> int:
+        return sum(a.mailbox.statistics().current_buffer_used for a in self._actors.values())
+
+    async def run(self, *, task_status: TaskStatus[ActorRegistry] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self.state = "running"
+            task_status.started(self)
+            await self._stop.wait()
+            # Closing a mailbox ends its actor once it has flushed what was already in it.
+            for actor in list(self._actors.values()):
+                actor.mailbox.close()
+        self.state = "closed"
+        self._closed.set()
+
+    def submit(self, delivery: Delivery) -> None:
+        """Put a delivery in its conversation's mailbox now, or refuse it with a retryable error."""
+        if self.state != "running" or self._tg is None:
+            raise ShuttingDown("transcriptd is shutting down", retry_after=self._retry_after_s)
+        actor = self._actors.get(delivery.conversation_id)
+        if actor is None:
+            actor = ConversationActor(self, delivery.conversation_id, self._mailbox_size)
+            self._actors[delivery.conversation_id] = actor
+            self._tg.start_soon(actor.run, self._sink, self._idle_s, self._max_rows)
+        try:
+            actor.mailbox.send_nowait(delivery)
+        except anyio.WouldBlock:
+            raise Overloaded(
+                f"conversation {delivery.conversation_id!r} has {self._mailbox_size} deliveries waiting",
+                retry_after=self._retry_after_s,
+            ) from None
+
+    async def close(self) -> None:
+        """Stop taking deliveries, let every actor flush its mailbox, and wait until they have."""
+        if self.state == "running":
+            self.state = "draining"
+        self._stop.set()
+        await self._closed.wait()
+
+    def _forget(self, actor: ConversationActor) -> None:
+        if self._actors.get(actor.conversation_id) is actor:
+            del self._actors[actor.conversation_id]
+        actor.mailbox.close()

@@ -1,0 +1,127 @@
+"""The Starlette app. Its lifespan owns one task group: the writer and the actor registry run in it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from daemon.actors import ActorRegistry
+from daemon.config import Config
+from daemon.errors import EXCEPTION_HANDLERS
+from daemon.health import Health
+from daemon.intake import Intake, IntakeSettings
+from storage.writer import Writer, WriterSettings
+
+log = logging.getLogger("transcriptd")
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What the running app holds; tests reach the writer and registry through ``app.state.runtime``."""
+
+    config: Config
+    writer: Writer
+    registry: ActorRegistry
+
+
+def writer_settings(config: Config) -> WriterSettings:
+    return WriterSettings(
+        path=config.storage.path,
+        synchronous=config.storage.synchronous,
+        cache_size_mib=config.storage.cache_size_mib,
+        busy_timeout_ms=config.storage.busy_timeout_ms,
+        max_rows=config.ingest.batch_max_rows,
+        max_delay_s=config.ingest.batch_max_delay_ms / 1000,
+        drain_deadline_s=config.server.shutdown_timeout_s * 0.8,
+    )
+
+
+def create_app(config: Config) -> Starlette:
+    ingest = config.ingest
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        writer = Writer(writer_settings(config))
+        async with anyio.create_task_group() as tg:
+            # start() waits until each is up, so a database that cannot open fails start-up, not a request.
+            await tg.start(writer.run)
+            registry = ActorRegistry(
+                writer,
+                mailbox_size=ingest.mailbox_size,
+                idle_s=ingest.actor_idle_s,
+                max_rows=ingest.batch_max_rows,
+                retry_after_s=ingest.retry_after_s,
+            )
+            await tg.start(registry.run)
+            intake = Intake(
+                IntakeSettings(
+                    durable=ingest.ack == "durable",
+                    max_body_bytes=ingest.max_body_bytes,
+                    ack_timeout_s=ingest.ack_timeout_s,
+                    retry_after_s=ingest.retry_after_s,
+                    tavus_token=config.webhooks.tavus.token,
+                ),
+                registry,
+            )
+            app.state.runtime = Runtime(config, writer, registry)
+            app.state.intake = intake
+            app.state.health = Health(writer, registry, ingest.retry_after_s)
+            log.info(
+                "transcriptd ready: storage %s (synchronous=%s), ack=%s",
+                config.storage.path,
+                config.storage.synchronous,
+                ingest.ack,
+            )
+            try:
+                yield
+            finally:
+                # The server has stopped taking requests and finished the ones in flight: drain
+                # every mailbox, then commit what is left, then close the database.
+                with anyio.CancelScope(shield=True):
+                    await registry.close()
+                    await writer.close()
+                log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
+
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+
+
+# The handlers live on objects the lifespan builds; the routes are fixed, so they can be described.
+async def tavus_webhook(request: Request) -> Response:
+    intake: Intake = request.app.state.intake
+    return await intake.tavus_webhook(request)
+
+
+async def post_messages(request: Request) -> Response:
+    intake: Intake = request.app.state.intake
+    return await intake.post_messages(request)
+
+
+async def livez(request: Request) -> Response:
+    health: Health = request.app.state.health
+    return await health.livez(request)
+
+
+async def readyz(request: Request) -> Response:
+    health: Health = request.app.state.health
+    return await health.readyz(request)
+
+
+ROUTES = [
+    Route("/webhooks/tavus", tavus_webhook, methods=["POST"]),
+    Route("/webhooks/tavus/{token}", tavus_webhook, methods=["POST"]),
+    Route("/conversations/{conversation_id}/messages", post_messages, methods=["POST"]),
+    Route("/livez", livez, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

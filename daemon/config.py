@@ -1,0 +1,159 @@
+"""One frozen, typed configuration: defaults < config.toml < TRANSCRIPTD_* environment < flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "TRANSCRIPTD_"
+DEFAULT_CONFIG_FILE = Path("config.toml")
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    shutdown_timeout_s: Positive = 25.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class StorageConfig(_Section, frozen=True):
+    path: str = "data/transcriptd.db"
+    synchronous: Literal["full", "normal"] = "full"
+    cache_size_mib: Count = 64
+    busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
+
+
+class IngestConfig(_Section, frozen=True):
+    ack: Literal["durable", "enqueued"] = "durable"
+    max_body_bytes: Count = 16 * 1024 * 1024
+    mailbox_size: Count = 64
+    actor_idle_s: Positive = 30.0
+    batch_max_rows: Count = 20_000
+    batch_max_delay_ms: NonNegative = 0.0
+    ack_timeout_s: Positive = 10.0
+    retry_after_s: Count = 1
+
+
+class TavusConfig(_Section, frozen=True):
+    token: str = ""
+
+
+class WebhooksConfig(_Section, frozen=True):
+    tavus: TavusConfig = msgspec.field(default_factory=TavusConfig)
+
+
+class ApiConfig(_Section, frozen=True):
+    token: str = ""
+
+
+class CacheConfig(_Section, frozen=True):
+    ttl_s: Positive = 60.0
+    max_entries: Count = 10_000
+
+
+class Config(_Section, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names it."""
+
+
+def setting_paths(struct: type[msgspec.Struct] = Config, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every leaf setting as a path of names, e.g. ("webhooks", "tavus", "token")."""
+    for field in msgspec.structs.fields(struct):
+        path = (*prefix, field.name)
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            yield from setting_paths(field.type, path)
+        else:
+            yield path
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = {env_name(path): path for path in setting_paths()}
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = known.get(name)
+        if path is None:
+            raise ConfigError(f"unknown environment variable {name}: no such setting")
+        _set(overrides, path, value)
+    return overrides
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from the file (``config.toml`` in the working directory if present), env and flags.
+
+    ``overrides`` are dotted setting names from command-line flags, e.g. ``{"server.port": 9000}``.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None or DEFAULT_CONFIG_FILE.is_file():
+        file = path or DEFAULT_CONFIG_FILE
+        try:
+            tree = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    tree = _merge(tree, _env_overrides(os.environ if environ is None else environ))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, tuple(dotted.split(".")), value)
+    try:
+        # strict=False lets environment strings such as "8001" or "true" become ints and bools.
+        return msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {_name_setting(str(exc))}") from None
+
+
+def _name_setting(message: str) -> str:
+    # msgspec says "... - at `$.server.port`"; say "server.port" the way config.toml and the docs do.
+    head, sep, where = message.partition(" - at `$.")
+    if sep:
+        return f"{where.rstrip('`')}: {head}"
+    return message.replace("Object contains unknown field", "unknown setting")

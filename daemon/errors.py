@@ -1,0 +1,165 @@
+"""The exception hierarchy and its one mapping to HTTP.
+
+Every error body has one shape: ``{"error": {"status", "code", "message", ["field"], ["problems"]}}``.
+Client mistakes are 4xx; our own failures are 5xx (503 with ``Retry-After``) so that senders retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
+
+log = logging.getLogger("transcriptd.errors")
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """One thing wrong with a request, with the JSON path of the field where there is one."""
+
+    message: str
+    field: str | None = None
+
+
+class TranscriptdError(Exception):
+    """Base of every error transcriptd raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"status": self.status, "code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class MalformedJSON(TranscriptdError):
+    status, code = 400, "malformed_json"
+
+
+class Unauthorized(TranscriptdError):
+    status, code = 401, "unauthorized"
+
+
+class PayloadTooLarge(TranscriptdError):
+    status, code = 413, "payload_too_large"
+
+
+class InvalidPayload(TranscriptdError):
+    """The body is JSON but not of the expected shape; ``problems`` lists every field at fault."""
+
+    status, code = 422, "invalid_payload"
+
+    def __init__(self, problems: list[Problem], *, accepted: dict[str, Any] | None = None) -> None:
+        first = problems[0]
+        message = first.message if first.field is None else f"{first.message} (at {first.field})"
+        if len(problems) > 1:
+            message += f", and {len(problems) - 1} more problem(s)"
+        super().__init__(message, field=first.field)
+        self.problems = problems
+        self.accepted = accepted
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["problems"] = msgspec.to_builtins(self.problems)
+        if self.accepted is not None:
+            # Everything valid in the same delivery was still taken: say what became of it.
+            body["accepted"] = self.accepted
+        return body
+
+
+class Unavailable(TranscriptdError):
+    """Transient: the sender should retry after ``retry_after`` seconds."""
+
+    status, code = 503, "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+class StorageAckTimeout(Unavailable):
+    code = "commit_timeout"
+
+
+def error_response(error: TranscriptdError) -> Response:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return Response(
+        msgspec.json.encode(error.body()),
+        status_code=error.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def handle_transcriptd_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TranscriptdError)
+    return error_response(exc)
+
+
+def from_storage(exc: StorageError) -> TranscriptdError:
+    """Storage failures are ours, never the sender's: 5xx, with a time to retry after."""
+    error: TranscriptdError
+    match exc:
+        case StorageUnavailable() | WriterClosed():
+            error = Unavailable(str(exc), retry_after=1)
+            error.code = "storage_unavailable"
+        case StorageRejected():
+            # The database refused the rows: retrying soon will not help, retrying after a fix will.
+            error = TranscriptdError(str(exc))
+            error.code, error.retry_after = "storage_rejected", 60
+        case _:
+            error = TranscriptdError(str(exc))
+            error.retry_after = 5
+    return error
+
+
+async def handle_storage_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StorageError)
+    return error_response(from_storage(exc))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = TranscriptdError(exc.detail)
+    error.status = exc.status_code
+    error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    response = error_response(error)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path.split("/webhooks/")[0])
+    error = TranscriptdError("internal error; the request was not stored, please retry")
+    error.retry_after = 5
+    return error_response(error)
+
+
+EXCEPTION_HANDLERS = {
+    TranscriptdError: handle_transcriptd_error,
+    StorageError: handle_storage_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

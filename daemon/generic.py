@@ -1,0 +1,61 @@
+"""The generic intake format: one message or a list, for apps that forward utterances as they happen."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
+from daemon.errors import InvalidPayload, Problem
+from daemon.tavus import ConversationId, Role
+from storage.deliveries import AppendRow, Delivery
+
+SOURCE = "api"
+EVENT_TYPE = "api.messages"
+ExternalId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class IncomingMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """One message. ``id`` is the client's own: a message whose id was seen before is not stored again."""
+
+    role: Role
+    content: str
+    id: ExternalId | None = None
+    timestamp: float | str | None = None
+
+
+def check_conversation_id(conversation_id: str) -> str:
+    try:
+        return msgspec.convert(conversation_id, ConversationId)
+    except msgspec.ValidationError as exc:
+        raise InvalidPayload([Problem(f"conversation id: {exc}", "path.conversation_id")]) from None
+
+
+def parse(
+    conversation_id: str, body: bytes, headers: Mapping[str, str], *, received_at: float
+) -> tuple[Delivery, list[Problem]]:
+    """Messages are appended after the conversation's last one; each bad item is named, the rest kept."""
+    cid = check_conversation_id(conversation_id)
+    items: list[tuple[int, IncomingMessage]]
+    problems: list[Problem] = []
+    if body.lstrip()[:1] == b"[":
+        items, problems = decode_items(decode(body, list[msgspec.Raw]), IncomingMessage, path="$")
+    else:
+        items = [(0, decode(body, IncomingMessage))]
+    rows: list[AppendRow] = [(cid, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items]
+    delivery = Delivery(
+        # Without a client id, the same body to the same conversation is a retry, not new messages.
+        key=delivery_key(SOURCE, body, headers, cid),
+        source=SOURCE,
+        event_type=EVENT_TYPE,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+        append_rows=rows,
+        rejected=len(problems),
+    )
+    if rows:
+        delivery.last_message_at = max((row[3] for row in rows if row[3] is not None), default=received_at)
+    return delivery, problems

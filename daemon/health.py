@@ -1,0 +1,51 @@
+"""Liveness and readiness: is the process up, and can it take deliveries and commit them now."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daemon.actors import ActorRegistry
+from storage.writer import Writer
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    status: str
+    writer: str
+    intake: str
+    live_actors: int
+    queued_deliveries: int
+    storage_error: str | None = None
+
+
+class Health:
+    def __init__(self, writer: Writer, registry: ActorRegistry, retry_after_s: int) -> None:
+        self.writer = writer
+        self.registry = registry
+        self.retry_after_s = retry_after_s
+
+    async def livez(self, request: Request) -> Response:
+        return Response(b'{"status":"alive"}', media_type="application/json")
+
+    async def readyz(self, request: Request) -> Response:
+        """Ready when the writer runs, its last commit succeeded, and the database takes a write lock."""
+        error = self.writer.last_error
+        if error is None and self.writer.state == "running":
+            error = await self.writer.probe()
+        ready = error is None and self.writer.state == "running" and self.registry.state == "running"
+        body = Readiness(
+            status="ready" if ready else "not_ready",
+            writer=self.writer.state,
+            intake=self.registry.state,
+            live_actors=self.registry.live_actors,
+            queued_deliveries=self.registry.queued,
+            storage_error=error,
+        )
+        headers = None if ready else {"Retry-After": str(self.retry_after_s)}
+        return Response(
+            msgspec.json.encode(body),
+            status_code=200 if ready else 503,
+            media_type="application/json",
+            headers=headers,
+        )

@@ -1,0 +1,130 @@
+"""POST handlers: authenticate, bound the body, decode, hand to the conversation's actor, answer.
+
+With ``ingest.ack = "durable"`` the answer waits for the commit that holds the delivery; with
+``"enqueued"`` it comes as soon as the delivery is in its actor's mailbox.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daemon import generic, tavus
+from daemon.actors import ActorRegistry
+from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout, Unauthorized
+from storage.deliveries import Delivery, WriteResult
+
+
+class Stored(msgspec.Struct, kw_only=True):
+    """200: the delivery is committed. ``duplicates`` were already stored, unchanged."""
+
+    status: Literal["stored"] = "stored"
+    received: int
+    inserted: int
+    updated: int
+    duplicates: int
+    rejected: int
+
+
+class Enqueued(msgspec.Struct, kw_only=True):
+    """202: the delivery is in memory, to be committed shortly (``ingest.ack = "enqueued"``)."""
+
+    status: Literal["enqueued"] = "enqueued"
+    received: int
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeSettings:
+    durable: bool
+    max_body_bytes: int
+    ack_timeout_s: float
+    retry_after_s: int
+    tavus_token: str
+
+
+class Intake:
+    def __init__(self, settings: IntakeSettings, registry: ActorRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._tavus_token = settings.tavus_token.encode()
+
+    async def tavus_webhook(self, request: Request) -> Response:
+        self._check_tavus_token(request.path_params.get("token"))
+        body = await self._read_body(request)
+        delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
+        return await self._accept(delivery, problems)
+
+    async def post_messages(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        delivery, problems = generic.parse(
+            request.path_params["conversation_id"], body, request.headers, received_at=time.time()
+        )
+        return await self._accept(delivery, problems)
+
+    def _check_tavus_token(self, given: str | None) -> None:
+        if not self._tavus_token:
+            if given is not None:
+                raise Unauthorized("no token is configured for this endpoint: post to /webhooks/tavus")
+            return
+        # Constant time, so the token cannot be guessed byte by byte from response times.
+        if given is None or not hmac.compare_digest(given.encode(), self._tavus_token):
+            raise Unauthorized("missing or wrong webhook token")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _accept(self, delivery: Delivery, problems: list[Problem]) -> Response:
+        durable = self.settings.durable
+        delivery.awaited = durable
+        self.registry.submit(delivery)
+        if not durable:
+            enqueued = Enqueued(received=delivery.received, rejected=delivery.rejected)
+            if problems:
+                raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
+            return _json(enqueued, 202)
+        with anyio.move_on_after(self.settings.ack_timeout_s):
+            await delivery.done.wait()
+        if delivery.error is not None:
+            raise delivery.error
+        if delivery.result is None:
+            # Still queued or committing: it may yet be stored, and a retry is deduplicated.
+            raise StorageAckTimeout(
+                f"the delivery was not committed within {self.settings.ack_timeout_s:g} s; retry",
+                retry_after=self.settings.retry_after_s,
+            )
+        stored = _stored(delivery.result)
+        if problems:
+            raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
+        return _json(stored, 200)
+
+
+def _stored(result: WriteResult) -> Stored:
+    return Stored(
+        received=result.received,
+        inserted=result.inserted,
+        updated=result.updated,
+        duplicates=result.duplicates,
+        rejected=result.rejected,
+    )
+
+
+def _json(payload: msgspec.Struct, status: int) -> Response:
+    return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")

@@ -1,0 +1,204 @@
+"""Tavus CVI conversation callbacks: msgspec models, and their mapping to a delivery.
+
+Tavus documents no signature and no retries, and does not guarantee arrival order: every mapping here
+is idempotent and changes only the columns its event knows about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
+from daemon.errors import InvalidPayload, Problem
+from storage.deliveries import Delivery, MessageRow
+
+SOURCE = "tavus"
+
+ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Timestamp = float | str | None
+
+JOINED = frozenset({"system.replica_joined", "system.pal_joined"})
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """Every callback: ``properties`` is decoded later, by event type."""
+
+    conversation_id: ConversationId
+    event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    properties: msgspec.Raw = msgspec.Raw(b"{}")
+    message_type: str | None = None
+    timestamp: Timestamp = None
+    # webhook_url echoes the callback URL with its secret: it is deliberately not a field here.
+
+
+class Joined(msgspec.Struct, frozen=True):
+    replica_id: str | None = None
+
+
+class Shutdown(msgspec.Struct, frozen=True):
+    replica_id: str | None = None
+    shutdown_reason: str | None = None
+
+
+class TranscriptEntry(msgspec.Struct, frozen=True, gc=False):
+    role: Role
+    content: str | None = None
+    timestamp: Timestamp = None
+    seconds_from_start: float | None = None
+    duration: float | None = None
+    inference_id: str | None = None
+
+
+class TranscriptionReady(msgspec.Struct, frozen=True):
+    transcript: list[TranscriptEntry]
+    replica_id: str | None = None
+
+
+class RawTranscript(msgspec.Struct, frozen=True):
+    """The slow path, when some entry is wrong: keep every entry as raw JSON and check each alone."""
+
+    transcript: list[msgspec.Raw]
+    replica_id: str | None = None
+
+
+class RecordingReady(msgspec.Struct, frozen=True):
+    # The old shape (S3) and the new one (any storage provider); either may come.
+    bucket_name: str | None = None
+    s3_key: str | None = None
+    duration: float | None = None
+    storage_provider: str | None = None
+    storage_uri: str | None = None
+
+
+class PerceptionAnalysis(msgspec.Struct, frozen=True):
+    analysis: str | None = None
+
+
+class PerceptionUnavailable(msgspec.Struct, frozen=True):
+    reason: str | None = None
+
+
+class PostCallActionExecuted(msgspec.Struct, frozen=True):
+    tool_name: str | None = None
+    status: str | None = None
+    request: Any = None
+    response: Any = None
+
+
+class RecordingCopyFailed(msgspec.Struct, frozen=True):
+    error_message: str | None = None
+
+
+PROPERTIES: dict[str, type[msgspec.Struct]] = {
+    "system.replica_joined": Joined,
+    "system.pal_joined": Joined,
+    "system.shutdown": Shutdown,
+    "application.transcription_ready": TranscriptionReady,
+    "application.recording_ready": RecordingReady,
+    "application.perception_analysis": PerceptionAnalysis,
+    "application.perception_unavailable": PerceptionUnavailable,
+    "application.post_call_action_executed": PostCallActionExecuted,
+    "application.recording_copy_failed": RecordingCopyFailed,
+}
+
+
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
+    """Map one callback to a delivery, and list what is wrong with it.
+
+    Only a body that is not JSON, or an envelope without a usable ``conversation_id`` and ``event_type``,
+    raises (nothing can be stored). Past that, the delivery always carries the raw event, and a
+    transcript with bad entries still carries every good one.
+    """
+    envelope = decode(body, Envelope)
+    cid = envelope.conversation_id
+    if envelope.event_type in JOINED:
+        # Tavus sends both names for one join: one key, so the second is a duplicate delivery.
+        key = f"{SOURCE}:joined:{cid}"
+    else:
+        key = delivery_key(SOURCE, body, headers)
+    delivery = Delivery(
+        key=key,
+        source=SOURCE,
+        event_type=envelope.event_type,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+    )
+    problems: list[Problem] = []
+    kind = PROPERTIES.get(envelope.event_type)
+    if kind is None:
+        return delivery, problems  # an event we do not know yet: kept raw, answered 2xx
+    try:
+        props = decode(envelope.properties, kind, path="$.properties")
+    except InvalidPayload as exc:
+        # The envelope is sound, so the raw event is still stored (replay can re-derive it once the
+        # shape is understood); the answer names every problem.
+        if kind is TranscriptionReady:
+            return delivery, _parse_transcript_leniently(delivery, envelope.properties)
+        return delivery, exc.problems
+    # When the event happened, by the sender's clock if it said, else by ours.
+    at = epoch_seconds(envelope.timestamp) or received_at
+    patch = delivery.patch
+    match props:
+        case Joined(replica_id=replica_id):
+            patch.replica_id, patch.started_at = replica_id, at
+        case Shutdown(replica_id=replica_id, shutdown_reason=reason):
+            patch.replica_id, patch.shutdown_reason = replica_id, reason
+            patch.status, patch.ended_at = "ended", at
+        case TranscriptionReady(transcript=transcript, replica_id=replica_id):
+            patch.replica_id, patch.status = replica_id, "ended"
+            _add_transcript(delivery, enumerate(transcript))
+        case RecordingReady():
+            patch.recording_provider = props.storage_provider or ("s3" if props.bucket_name else None)
+            patch.recording_duration = props.duration
+            patch.recording_uri = props.storage_uri or (
+                f"s3://{props.bucket_name}/{props.s3_key}" if props.bucket_name and props.s3_key else None
+            )
+        case PerceptionAnalysis(analysis=analysis):
+            patch.perception_analysis = analysis
+        case PerceptionUnavailable(reason=reason):
+            patch.perception_unavailable_reason = reason or "unavailable"
+        case RecordingCopyFailed(error_message=error_message):
+            patch.recording_error = error_message or "recording copy failed"
+        case _:
+            pass  # post-call actions live in the events table, raw
+    return delivery, problems
+
+
+def _parse_transcript_leniently(delivery: Delivery, properties: msgspec.Raw) -> list[Problem]:
+    """The transcript did not decode as a whole: store the entries that are right, name the others."""
+    try:
+        raw = decode(properties, RawTranscript, path="$.properties")
+    except InvalidPayload as exc:
+        return exc.problems
+    good, problems = decode_items(raw.transcript, TranscriptEntry, path="$.properties.transcript")
+    delivery.patch.replica_id, delivery.patch.status = raw.replica_id, "ended"
+    _add_transcript(delivery, good)
+    delivery.rejected = len(problems)
+    return problems
+
+
+def _add_transcript(delivery: Delivery, entries: Any) -> None:
+    cid, now = delivery.conversation_id, delivery.received_at
+    rows: list[MessageRow] = [
+        (
+            cid,
+            seq,
+            entry.role,
+            entry.content or "",
+            epoch_seconds(entry.timestamp) if entry.timestamp is not None else None,
+            entry.seconds_from_start,
+            entry.duration,
+            entry.inference_id,
+            None,
+            now,
+        )
+        for seq, entry in entries
+    ]
+    delivery.rows = rows
+    if rows:
+        delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=now)

@@ -1,0 +1,1 @@
+"""Embedded SQLite storage: connections, migrations, the group-commit writer and the reads."""

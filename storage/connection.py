@@ -1,0 +1,69 @@
+"""SQLite policy in one place: every connection transcriptd opens comes from here."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+Synchronous = Literal["full", "normal"]
+
+# UPSERT with several ON CONFLICT clauses and RETURNING need 3.35.
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+
+class StorageVersionError(RuntimeError):
+    pass
+
+
+def check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        wanted = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise StorageVersionError(f"SQLite {sqlite3.sqlite_version} is too old: transcriptd needs {wanted}+")
+
+
+def _apply_common(conn: sqlite3.Connection, *, cache_size_mib: int, busy_timeout_ms: int) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    # A negative cache_size is in KiB: a large cache keeps the B-tree interior pages of the message key hot.
+    conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_size_mib)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA temp_store = MEMORY")
+
+
+def open_writer(
+    path: str | Path,
+    *,
+    synchronous: Synchronous = "full",
+    cache_size_mib: int = 64,
+    busy_timeout_ms: int = 5000,
+) -> sqlite3.Connection:
+    """The one read-write connection; owned by the writer, used from one thread at a time."""
+    check_sqlite_version()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a batch is exactly one transaction.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"cannot put {path} in WAL mode (got {mode})")
+        # full: the commit survives power loss (fsync of the WAL at every commit); normal: only a process crash.
+        conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+        _apply_common(conn, cache_size_mib=cache_size_mib, busy_timeout_ms=busy_timeout_ms)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_reader(path: str | Path, *, cache_size_mib: int = 16, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A read-only connection: WAL readers never block the writer, and query_only guards against mistakes."""
+    check_sqlite_version()
+    conn = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
+    try:
+        _apply_common(conn, cache_size_mib=cache_size_mib, busy_timeout_ms=busy_timeout_ms)
+        conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -1,0 +1,87 @@
+"""What intake hands to the writer: one delivery's rows, its conversation changes, and its outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from storage.errors import StorageError
+
+# (conversation_id, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
+#  external_id, created_at): the column order of INSERT_MESSAGE, so rows go to executemany untouched.
+MessageRow = tuple[str, int, str, str, float | None, float | None, float | None, str | None, str | None, float]
+# The same without seq: the generic endpoint appends, and the writer assigns the position.
+AppendRow = tuple[str, str, str, float | None, str | None, float]
+
+Status = Literal["active", "ended"]
+
+
+@dataclass(slots=True, kw_only=True)
+class ConversationPatch:
+    """Columns one event sets on its conversation; None leaves a column as it is."""
+
+    status: Status | None = None
+    replica_id: str | None = None
+    shutdown_reason: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    recording_uri: str | None = None
+    recording_provider: str | None = None
+    recording_duration: float | None = None
+    recording_error: str | None = None
+    perception_analysis: str | None = None
+    perception_unavailable_reason: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class WriteResult:
+    received: int
+    inserted: int
+    updated: int
+    rejected: int = 0
+    duplicate_delivery: bool = False
+
+    @property
+    def duplicates(self) -> int:
+        return self.received - self.rejected - self.inserted - self.updated
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Delivery:
+    """One accepted request, from intake to commit. The writer fills ``result`` or ``error``, then ``done``."""
+
+    key: str
+    source: str
+    event_type: str
+    conversation_id: str
+    received_at: float
+    body: bytes
+    patch: ConversationPatch = field(default_factory=ConversationPatch)
+    rows: list[MessageRow] = field(default_factory=list)
+    append_rows: list[AppendRow] = field(default_factory=list)
+    last_message_at: float | None = None
+    rejected: int = 0
+    # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.
+    # Nobody waits (enqueued ack): the delivery was acknowledged, so the writer keeps retrying it.
+    awaited: bool = True
+    result: WriteResult | None = None
+    error: StorageError | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def received(self) -> int:
+        return len(self.rows) + len(self.append_rows) + self.rejected
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.append_rows) + 1
+
+    def resolve(self, result: WriteResult) -> None:
+        self.result = result
+        self.done.set()
+
+    def fail(self, error: StorageError) -> None:
+        self.error = error
+        self.done.set()
