@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -148,12 +149,14 @@ def load_config(
         # strict=False lets environment strings such as "8001" or "true" become ints and bools.
         return msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {_name_setting(str(exc))}") from None
+        raise ConfigError(_name_setting(str(exc))) from None
 
 
 def _name_setting(message: str) -> str:
-    # msgspec says "... - at `$.server.port`"; say "server.port" the way config.toml and the docs do.
-    head, sep, where = message.partition(" - at `$.")
-    if sep:
-        return f"{where.rstrip('`')}: {head}"
-    return message.replace("Object contains unknown field", "unknown setting")
+    # msgspec says "... - at `$.server.port`"; say "server.port", the way config.toml and the docs do.
+    head, _, where = message.partition(" - at `$")
+    section = where.rstrip("`").lstrip(".")
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", head)
+    if unknown:
+        return f"unknown setting {'.'.join(filter(None, (section, unknown[1])))}"
+    return f"{section}: {head}" if section else head

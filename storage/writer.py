@@ -75,6 +75,8 @@ class Writer:
             task_status.started(self)
             await self._loop()
         finally:
+            self._send.close()
+            self._receive.close()
             with anyio.CancelScope(shield=True):
                 if self._conn is not None:
                     await anyio.to_thread.run_sync(self._conn.close, limiter=self._thread)

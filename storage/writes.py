@@ -67,10 +67,11 @@ WHERE true
 ON CONFLICT DO NOTHING
 """
 
+# A client re-sending its message by id replaces it; a timestamp it leaves out is kept.
 UPDATE_CHANGED_BY_EXTERNAL_ID = """
-UPDATE messages SET role = ?2, content = ?3, timestamp = ?4
+UPDATE messages SET role = ?2, content = ?3, timestamp = coalesce(?4, timestamp)
 WHERE conversation_id = ?1 AND external_id = ?5
-  AND (role IS NOT ?2 OR content IS NOT ?3 OR timestamp IS NOT ?4)
+  AND (role IS NOT ?2 OR content IS NOT ?3 OR coalesce(?4, timestamp) IS NOT timestamp)
 """
 
 COUNT_MESSAGES = """

@@ -1,0 +1,170 @@
+"""The group-commit writer on a real SQLite file: batching, poison isolation, storage faults, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from storage.connection import open_writer
+from storage.deliveries import Delivery, MessageRow
+from storage.errors import StorageRejected, StorageUnavailable
+from storage.migrations import available, migrate
+from storage.writer import Writer, WriterSettings
+from tests.conftest import AppClient
+from tests.payloads import encode, transcription_ready
+
+pytestmark = pytest.mark.anyio
+
+Query = Any
+
+
+def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery:
+    now = time.time()
+    rows: list[MessageRow] = [(cid, i, "user", c, None, None, None, None, None, now) for i, c in enumerate(contents)]
+    return Delivery(
+        key=f"test:{cid}:{len(contents)}",
+        source="test",
+        event_type="test",
+        conversation_id=cid,
+        received_at=now,
+        body=b"{}",
+        rows=rows,
+        awaited=awaited,
+    )
+
+
+@contextmanager
+def locked(db_path: Path) -> Iterator[None]:
+    """Another process's exclusive lock: the writer cannot begin a write transaction while it is held."""
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Path, db: Query) -> None:
+    # The batch is held open long enough for every unit below to join it.
+    writer = Writer(WriterSettings(db_path, max_delay_s=0.3))
+    units = [[delivery(f"c{i}", ["a", "b"]), delivery(f"c{i}-b", ["c"])] for i in range(20)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for unit in units:
+            await writer.submit(unit)
+        for unit in units:
+            await unit[-1].done.wait()
+        await writer.close()
+    assert writer.commits == 1
+    results = [d.result for unit in units for d in unit]
+    assert all(r is not None and r.inserted == r.received for r in results)
+    assert db("SELECT count(*) FROM messages") == [(60,)]
+
+
+async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Query) -> None:
+    writer = Writer(WriterSettings(db_path))
+    good_before, good_after = delivery("good-1", ["fine"]), delivery("good-2", ["also fine"])
+    poison = delivery("poison", ["ok", "\ud800 a lone surrogate cannot be stored as UTF-8"])
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        await writer.submit([good_before, poison, good_after])
+        await good_after.done.wait()
+        await writer.close()
+    assert isinstance(poison.error, StorageRejected)
+    assert good_before.result is not None and good_after.result is not None
+    assert db("SELECT conversation_id FROM messages ORDER BY id") == [("good-1",), ("good-2",)]
+    # Rolled back to its savepoint: not even its event or conversation row is left behind.
+    assert db("SELECT count(*) FROM events WHERE conversation_id = 'poison'") == [(0,)]
+    assert db("SELECT count(*) FROM conversations WHERE id = 'poison'") == [(0,)]
+
+
+async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(db_path: Path, db: Query) -> None:
+    writer = Writer(WriterSettings(db_path, busy_timeout_ms=20))
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        with locked(db_path):
+            waited = delivery("durable", ["x"], awaited=True)
+            acked = delivery("enqueued", ["y"], awaited=False)
+            await writer.submit([waited, acked])
+            await waited.done.wait()
+            assert isinstance(waited.error, StorageUnavailable)
+            assert not acked.done.is_set()
+            assert writer.last_error is not None and "locked" in writer.last_error
+            assert await writer.probe() is not None
+        # The lock is gone: the acknowledged delivery is committed by the retry, without anyone resending it.
+        with anyio.fail_after(10):
+            await acked.done.wait()
+        assert writer.last_error is None
+        await writer.close()
+    assert db("SELECT conversation_id FROM messages") == [("enqueued",)]
+
+
+async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, db_path: Path) -> None:
+    body = encode(transcription_ready("c-fault", turns=5))
+    settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 3}
+    async with app_client(**settings) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        with locked(db_path):
+            refused = await client.post("/webhooks/tavus", content=body)
+            not_ready = await client.get("/readyz")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "storage_unavailable"
+        assert refused.headers["retry-after"]
+        assert not_ready.status_code == 503
+        assert not_ready.json()["storage_error"]
+        # The sender retries once the fault is gone, and is stored.
+        stored = await client.post("/webhooks/tavus", content=body)
+        assert stored.status_code == 200
+        assert stored.json()["inserted"] == 6
+        assert (await client.get("/readyz")).status_code == 200
+
+
+def test_migrations_apply_once_and_are_recorded(db_path: Path) -> None:
+    conn = open_writer(db_path)
+    try:
+        assert migrate(conn) == [m.version for m in available()]
+        assert migrate(conn) == []
+        ledger = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+        assert ledger == [(m.version, m.name) for m in available()]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("full", 2), ("normal", 1)])
+def test_synchronous_setting(db_path: Path, setting: Any, expected: int) -> None:
+    conn = open_writer(db_path, synchronous=setting)
+    try:
+        assert conn.execute("PRAGMA synchronous").fetchone() == (expected,)
+    finally:
+        conn.close()
+
+
+async def test_a_database_that_cannot_open_fails_start_up(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    writer = Writer(WriterSettings(tmp_path / "dir.db"))
+    with pytest.RaisesGroup(sqlite3.OperationalError):
+        async with anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+    assert writer.state == "closed"
+
+
+async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> None:
+    writer = Writer(WriterSettings(db_path, max_rows=10, max_delay_s=0.3))
+    units = [[delivery(f"c{i}", ["a", "b", "c", "d"])] for i in range(6)]  # 5 rows each, with the event
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for unit in units:
+            await writer.submit(unit)
+        await units[-1][-1].done.wait()
+        await writer.close()
+    assert writer.commits == 3
+    assert db("SELECT count(*) FROM messages") == [(24,)]
