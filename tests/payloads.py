@@ -29,7 +29,7 @@ def transcript(
     rng = random.Random(seed)
     entries: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
     for i in range(turns):
-        words = []
+        words: list[str] = []
         while sum(len(w) + 1 for w in words) < content_chars:
             words.append(rng.choice(["hello", "olá", "thanks", "appointment", "Tuesday", "😀", "price", "ok"]))
         entry: dict[str, Any] = {"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(words)}

@@ -23,7 +23,8 @@ def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict
     error: dict[str, Any] = response.json()["error"]
     assert error["status"] == status
     assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     return error
 
 

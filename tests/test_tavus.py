@@ -30,7 +30,8 @@ async def test_transcript_with_epoch_timestamps_is_stored_in_order(app_client: A
     rows = db("SELECT seq, role, content, timestamp FROM messages WHERE conversation_id = ? ORDER BY seq", ("c-epoch",))
     sent = body["properties"]["transcript"]
     assert [(r[0], r[1], r[2]) for r in rows] == [(i, e["role"], e["content"]) for i, e in enumerate(sent)]
-    assert rows[0][2] == SYSTEM_PROMPT and len(rows[0][2]) > 4000
+    assert rows[0][2] == SYSTEM_PROMPT
+    assert len(rows[0][2]) > 4000
     assert rows[1][3] == 1740824130.0
     (count, last, status, replica) = db(
         "SELECT message_count, last_message_at, status, replica_id FROM conversations WHERE id = 'c-epoch'"
@@ -174,7 +175,8 @@ async def test_analysis_unavailable_copy_failure_and_post_call_action(app_client
             response = await client.post("/webhooks/tavus", content=encode(body))
             assert response.status_code == 200, response.text
     assert db(
-        "SELECT perception_analysis, perception_unavailable_reason, recording_error FROM conversations WHERE id = 'c-an'"
+        "SELECT perception_analysis, perception_unavailable_reason, recording_error"
+        " FROM conversations WHERE id = 'c-an'"
     ) == [(analysis, "no video", "AccessDenied")]
     types = db("SELECT event_type FROM events WHERE conversation_id = 'c-an' ORDER BY id")
     assert [t[0] for t in types] == [b["event_type"] for b in bodies]
