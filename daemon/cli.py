@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import uvicorn
+
 from daemon import __version__
+from daemon.app import create_app
 from daemon.config import Config, ConfigError, load_config
 
 log = logging.getLogger("transcriptd")
@@ -60,17 +66,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-def serve(config: Config) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the signal after its graceful shutdown, which turns a clean drain into death
+        # by SIGTERM (or a KeyboardInterrupt traceback). The drain is the whole point: exit 0 after it.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
-    from daemon.app import create_app
+
+def serve(config: Config) -> int:
 
     logging.basicConfig(
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             create_app(config),
             host=config.server.host,

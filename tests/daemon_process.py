@@ -42,12 +42,6 @@ def free_port() -> int:
         return port
 
 
-def is_listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((HOST, port)) == 0
-
-
 def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The test's environment without any TRANSCRIPTD_* of its own, plus ``extra``."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("TRANSCRIPTD_")}
@@ -110,7 +104,7 @@ class Daemon:
             time.sleep(0.05)
         raise DaemonFailed(f"transcriptd was not ready within {timeout:g} s", self)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send(self, sig: signal.Signals) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
 
@@ -123,7 +117,7 @@ class Daemon:
             raise DaemonFailed(f"transcriptd had not exited {timeout:g} s later; killed it", self) from None
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = EXIT_TIMEOUT_S) -> int:
-        self.signal(sig)
+        self.send(sig)
         return self.wait_exit(timeout)
 
     def kill(self) -> None:
@@ -174,9 +168,8 @@ def start_daemon(
 
 
 @contextmanager
-def running_daemon(workdir: Path, db_path: Path, **kwargs: object) -> Iterator[Daemon]:
-    """``start_daemon``, and SIGKILL whatever is still running at the end, whatever the test did."""
-    daemon = start_daemon(workdir, db_path, **kwargs)  # type: ignore[arg-type]
+def managed(daemon: Daemon) -> Iterator[Daemon]:
+    """SIGKILL the daemon at the end if it is still running, whatever the test did: no process outlives a test."""
     try:
         yield daemon
     finally:

@@ -1,0 +1,200 @@
+"""Daemon ingest against the storage limit, measured side by side in one run.
+
+The limit: a plain ``sqlite3`` ``executemany`` loop inserting the same message rows into the same schema
+(migrated the same way, same pragmas), committing as often as the daemon would with as many senders.
+The daemon: a real ``transcriptd serve`` process, fed 100-message Tavus webhooks over loopback by
+concurrent senders; messages/s counts rows found in the database afterwards, over the wall time.
+
+    python -m bench.ingest_limit [--webhooks 1600] [--concurrency 16] [--turns 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.payloads import encode, transcription_ready
+from bench.rawhttp import Connection
+from daemon.tavus import TranscriptionReady
+from storage.connection import open_writer
+from storage.migrations import migrate
+from storage.writes import INSERT_MESSAGE
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_bodies(count: int, turns: int) -> list[bytes]:
+    return [encode(transcription_ready(f"bench-{i:06d}", turns=turns, seed=i)) for i in range(count)]
+
+
+def rows_of(body: bytes) -> list[tuple[Any, ...]]:
+    """The exact rows the daemon stores for one body, decoded outside the timed loop."""
+    envelope = msgspec.json.decode(body)
+    entries = msgspec.convert(envelope["properties"], TranscriptionReady).transcript
+    now = time.time()
+    cid = envelope["conversation_id"]
+    return [
+        (cid, i, e.role, e.content or "", e.timestamp, e.seconds_from_start, e.duration, e.inference_id, None, now)
+        for i, e in enumerate(entries)
+    ]
+
+
+def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronous: str) -> dict[str, float]:
+    transcripts = [rows_of(b) for b in bodies]
+    conn = open_writer(db, synchronous=synchronous)  # type: ignore[arg-type]
+    migrate(conn)
+    # The schema's foreign key needs the conversation rows; they are not part of the timed loop.
+    conn.executemany(
+        "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
+        [(t[0][0],) for t in transcripts],
+    )
+    started = time.perf_counter()
+    for i in range(0, len(transcripts), per_commit):
+        conn.execute("BEGIN IMMEDIATE")
+        for rows in transcripts[i : i + per_commit]:
+            conn.executemany(INSERT_MESSAGE, rows)
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
+    return {"rows": stored, "seconds": elapsed, "rows_per_s": stored / elapsed}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_daemon(db: Path, port: int, ack: str, synchronous: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        TRANSCRIPTD_STORAGE_PATH=str(db),
+        TRANSCRIPTD_SERVER_PORT=str(port),
+        TRANSCRIPTD_INGEST_ACK=ack,
+        TRANSCRIPTD_STORAGE_SYNCHRONOUS=synchronous,
+        TRANSCRIPTD_SERVER_LOG_LEVEL="warning",
+    )
+    process = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", os.devnull], env=env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the daemon did not start listening")
+
+
+async def drive(port: int, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+    queue = list(reversed(bodies))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def sender() -> None:
+        connection = Connection("127.0.0.1", port)
+        try:
+            while queue:
+                answer = await connection.post("/webhooks/tavus", queue.pop())
+                latencies.append(answer.latency_s)
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"seconds": elapsed, "statuses": statuses, "latency_ms": percentiles(latencies)}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    def at(q: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2)
+
+    return {
+        "p50": at(0.50),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "max": round(1000 * latencies[-1], 2),
+        "mean": round(1000 * statistics.fmean(latencies), 2),
+    }
+
+
+def daemon_ingest(db: Path, bodies: list[bytes], concurrency: int, ack: str, synchronous: str) -> dict[str, Any]:
+    port = free_port()
+    process = start_daemon(db, port, ack, synchronous)
+    try:
+        asyncio.run(drive(port, bodies[:concurrency], concurrency))  # warm-up: connections, first actors
+        run = asyncio.run(drive(port, bodies[concurrency:], concurrency))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    conn = sqlite3.connect(db)
+    # The warm-up bodies are the first ``concurrency`` conversation ids.
+    (run["rows"],) = conn.execute(
+        "SELECT count(*) FROM messages WHERE conversation_id >= ?", (f"bench-{concurrency:06d}",)
+    ).fetchone()
+    conn.close()
+    run["rows_per_s"] = run["rows"] / run["seconds"]
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--webhooks", type=int, default=1600, help="transcripts to send (default 1600)")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent senders (default 16)")
+    parser.add_argument("--turns", type=int, default=100, help="messages per transcript besides the system one")
+    parser.add_argument("--synchronous", choices=["full", "normal"], default="full")
+    parser.add_argument("--ack", choices=["durable", "enqueued"], default="durable")
+    parser.add_argument("--output", type=Path, default=RESULTS / "ingest_limit.json")
+    args = parser.parse_args(argv)
+
+    bodies = make_bodies(args.webhooks + args.concurrency, args.turns)
+    with tempfile.TemporaryDirectory() as tmp:
+        limit = executemany_limit(
+            Path(tmp) / "limit.db", bodies[args.concurrency :], args.concurrency, args.synchronous
+        )
+        daemon = daemon_ingest(Path(tmp) / "daemon.db", bodies, args.concurrency, args.ack, args.synchronous)
+        single = daemon_ingest(Path(tmp) / "single.db", bodies[: min(len(bodies), 301)], 1, args.ack, args.synchronous)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "body_bytes_mean": round(statistics.fmean(len(b) for b in bodies)),
+        "executemany_limit": limit,
+        "daemon": daemon,
+        "daemon_single_sender": single,
+        "daemon_vs_limit": round(daemon["rows_per_s"] / limit["rows_per_s"], 3),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"executemany limit: {limit['rows_per_s']:,.0f} rows/s | "
+        f"daemon ({args.ack}, synchronous={args.synchronous}, {args.concurrency} senders): "
+        f"{daemon['rows_per_s']:,.0f} messages/s = {report['daemon_vs_limit']:.0%} of the limit, "
+        f"ack p50 {daemon['latency_ms']['p50']} ms p99 {daemon['latency_ms']['p99']} ms | "
+        f"1 sender: ack p50 {single['latency_ms']['p50']} ms p99 {single['latency_ms']['p99']} ms"
+    )
+    print(f"statuses: {daemon['statuses']} / {single['statuses']}; written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""A deliberately thin HTTP/1.1 client on asyncio streams: pre-encoded requests over keep-alive connections.
+
+The load generator shares the machine with the daemon, so it must cost as little CPU per request as
+possible, or it measures itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    latency_s: float
+    body: bytes
+
+
+@dataclass(slots=True)
+class Connection:
+    host: str
+    port: int
+    _reader: asyncio.StreamReader | None = field(default=None, init=False)
+    _writer: asyncio.StreamWriter | None = field(default=None, init=False)
+
+    async def post(self, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers)
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        started = time.perf_counter()
+        self._writer.write(head.encode() + body)
+        await self._writer.drain()
+        status_line = await self._reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
+        length, close = 0, False
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            match name.strip().lower():
+                case "content-length":
+                    length = int(value)
+                case "connection":
+                    close = value.strip().lower() == "close"
+        payload = await self._reader.readexactly(length)
+        latency = time.perf_counter() - started
+        if close:
+            await self.close()
+        return Answer(int(status_line.split()[1]), latency, payload)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                await self._writer.wait_closed()
+            self._writer = self._reader = None
