@@ -33,7 +33,7 @@ from bench.rawhttp import Connection
 from daemon.tavus import TranscriptionReady
 from storage.connection import open_writer
 from storage.migrations import migrate
-from storage.writes import INSERT_MESSAGE
+from storage.statements import INSERT_MESSAGES, INSERT_MESSAGES_TAIL, multi_row
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,11 +63,12 @@ def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronou
         "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
         [(t[0][0],) for t in transcripts],
     )
+    insert = multi_row(INSERT_MESSAGES, 10, 1, INSERT_MESSAGES_TAIL)  # the daemon's statement, one row at a time
     started = time.perf_counter()
     for i in range(0, len(transcripts), per_commit):
         conn.execute("BEGIN IMMEDIATE")
         for rows in transcripts[i : i + per_commit]:
-            conn.executemany(INSERT_MESSAGE, rows)
+            conn.executemany(insert, rows)
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - started
     stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]

@@ -53,9 +53,11 @@ def epoch_seconds(value: float | str | None) -> float | None:
     A value that is neither is dropped rather than refused: it would cost the message for the sake of
     an optional field, and the raw body keeps the original.
     """
+    if value.__class__ is float:  # the common case first: this runs once per message
+        return value if math.isfinite(value) else None
     if value is None:
         return None
-    if isinstance(value, float | int):
+    if isinstance(value, int | float):
         return float(value) if math.isfinite(value) else None
     text = value.strip()
     try:

@@ -190,7 +190,7 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
             seq,
             entry.role,
             entry.content or "",
-            epoch_seconds(entry.timestamp) if entry.timestamp is not None else None,
+            epoch_seconds(entry.timestamp),
             entry.seconds_from_start,
             entry.duration,
             entry.inference_id,

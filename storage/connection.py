@@ -42,7 +42,8 @@ def open_writer(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a batch is exactly one transaction.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # The multi-row statements come in a few power-of-two sizes per table: keep them all prepared.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
     try:
         mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
         if mode != "wal":

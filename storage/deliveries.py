@@ -10,7 +10,7 @@ import anyio
 from storage.errors import StorageError
 
 # (conversation_id, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-#  external_id, created_at): the column order of INSERT_MESSAGE, so rows go to executemany untouched.
+#  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
 MessageRow = tuple[str, int, str, str, float | None, float | None, float | None, str | None, str | None, float]
 # The same without seq: the generic endpoint appends, and the writer assigns the position.
 AppendRow = tuple[str, str, str, float | None, str | None, float]

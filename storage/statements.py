@@ -1,0 +1,124 @@
+"""SQL text for the writer, and multi-row statements built from it.
+
+The writer runs in a thread of the same process as the event loop. Python's ``executemany`` releases
+and re-takes the GIL around every row, and each re-take can wait for the busy event loop: measured
+here, a transcript insert ran ~40x slower beside a busy loop row by row than with one multi-row
+statement per chunk. So rows go in as ``INSERT ... VALUES (...), (...), ...`` in chunks whose sizes are
+powers of two: a handful of cached statements, one GIL hand-off per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+MAX_CHUNK_ROWS = 256  # x at most 14 columns: far below SQLite's 32,766 parameters per statement
+
+PATCH_COLUMNS = (
+    "replica_id",
+    "shutdown_reason",
+    "started_at",
+    "ended_at",
+    "recording_uri",
+    "recording_provider",
+    "recording_duration",
+    "recording_error",
+    "perception_analysis",
+    "perception_unavailable_reason",
+)
+
+EXISTING_KEYS = "SELECT delivery_key FROM events WHERE delivery_key IN ("
+EXISTING_KEYS_TAIL = ")"
+
+INSERT_EVENTS = "INSERT INTO events (delivery_key, source, event_type, conversation_id, received_at, body)"
+
+# An event changes only the columns it knows; 'ended' is sticky because events arrive in any order.
+# Built from the constant column list above, never from input.
+UPSERT_CONVERSATIONS = (
+    f"INSERT INTO conversations (id, source, status, {', '.join(PATCH_COLUMNS)}, created_at, updated_at)"
+)
+UPSERT_CONVERSATIONS_TAIL = f"""
+ON CONFLICT (id) DO UPDATE SET
+    status = CASE WHEN conversations.status = 'ended' OR excluded.status = 'ended' THEN 'ended' ELSE 'active' END,
+    {", ".join(f"{c} = coalesce(excluded.{c}, conversations.{c})" for c in PATCH_COLUMNS)},
+    updated_at = excluded.updated_at
+"""
+
+INSERT_MESSAGES = (
+    "INSERT INTO messages (conversation_id, seq, role, content, timestamp, seconds_from_start, duration,"
+    " inference_id, external_id, created_at)"
+)
+INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
+
+# Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed.
+UPDATE_CHANGED_MESSAGE = """
+UPDATE messages
+SET role = ?3, content = ?4, timestamp = ?5, seconds_from_start = ?6, duration = ?7, inference_id = ?8
+WHERE conversation_id = ?1 AND seq = ?2
+  AND (role IS NOT ?3 OR content IS NOT ?4 OR timestamp IS NOT ?5 OR seconds_from_start IS NOT ?6
+       OR duration IS NOT ?7 OR inference_id IS NOT ?8)
+"""
+
+# The position is computed per row inside the statement, so rows still append in order; a client id
+# seen before hits the unique index and is skipped without using up a position. The generic endpoint
+# carries a few messages per request, so row-by-row executemany is fine here.
+APPEND_MESSAGE = """
+INSERT INTO messages (conversation_id, seq, role, content, timestamp, external_id, created_at)
+SELECT ?1, (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversation_id = ?1), ?2, ?3, ?4, ?5, ?6
+WHERE true
+ON CONFLICT DO NOTHING
+"""
+
+# A client re-sending its message by id replaces it; a timestamp it leaves out is kept.
+UPDATE_CHANGED_BY_EXTERNAL_ID = """
+UPDATE messages SET role = ?2, content = ?3, timestamp = coalesce(?4, timestamp)
+WHERE conversation_id = ?1 AND external_id = ?5
+  AND (role IS NOT ?2 OR content IS NOT ?3 OR coalesce(?4, timestamp) IS NOT timestamp)
+"""
+
+COUNT_MESSAGES = """
+UPDATE conversations
+SET message_count = message_count + v.column2,
+    last_message_at = max(coalesce(last_message_at, v.column3), v.column3)
+FROM ("""
+COUNT_MESSAGES_TAIL = ") AS v WHERE conversations.id = v.column1"
+
+
+@functools.cache
+def multi_row(head: str, width: int, rows: int, tail: str) -> str:
+    """``head VALUES (?, ...), ... tail``; cached, and only ever asked for power-of-two row counts."""
+    row = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([row] * rows)} {tail}"
+
+
+def chunks(count: int) -> list[tuple[int, int]]:
+    """(start, size) pairs covering ``count`` rows with power-of-two sizes, largest first."""
+    out, start = [], 0
+    while start < count:
+        size = min(MAX_CHUNK_ROWS, 1 << ((count - start).bit_length() - 1))
+        out.append((start, size))
+        start += size
+    return out
+
+
+def select_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str) -> list[Any]:
+    """Run a query whose ``VALUES`` list holds ``rows`` (e.g. ``x IN (VALUES ...)``), chunk by chunk."""
+    found: list[Any] = []
+    for start, size in chunks(len(rows)):
+        params = [value for row in rows[start : start + size] for value in row]
+        found.extend(conn.execute(multi_row(head, len(rows[0]), size, tail), params).fetchall())
+    return found
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str = "") -> int:
+    """Insert ``rows`` with multi-row statements; the number of rows the statements changed."""
+    if not rows:
+        return 0
+    width = len(rows[0])
+    changed = 0
+    for start, size in chunks(len(rows)):
+        params = [value for row in rows[start : start + size] for value in row]
+        changed += conn.execute(multi_row(head, width, size, tail), params).rowcount
+    return changed
