@@ -18,6 +18,7 @@ from daemon.config import Config
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
+from storage.checkpointer import Checkpointer
 from storage.writer import Writer, WriterSettings
 
 log = logging.getLogger("transcriptd")
@@ -53,6 +54,8 @@ def create_app(config: Config) -> Starlette:
         async with anyio.create_task_group() as tg:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
+            checkpointer = Checkpointer(config.storage.path)
+            await tg.start(checkpointer.run)
             registry = ActorRegistry(
                 writer,
                 mailbox_size=ingest.mailbox_size,
@@ -88,6 +91,7 @@ def create_app(config: Config) -> Starlette:
                 with anyio.CancelScope(shield=True):
                     await registry.close()
                     await writer.close()
+                    checkpointer.stop()
                 log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
 
     return Starlette(

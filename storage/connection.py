@@ -12,6 +12,9 @@ Synchronous = Literal["full", "normal"]
 MIN_SQLITE_VERSION = (3, 35, 0)
 
 
+WRITER_AUTOCHECKPOINT_PAGES = 16_384
+
+
 class StorageVersionError(RuntimeError):
     pass
 
@@ -50,10 +53,20 @@ def open_writer(
             raise sqlite3.OperationalError(f"cannot put {path} in WAL mode (got {mode})")
         # full: the commit survives power loss (fsync of the WAL at every commit); normal: only a process crash.
         conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+        # Checkpoints are the checkpointer's job; this is the backstop if it falls behind (~64 MB of WAL).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
         _apply_common(conn, cache_size_mib=cache_size_mib, busy_timeout_ms=busy_timeout_ms)
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def open_checkpointer(path: str | Path, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A connection that only runs WAL checkpoints, beside the writer."""
+    check_sqlite_version()
+    conn = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     return conn
 
 

@@ -1,11 +1,20 @@
-"""The group-commit writer: one task, one SQLite connection, one transaction per batch of deliveries."""
+"""The group-commit writer: one thread, one SQLite connection, one transaction per batch of deliveries.
+
+The writer is a thread of its own rather than a task hopping to a worker thread per batch: it takes
+the next batch the moment a commit returns, without waiting for a turn of the (busy) event loop, so
+writing and request handling overlap. The event loop only queues units and, when a commit is done,
+evicts caches and resolves the waiters. The task that owns the thread (``Writer.run``) does not return
+before the thread has drained the queue and ended.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +22,12 @@ from typing import Literal
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from storage.connection import Synchronous, open_writer
 from storage.deliveries import Delivery
 from storage.errors import StorageRejected, StorageUnavailable, WriterClosed
 from storage.migrations import migrate
-from storage.writes import write_batch
+from storage.writes import Outcome, write_batch
 
 log = logging.getLogger("transcriptd.writer")
 
@@ -35,9 +43,17 @@ class WriterSettings:
     busy_timeout_ms: int = 5000
     max_rows: int = 20_000
     max_delay_s: float = 0.0
-    queue_units: int = 1024
+    # Rows queued or being committed; past it, submit() waits (and the actors' mailboxes fill up).
+    max_pending_rows: int = 200_000
     # How long a failing storage is retried at shutdown for deliveries already acknowledged (enqueued).
     drain_deadline_s: float = 20.0
+
+
+class _Probe:
+    """A readiness check, run by the writer thread between batches."""
+
+    def __init__(self, future: asyncio.Future[str | None]) -> None:
+        self.future = future
 
 
 class Writer:
@@ -53,15 +69,15 @@ class Writer:
         self.last_error: str | None = None
         self.commits = 0
         self._on_commit = on_commit
-        self._send: MemoryObjectSendStream[Unit]
-        self._receive: MemoryObjectReceiveStream[Unit]
-        self._send, self._receive = anyio.create_memory_object_stream[Unit](settings.queue_units)
-        self._conn: sqlite3.Connection | None = None
-        self._retry: list[Delivery] = []
-        self._backoff_s = 0.0
+        # Shared with the writer thread, under _cond.
+        self._cond = threading.Condition()
+        self._queue: deque[Unit | _Probe] = deque()
+        self._closing = False
+        # Event-loop side only.
+        self._pending_rows = 0
+        self._space = anyio.Event()
         self._closed = anyio.Event()
-        # One thread at a time touches the connection; the limiter keeps it that way across calls.
-        self._thread = anyio.CapacityLimiter(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def healthy(self) -> bool:
@@ -69,27 +85,34 @@ class Writer:
 
     async def run(self, *, task_status: TaskStatus[Writer] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open and migrate the database (failing start-up if that fails), then commit until closed."""
+        self._loop = asyncio.get_running_loop()
         try:
-            self._conn = await anyio.to_thread.run_sync(self._open, limiter=self._thread)
+            conn = await anyio.to_thread.run_sync(self._open)
+        except BaseException:
+            self.state = "closed"
+            self._closed.set()
+            raise
+        ended = anyio.Event()
+        thread = threading.Thread(target=self._thread_main, args=(conn, ended), name="transcriptd-writer")
+        try:
+            thread.start()
             self.state = "running"
             task_status.started(self)
-            await self._loop()
+            await ended.wait()
         finally:
-            self._send.close()
-            self._receive.close()
             with anyio.CancelScope(shield=True):
-                if self._conn is not None:
-                    await anyio.to_thread.run_sync(self._conn.close, limiter=self._thread)
+                if thread.is_alive():
+                    # Cancelled from outside: still commit what was queued, then stop.
+                    self._close_queue()
+                    await ended.wait()
+                await anyio.to_thread.run_sync(conn.close)
                 self.state = "closed"
                 self._closed.set()
 
     def _open(self) -> sqlite3.Connection:
         s = self.settings
         conn = open_writer(
-            s.path,
-            synchronous=s.synchronous,
-            cache_size_mib=s.cache_size_mib,
-            busy_timeout_ms=s.busy_timeout_ms,
+            s.path, synchronous=s.synchronous, cache_size_mib=s.cache_size_mib, busy_timeout_ms=s.busy_timeout_ms
         )
         try:
             applied = migrate(conn)
@@ -100,109 +123,130 @@ class Writer:
             log.info("applied migrations %s to %s", applied, s.path)
         return conn
 
-    async def probe(self) -> str | None:
-        """Take the write lock and let go, in the writer's thread: None if the database is writable now."""
-        conn = self._conn
-        if conn is None:
-            return "the database is not open"
-
-        def begin_and_rollback() -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-
-        try:
-            await anyio.to_thread.run_sync(begin_and_rollback, limiter=self._thread)
-        except sqlite3.Error as exc:
-            return f"{exc.__class__.__name__}: {exc}"
-        return None
-
     async def submit(self, unit: Unit) -> None:
-        """Queue a unit for the next commit; waits while the queue is full (backpressure to the actors)."""
+        """Queue a unit for the next commit; waits while too many rows are pending (backpressure)."""
+        rows = sum(d.size for d in unit)
+        while self._pending_rows and self._pending_rows + rows > self.settings.max_pending_rows:
+            if self._space.is_set():
+                self._space = anyio.Event()
+            await self._space.wait()
         if self.state != "running":
             raise WriterClosed(f"the writer is {self.state}")
-        await self._send.send(unit)
+        self._pending_rows += rows
+        with self._cond:
+            self._queue.append(unit)
+            self._cond.notify()
+
+    async def probe(self) -> str | None:
+        """Take the write lock and let go, in the writer's thread: None if the database is writable now."""
+        if self.state != "running":
+            return f"the writer is {self.state}"
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            self._queue.append(_Probe(future))
+            self._cond.notify()
+        return await future
 
     async def close(self) -> None:
         """Commit everything queued, then stop. Idempotent."""
         if self.state == "running":
             self.state = "draining"
-        self._send.close()
+        self._close_queue()
         await self._closed.wait()
 
-    async def _loop(self) -> None:
-        deadline = math.inf
-        while True:
-            batch = await self._collect()
-            if batch is None:
-                if not self._retry:
-                    return
-                # Draining with acknowledged deliveries still failing: keep trying, but not forever.
-                deadline = min(deadline, time.monotonic() + self.settings.drain_deadline_s)
-                if time.monotonic() > deadline:
-                    log.error(
-                        "shutting down with %d acknowledged deliveries not stored: storage still failing (%s)",
-                        len(self._retry),
-                        self.last_error,
-                    )
-                    return
-                batch = []
-            await self._commit(batch)
+    def _close_queue(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
 
-    async def _collect(self) -> list[Delivery] | None:
-        """The next batch: deliveries waiting for a retry, then every unit queued, up to max_rows."""
-        batch, self._retry = self._retry, []
-        if self._backoff_s:
-            await anyio.sleep(self._backoff_s)
-        rows = sum(d.size for d in batch)
-        if not batch:
-            try:
-                first = await self._receive.receive()
-            except anyio.EndOfStream:
-                return None
-            batch.extend(first)
-            rows += sum(d.size for d in first)
-        deadline = time.monotonic() + self.settings.max_delay_s
-        while rows < self.settings.max_rows:
-            unit = await self._next_unit(deadline)
-            if unit is None:
-                break
-            batch.extend(unit)
-            rows += sum(d.size for d in unit)
-        return batch
+    # --- the writer thread -------------------------------------------------------------------------
 
-    async def _next_unit(self, deadline: float) -> Unit | None:
+    def _thread_main(self, conn: sqlite3.Connection, ended: anyio.Event) -> None:
+        retry: list[Delivery] = []
+        backoff_s = 0.0
+        drain_deadline: float | None = None
         try:
-            return self._receive.receive_nowait()
-        except anyio.WouldBlock:
-            pass
-        except anyio.EndOfStream:
-            return None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        with anyio.move_on_after(remaining):
-            try:
-                return await self._receive.receive()
-            except anyio.EndOfStream:
-                return None
-        return None
+            while (taken := self._take(retry, backoff_s)) is not None:
+                batch, probes = taken
+                for probe in probes:
+                    self._call_soon(_set_result, probe.future, _probe(conn))
+                if not batch:
+                    continue
+                retry = self._commit(conn, batch)
+                if not retry:
+                    backoff_s = 0.0
+                    continue
+                backoff_s = min(2.0, max(0.05, 2 * backoff_s))
+                if self._closing:
+                    # Acknowledged deliveries still failing at shutdown: keep trying, but not forever.
+                    drain_deadline = drain_deadline or time.monotonic() + self.settings.drain_deadline_s
+                    if time.monotonic() > drain_deadline:
+                        log.error(
+                            "stopping with %d acknowledged deliveries not stored: storage still failing (%s)",
+                            len(retry),
+                            self.last_error,
+                        )
+                        break
+        finally:
+            self._call_soon(ended.set)
 
-    async def _commit(self, batch: list[Delivery]) -> None:
-        if not batch:
-            return
-        assert self._conn is not None
+    def _take(self, retry: list[Delivery], backoff_s: float) -> tuple[list[Delivery], list[_Probe]] | None:
+        """The next batch: deliveries to retry, then whole units in arrival order, up to max_rows; and
+        any readiness probes queued meanwhile. None once closed and drained."""
+        batch, probes = retry, []
+        rows = sum(d.size for d in batch)
+        deadline = None
+        with self._cond:
+            if backoff_s:
+                self._cond.wait_for(lambda: self._closing, timeout=backoff_s)
+            while True:
+                while self._queue and rows < self.settings.max_rows:
+                    item = self._queue.popleft()
+                    if isinstance(item, _Probe):
+                        probes.append(item)
+                        continue
+                    batch.extend(item)
+                    rows += sum(d.size for d in item)
+                if probes or (batch and (rows >= self.settings.max_rows or not self.settings.max_delay_s)):
+                    return batch, probes
+                if self._closing and not self._queue:
+                    return (batch, probes) if batch else None
+                if not batch:
+                    self._cond.wait()
+                    continue
+                deadline = deadline or time.monotonic() + self.settings.max_delay_s
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return batch, probes
+                self._cond.wait(remaining)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Delivery]) -> list[Delivery]:
+        """Write and commit one batch; returns the acknowledged deliveries that must be retried."""
         started = time.perf_counter()
         try:
-            # Not cancellable: a commit that started finishes, so every waiter learns the truth.
-            outcomes = await anyio.to_thread.run_sync(write_batch, self._conn, batch, limiter=self._thread)
+            outcomes = write_batch(conn, batch)
         except Exception as exc:  # a fault of the storage (or of this code): nothing in the batch is stored
-            self._fail(batch, exc)
-            return
+            message = f"{exc.__class__.__name__}: {exc}"
+            if message != self.last_error:
+                log.error("commit failed, nothing of this batch was stored: %s", message)
+            awaited = [d for d in batch if d.awaited]
+            self._call_soon(self._fail, awaited, StorageUnavailable(f"storage is unavailable: {exc}"), message)
+            return [d for d in batch if not d.awaited]
+        log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * (time.perf_counter() - started))
+        self._call_soon(self._resolve, batch, outcomes)
+        return []
+
+    # --- back on the event loop --------------------------------------------------------------------
+
+    def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         self.commits += 1
         if self.last_error is not None:
             log.warning("storage recovered after: %s", self.last_error)
-        self.last_error, self._backoff_s = None, 0.0
-        log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * (time.perf_counter() - started))
+            self.last_error = None
         if self._on_commit is not None:
             # Before any ack, so that a client reading after its answer sees its data.
             self._on_commit({d.conversation_id for d in batch})
@@ -211,16 +255,28 @@ class Writer:
                 delivery.fail(outcome)
             else:
                 delivery.resolve(outcome)
+        self._release(sum(d.size for d in batch))
 
-    def _fail(self, batch: list[Delivery], exc: Exception) -> None:
-        message = f"{exc.__class__.__name__}: {exc}"
-        if message != self.last_error:
-            log.error("commit failed, nothing of this batch was stored: %s", message)
+    def _fail(self, awaited: list[Delivery], error: StorageUnavailable, message: str) -> None:
         self.last_error = message
-        self._backoff_s = min(2.0, max(0.05, 2 * self._backoff_s))
-        error = StorageUnavailable(f"storage is unavailable: {exc}")
-        for delivery in batch:
-            if delivery.awaited:
-                delivery.fail(error)
-            else:
-                self._retry.append(delivery)
+        for delivery in awaited:
+            delivery.fail(error)
+        self._release(sum(d.size for d in awaited))
+
+    def _release(self, rows: int) -> None:
+        self._pending_rows -= rows
+        self._space.set()
+
+
+def _probe(conn: sqlite3.Connection) -> str | None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
+def _set_result(future: asyncio.Future[str | None], result: str | None) -> None:
+    if not future.done():
+        future.set_result(result)
