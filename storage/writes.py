@@ -1,8 +1,9 @@
 """A group commit, run in the writer's thread: one transaction for many deliveries.
 
-The fast path writes the whole batch with a few multi-row statements and no savepoints. If the
-database refuses some delivery's rows, the batch is rolled back and written again one delivery per
-savepoint, so the refused one is reported and every other one still commits.
+The fast path writes the whole batch with a few multi-row statements and no savepoints. If some
+delivery repeats rows already stored (a re-delivery), or the database refuses some delivery's rows,
+the batch is rolled back and written again one delivery per savepoint: counts come out per delivery,
+a refused one is reported, and every other one still commits.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Out
     conn.execute("BEGIN IMMEDIATE")
     try:
         try:
-            outcomes: list[Outcome] = list(write_deliveries(conn, batch))
+            outcomes: list[Outcome] = list(write_deliveries(conn, batch, batch_wide=True))
         except sqlite3.OperationalError:
             raise
-        except (sqlite3.DatabaseError, ValueError, OverflowError):
-            # ValueError covers strings that cannot be encoded (lone surrogates) at bind time.
+        except (_RowsAlreadyThere, sqlite3.DatabaseError, ValueError, OverflowError):
+            # Re-deliveries to count, or rows the database refused (ValueError: strings that cannot be
+            # encoded, such as lone surrogates, at bind time): one delivery at a time, each in a savepoint.
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             outcomes = [_write_isolated(conn, delivery) for delivery in batch]
@@ -60,9 +62,20 @@ def _write_isolated(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
     return result
 
 
-def write_deliveries(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
+class _RowsAlreadyThere(Exception):
+    """The batch-wide message insert skipped rows: some delivery repeats stored positions."""
+
+
+def write_deliveries(
+    conn: sqlite3.Connection, batch: Sequence[Delivery], *, batch_wide: bool = False
+) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; a delivery seen before (same
-    key, in the database or earlier in this batch) changes nothing."""
+    key, in the database or earlier in this batch) changes nothing.
+
+    ``batch_wide``: insert the transcript rows of every delivery together, a few statements for the
+    whole batch. That only tells how many rows went in overall, so if any were already there it raises
+    ``_RowsAlreadyThere`` and the caller writes the batch again delivery by delivery.
+    """
     seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, [(d.key,) for d in batch], ")")}
     fresh: list[Delivery] = []
     for delivery in batch:
@@ -79,13 +92,18 @@ def write_deliveries(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> lis
         conn, sql.UPSERT_CONVERSATIONS, [_conversation_row(d) for d in fresh], sql.UPSERT_CONVERSATIONS_TAIL
     )
 
+    if batch_wide:
+        rows = [row for d in fresh for row in d.rows]
+        if sql.insert_rows(conn, sql.INSERT_MESSAGES, rows, sql.INSERT_MESSAGES_TAIL) < len(rows):
+            raise _RowsAlreadyThere
+
     results: list[WriteResult] = []
     counts: dict[str, tuple[int, float | None]] = {}
     for delivery in batch:
         if id(delivery) not in fresh_ids:
             results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, duplicate_delivery=True))
             continue
-        inserted, updated = _write_messages(conn, delivery)
+        inserted, updated = _write_messages(conn, delivery, transcript_written=batch_wide)
         results.append(WriteResult(delivery.received, inserted, updated, delivery.rejected))
         if inserted:
             count, last = counts.get(delivery.conversation_id, (0, None))
@@ -111,9 +129,11 @@ def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
     )
 
 
-def _write_messages(conn: sqlite3.Connection, delivery: Delivery) -> tuple[int, int]:
+def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_written: bool) -> tuple[int, int]:
     inserted = updated = 0
-    if delivery.rows:
+    if transcript_written:
+        inserted = len(delivery.rows)
+    elif delivery.rows:
         inserted = sql.insert_rows(conn, sql.INSERT_MESSAGES, delivery.rows, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(delivery.rows):
             updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, [row[:8] for row in delivery.rows]).rowcount
