@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -84,6 +85,12 @@ class DrainingServer(uvicorn.Server):
 
 def serve(config: Config) -> int:
 
+    # Every request allocates thousands of short-lived objects (decoded entries, row tuples); the default
+    # thresholds run a collection every few requests and a full one often enough to show in the ack p99
+    # (measured: p99 at 16 senders ~120 ms -> ~78 ms). Start-up objects are frozen out of every pass.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1_000)
     logging.basicConfig(
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

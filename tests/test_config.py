@@ -84,3 +84,10 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
 def test_env_names_follow_section_and_key() -> None:
     names = {env_name(path) for path in setting_paths()}
     assert {"TRANSCRIPTD_SERVER_PORT", "TRANSCRIPTD_STORAGE_PATH", "TRANSCRIPTD_WEBHOOKS_TAVUS_TOKEN"} <= names
+
+
+def test_readme_documents_every_setting_and_its_environment_variable() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in setting_paths():
+        assert f"`{'.'.join(path)}`" in readme, f"README does not document {'.'.join(path)}"
+        assert env_name(path) in readme
