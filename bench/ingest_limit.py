@@ -49,7 +49,19 @@ def rows_of(body: bytes) -> list[tuple[Any, ...]]:
     now = time.time()
     cid = envelope["conversation_id"]
     return [
-        (cid, i, e.role, e.content or "", e.timestamp, e.seconds_from_start, e.duration, e.inference_id, None, now)
+        (
+            cid,
+            "tavus",
+            i,
+            e.role,
+            e.content or "",
+            e.timestamp,
+            e.seconds_from_start,
+            e.duration,
+            e.inference_id,
+            None,
+            now,
+        )
         for i, e in enumerate(entries)
     ]
 
@@ -63,7 +75,7 @@ def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronou
         "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
         [(t[0][0],) for t in transcripts],
     )
-    insert = multi_row(INSERT_MESSAGES, 10, 1, INSERT_MESSAGES_TAIL)  # the daemon's statement, one row at a time
+    insert = multi_row(INSERT_MESSAGES, 11, 1, INSERT_MESSAGES_TAIL)  # the daemon's statement, one row at a time
     started = time.perf_counter()
     for i in range(0, len(transcripts), per_commit):
         conn.execute("BEGIN IMMEDIATE")

@@ -9,6 +9,7 @@ is bounded by the conversations that are active now.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal, Protocol
 
 import anyio
@@ -49,7 +50,9 @@ class ConversationActor:
                         return
                 if first is None:
                     # Idle. No await between this check and leaving the registry, so no delivery can
-                    # be sent to a mailbox that nobody will read.
+                    # be sent to a mailbox that nobody will read. (A send racing the timeout lands in
+                    # the buffer: anyio's send_nowait does not hand an item to a receiver whose
+                    # cancellation is pending, hence anyio >= 4.4 in pyproject.)
                     if self._inbox.statistics().current_buffer_used == 0:
                         self.registry._forget(self)
                         return
@@ -73,16 +76,31 @@ class ConversationActor:
         except StorageError as exc:
             for delivery in unit:
                 delivery.fail(exc)
-            return
-        # Every delivery of a unit is resolved by the same commit (or kept for a retry by the writer).
-        await unit[-1].done.wait()
+        else:
+            # Every delivery of a unit is resolved by the same commit (or kept for a retry by the writer).
+            await unit[-1].done.wait()
+        finally:
+            self.registry.inflight_bytes -= sum(d.weight for d in unit)
 
 
 class ActorRegistry:
     """Routes each delivery to its conversation's actor, starting one when needed, in its own task group."""
 
-    def __init__(self, sink: Sink, *, mailbox_size: int, idle_s: float, max_rows: int, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        mailbox_size: int,
+        idle_s: float,
+        max_rows: int,
+        retry_after_s: int,
+        max_inflight_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.state: State = "starting"
+        # Bytes of every delivery taken and not yet resolved, mailboxes and writer alike: the bound on
+        # memory however many conversations the senders open.
+        self.inflight_bytes = 0
+        self._max_inflight_bytes = max_inflight_bytes
         self._sink = sink
         self._mailbox_size = mailbox_size
         self._idle_s = idle_s
@@ -102,21 +120,27 @@ class ActorRegistry:
         return sum(a.mailbox.statistics().current_buffer_used for a in self._actors.values())
 
     async def run(self, *, task_status: TaskStatus[ActorRegistry] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self.state = "running"
-            task_status.started(self)
-            await self._stop.wait()
-            # Closing a mailbox ends its actor once it has flushed what was already in it.
-            for actor in list(self._actors.values()):
-                actor.mailbox.close()
-        self.state = "closed"
-        self._closed.set()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.state = "running"
+                task_status.started(self)
+                await self._stop.wait()
+                # Closing a mailbox ends its actor once it has flushed what was already in it.
+                for actor in list(self._actors.values()):
+                    actor.mailbox.close()
+        finally:
+            self.state = "closed"
+            self._closed.set()
 
     def submit(self, delivery: Delivery) -> None:
         """Put a delivery in its conversation's mailbox now, or refuse it with a retryable error."""
         if self.state != "running" or self._tg is None:
             raise ShuttingDown("transcriptd is shutting down", retry_after=self._retry_after_s)
+        if self.inflight_bytes and self.inflight_bytes + delivery.weight > self._max_inflight_bytes:
+            raise Overloaded(
+                f"{self.inflight_bytes} bytes of deliveries are waiting to be stored", retry_after=self._retry_after_s
+            )
         actor = self._actors.get(delivery.conversation_id)
         if actor is None:
             actor = ConversationActor(self, delivery.conversation_id, self._mailbox_size)
@@ -129,13 +153,22 @@ class ActorRegistry:
                 f"conversation {delivery.conversation_id!r} has {self._mailbox_size} deliveries waiting",
                 retry_after=self._retry_after_s,
             ) from None
+        self.inflight_bytes += delivery.weight
 
-    async def close(self) -> None:
-        """Stop taking deliveries, let every actor flush its mailbox, and wait until they have."""
+    async def close(self, timeout_s: float = math.inf) -> bool:
+        """Stop taking deliveries, let every actor flush its mailbox, and wait until they have, or until
+        ``timeout_s``: then the actors are cancelled, and whatever the writer holds stays the writer's.
+        True if every actor finished."""
         if self.state == "running":
             self.state = "draining"
         self._stop.set()
+        with anyio.move_on_after(timeout_s):
+            await self._closed.wait()
+            return True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
         await self._closed.wait()
+        return False
 
     def _forget(self, actor: ConversationActor) -> None:
         if self._actors.get(actor.conversation_id) is actor:

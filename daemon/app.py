@@ -33,6 +33,20 @@ class Runtime:
     registry: ActorRegistry
 
 
+@dataclass(frozen=True, slots=True)
+class ShutdownBudget:
+    """How ``server.shutdown_timeout_s`` is shared, so the whole stop fits inside it."""
+
+    requests_s: float  # uvicorn: finish the requests in flight
+    mailboxes_s: float  # actors: flush their mailboxes and see their units committed
+    storage_s: float  # writer: retry acknowledged deliveries while the storage is failing
+
+
+def shutdown_budget(config: Config) -> ShutdownBudget:
+    total = config.server.shutdown_timeout_s
+    return ShutdownBudget(requests_s=0.4 * total, mailboxes_s=0.35 * total, storage_s=0.2 * total)
+
+
 def writer_settings(config: Config) -> WriterSettings:
     return WriterSettings(
         path=config.storage.path,
@@ -41,7 +55,8 @@ def writer_settings(config: Config) -> WriterSettings:
         busy_timeout_ms=config.storage.busy_timeout_ms,
         max_rows=config.ingest.batch_max_rows,
         max_delay_s=config.ingest.batch_max_delay_ms / 1000,
-        drain_deadline_s=config.server.shutdown_timeout_s * 0.8,
+        max_pending_rows=config.ingest.batch_max_rows * 10,
+        drain_deadline_s=shutdown_budget(config).storage_s,
     )
 
 
@@ -62,6 +77,7 @@ def create_app(config: Config) -> Starlette:
                 idle_s=ingest.actor_idle_s,
                 max_rows=ingest.batch_max_rows,
                 retry_after_s=ingest.retry_after_s,
+                max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
             )
             await tg.start(registry.run)
             intake = Intake(
@@ -88,11 +104,15 @@ def create_app(config: Config) -> Starlette:
             finally:
                 # The server has stopped taking requests and finished the ones in flight: drain
                 # every mailbox, then commit what is left, then close the database.
+                budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
-                    await registry.close()
+                    drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
                     checkpointer.stop()
-                log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
+                if drained:
+                    log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
+                else:
+                    log.error("transcriptd stopped after %.0f s with deliveries not drained", budget.mailboxes_s)
 
     return Starlette(
         routes=ROUTES,

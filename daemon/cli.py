@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from daemon import __version__
-from daemon.app import create_app
+from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 
 log = logging.getLogger("transcriptd")
@@ -108,7 +108,7 @@ def serve(config: Config) -> int:
             access_log=False,
             log_config=None,
             server_header=False,
-            timeout_graceful_shutdown=max(1, round(config.server.shutdown_timeout_s * 0.5)),
+            timeout_graceful_shutdown=max(1, int(shutdown_budget(config).requests_s)),
         )
     )
     server.run()

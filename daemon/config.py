@@ -42,6 +42,7 @@ class IngestConfig(_Section, frozen=True):
     ack: Literal["durable", "enqueued"] = "durable"
     max_body_bytes: Count = 16 * 1024 * 1024
     mailbox_size: Count = 64
+    max_inflight_mib: Count = 256
     actor_idle_s: Positive = 30.0
     batch_max_rows: Count = 20_000
     batch_max_delay_ms: NonNegative = 0.0

@@ -25,6 +25,8 @@ def decode(body: bytes, type_: type[T], *, path: str = "$") -> T:
         raise InvalidPayload([validation_problem(exc, path)]) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedJSON(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedJSON(f"the JSON is nested too deeply (at {path})") from None
 
 
 def validation_problem(exc: msgspec.ValidationError, path: str) -> Problem:
@@ -44,6 +46,8 @@ def decode_items(raws: list[msgspec.Raw], type_: type[T], *, path: str) -> tuple
             good.append((index, decoder.decode(raw)))
         except msgspec.ValidationError as exc:
             problems.append(validation_problem(exc, f"{path}[{index}]"))
+        except RecursionError:
+            problems.append(Problem("nested too deeply", f"{path}[{index}]"))
     return good, problems
 
 

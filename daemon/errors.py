@@ -6,7 +6,6 @@ Client mistakes are 4xx; our own failures are 5xx (503 with ``Retry-After``) so 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgspec
@@ -15,8 +14,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
-
-log = logging.getLogger("transcriptd.errors")
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -151,7 +148,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path.split("/webhooks/")[0])
+    # Not logged here: Starlette re-raises after this response, and the server logs the traceback once.
     error = TranscriptdError("internal error; the request was not stored, please retry")
     error.retry_after = 5
     return error_response(error)

@@ -44,7 +44,9 @@ def parse(
         items, problems = decode_items(decode(body, list[msgspec.Raw]), IncomingMessage, path="$")
     else:
         items = [(0, decode(body, IncomingMessage))]
-    rows: list[AppendRow] = [(cid, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items]
+    rows: list[AppendRow] = [
+        (cid, SOURCE, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items
+    ]
     delivery = Delivery(
         # Without a client id, the same body to the same conversation is a retry, not new messages.
         key=delivery_key(SOURCE, body, headers, cid),
@@ -57,5 +59,5 @@ def parse(
         rejected=len(problems),
     )
     if rows:
-        delivery.last_message_at = max((row[3] for row in rows if row[3] is not None), default=received_at)
+        delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=received_at)
     return delivery, problems

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
 from storage.writer import Writer
+
+PROBE_TIMEOUT_S = 2.0
 
 
 class Readiness(msgspec.Struct, omit_defaults=True):
@@ -29,9 +32,9 @@ class Health:
         return Response(b'{"status":"alive"}', media_type="application/json")
 
     async def readyz(self, request: Request) -> Response:
-        """Ready when the writer runs, its last commit succeeded, and the database takes a write lock."""
-        error = self.writer.last_error
-        if error is None and self.writer.state == "running":
+        """Ready when intake and the writer run and the database takes a commit now."""
+        error: str | None = f"the writer did not answer within {PROBE_TIMEOUT_S:g} s"
+        with anyio.move_on_after(PROBE_TIMEOUT_S):
             error = await self.writer.probe()
         ready = error is None and self.writer.state == "running" and self.registry.state == "running"
         body = Readiness(

@@ -59,10 +59,9 @@ class TranscriptionReady(msgspec.Struct, frozen=True):
 
 
 class RawTranscript(msgspec.Struct, frozen=True):
-    """The slow path, when some entry is wrong: keep every entry as raw JSON and check each alone."""
+    """The slow path, when something is wrong: keep every entry as raw JSON and check each alone."""
 
     transcript: list[msgspec.Raw]
-    replica_id: str | None = None
 
 
 class RecordingReady(msgspec.Struct, frozen=True):
@@ -115,13 +114,8 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     """
     envelope = decode(body, Envelope)
     cid = envelope.conversation_id
-    if envelope.event_type in JOINED:
-        # Tavus sends both names for one join: one key, so the second is a duplicate delivery.
-        key = f"{SOURCE}:joined:{cid}"
-    else:
-        key = delivery_key(SOURCE, body, headers)
     delivery = Delivery(
-        key=key,
+        key=delivery_key(SOURCE, body, headers, cid),
         source=SOURCE,
         event_type=envelope.event_type,
         conversation_id=cid,
@@ -140,6 +134,10 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
         if kind is TranscriptionReady:
             return delivery, _parse_transcript_leniently(delivery, envelope.properties)
         return delivery, exc.problems
+    if kind is Joined:
+        # Tavus sends both names for one join: one key, so the second is a duplicate delivery. Only
+        # for a join that decoded: a malformed one must not shadow the good one that follows.
+        delivery.key = f"{SOURCE}:joined:{cid}"
     # When the event happened, by the sender's clock if it said, else by ours.
     at = epoch_seconds(envelope.timestamp) or received_at
     patch = delivery.patch
@@ -170,15 +168,20 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
 
 
 def _parse_transcript_leniently(delivery: Delivery, properties: msgspec.Raw) -> list[Problem]:
-    """The transcript did not decode as a whole: store the entries that are right, name the others."""
+    """The transcript did not decode as a whole: store the entries that are right, name the others.
+    Each other property is checked on its own, so a bad ``replica_id`` costs no message."""
     try:
         raw = decode(properties, RawTranscript, path="$.properties")
     except InvalidPayload as exc:
         return exc.problems
     good, problems = decode_items(raw.transcript, TranscriptEntry, path="$.properties.transcript")
-    delivery.patch.replica_id, delivery.patch.status = raw.replica_id, "ended"
-    _add_transcript(delivery, good)
     delivery.rejected = len(problems)
+    delivery.patch.status = "ended"
+    try:
+        delivery.patch.replica_id = decode(properties, Joined, path="$.properties").replica_id
+    except InvalidPayload as exc:
+        problems.extend(exc.problems)
+    _add_transcript(delivery, good)
     return problems
 
 
@@ -187,6 +190,7 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
     rows: list[MessageRow] = [
         (
             cid,
+            SOURCE,
             seq,
             entry.role,
             entry.content or "",
@@ -201,4 +205,4 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
     ]
     delivery.rows = rows
     if rows:
-        delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=now)
+        delivery.last_message_at = max((row[5] for row in rows if row[5] is not None), default=now)

@@ -50,4 +50,5 @@ class Checkpointer:
             return
         if frames > 0 and done == frames:
             self.checkpoints += 1
-        log.debug("checkpoint: busy=%s frames=%s checkpointed=%s", busy, frames, done)
+        if frames:
+            log.debug("checkpoint: busy=%s frames=%s checkpointed=%s", busy, frames, done)

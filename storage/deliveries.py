@@ -9,11 +9,12 @@ import anyio
 
 from storage.errors import StorageError
 
-# (conversation_id, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
+# (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
 #  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
-MessageRow = tuple[str, int, str, str, float | None, float | None, float | None, str | None, str | None, float]
-# The same without seq: the generic endpoint appends, and the writer assigns the position.
-AppendRow = tuple[str, str, str, float | None, str | None, float]
+MessageRow = tuple[str, str, int, str, str, float | None, float | None, float | None, str | None, str | None, float]
+# (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint
+# appends, and the writer assigns the position.
+AppendRow = tuple[str, str, str, str, float | None, str | None, float]
 
 Status = Literal["active", "ended"]
 
@@ -77,6 +78,11 @@ class Delivery:
     @property
     def size(self) -> int:
         return len(self.rows) + len(self.append_rows) + 1
+
+    @property
+    def weight(self) -> int:
+        """About the memory it holds: the raw body, and the decoded text beside it."""
+        return 2 * len(self.body) + 256
 
     def resolve(self, result: WriteResult) -> None:
         self.result = result

@@ -47,7 +47,7 @@ ON CONFLICT (id) DO UPDATE SET
 """
 
 INSERT_MESSAGES = (
-    "INSERT INTO messages (conversation_id, seq, role, content, timestamp, seconds_from_start, duration,"
+    "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
     " inference_id, external_id, created_at)"
 )
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
@@ -55,27 +55,28 @@ INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 # Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed.
 UPDATE_CHANGED_MESSAGE = """
 UPDATE messages
-SET role = ?3, content = ?4, timestamp = ?5, seconds_from_start = ?6, duration = ?7, inference_id = ?8
-WHERE conversation_id = ?1 AND seq = ?2
-  AND (role IS NOT ?3 OR content IS NOT ?4 OR timestamp IS NOT ?5 OR seconds_from_start IS NOT ?6
-       OR duration IS NOT ?7 OR inference_id IS NOT ?8)
+SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9
+WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3
+  AND (role IS NOT ?4 OR content IS NOT ?5 OR timestamp IS NOT ?6 OR seconds_from_start IS NOT ?7
+       OR duration IS NOT ?8 OR inference_id IS NOT ?9)
 """
 
 # The position is computed per row inside the statement, so rows still append in order; a client id
 # seen before hits the unique index and is skipped without using up a position. The generic endpoint
 # carries a few messages per request, so row-by-row executemany is fine here.
 APPEND_MESSAGE = """
-INSERT INTO messages (conversation_id, seq, role, content, timestamp, external_id, created_at)
-SELECT ?1, (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversation_id = ?1), ?2, ?3, ?4, ?5, ?6
+INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, external_id, created_at)
+SELECT ?1, ?2, (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversation_id = ?1 AND source = ?2),
+       ?3, ?4, ?5, ?6, ?7
 WHERE true
 ON CONFLICT DO NOTHING
 """
 
 # A client re-sending its message by id replaces it; a timestamp it leaves out is kept.
 UPDATE_CHANGED_BY_EXTERNAL_ID = """
-UPDATE messages SET role = ?2, content = ?3, timestamp = coalesce(?4, timestamp)
-WHERE conversation_id = ?1 AND external_id = ?5
-  AND (role IS NOT ?2 OR content IS NOT ?3 OR coalesce(?4, timestamp) IS NOT timestamp)
+UPDATE messages SET role = ?3, content = ?4, timestamp = coalesce(?5, timestamp)
+WHERE conversation_id = ?1 AND external_id = ?6 AND source = ?2
+  AND (role IS NOT ?3 OR content IS NOT ?4 OR coalesce(?5, timestamp) IS NOT timestamp)
 """
 
 COUNT_MESSAGES = """

@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 
 from storage.connection import Synchronous, open_writer
 from storage.deliveries import Delivery
-from storage.errors import StorageRejected, StorageUnavailable, WriterClosed
+from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
 from storage.migrations import migrate
 from storage.writes import Outcome, write_batch
 
@@ -138,7 +138,8 @@ class Writer:
             self._cond.notify()
 
     async def probe(self) -> str | None:
-        """Take the write lock and let go, in the writer's thread: None if the database is writable now."""
+        """Commit a heartbeat row, in the writer's thread between batches: None if the database takes
+        writes now. A success also clears ``last_error``: the storage has recovered."""
         if self.state != "running":
             return f"the writer is {self.state}"
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -169,7 +170,8 @@ class Writer:
             while (taken := self._take(retry, backoff_s)) is not None:
                 batch, probes = taken
                 for probe in probes:
-                    self._call_soon(_set_result, probe.future, _probe(conn))
+                    result = _probe(conn)
+                    self._call_soon(self._probed, probe.future, result)
                 if not batch:
                     continue
                 retry = self._commit(conn, batch)
@@ -188,6 +190,17 @@ class Writer:
                         )
                         break
         finally:
+            # Whatever is left was not stored: say so to everyone still waiting, then let run() return.
+            with self._cond:
+                self._closing = True
+                left, self._queue = list(self._queue), deque()
+            for item in left:
+                if isinstance(item, _Probe):
+                    self._call_soon(_set_result, item.future, "the writer has stopped")
+                else:
+                    retry.extend(item)
+            if retry:
+                self._call_soon(self._fail, retry, WriterClosed("the writer stopped before storing this"), None)
             self._call_soon(ended.set)
 
     def _take(self, retry: list[Delivery], backoff_s: float) -> tuple[list[Delivery], list[_Probe]] | None:
@@ -196,9 +209,13 @@ class Writer:
         batch, probes = retry, []
         rows = sum(d.size for d in batch)
         deadline = None
+        if backoff_s:
+            if self._closing:
+                time.sleep(backoff_s)  # nothing will wake us early any more: just wait
+            else:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closing, timeout=backoff_s)
         with self._cond:
-            if backoff_s:
-                self._cond.wait_for(lambda: self._closing, timeout=backoff_s)
             while True:
                 while self._queue and rows < self.settings.max_rows:
                     item = self._queue.popleft()
@@ -257,8 +274,15 @@ class Writer:
                 delivery.resolve(outcome)
         self._release(sum(d.size for d in batch))
 
-    def _fail(self, awaited: list[Delivery], error: StorageUnavailable, message: str) -> None:
-        self.last_error = message
+    def _probed(self, future: asyncio.Future[str | None], result: str | None) -> None:
+        if result is None and self.last_error is not None:
+            log.warning("storage recovered (probe committed) after: %s", self.last_error)
+            self.last_error = None
+        _set_result(future, result)
+
+    def _fail(self, awaited: list[Delivery], error: StorageError, message: str | None) -> None:
+        if message is not None:
+            self.last_error = message
         for delivery in awaited:
             delivery.fail(error)
         self._release(sum(d.size for d in awaited))
@@ -269,9 +293,19 @@ class Writer:
 
 
 def _probe(conn: sqlite3.Connection) -> str | None:
+    """A real commit of one tiny row: a full disk or a read-only file shows here, not only a lock."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
+        try:
+            conn.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                (time.time(),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
     except sqlite3.Error as exc:
         return f"{exc.__class__.__name__}: {exc}"
     return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -225,3 +227,38 @@ async def test_livez_and_readyz(app_client: AppClient) -> None:
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
     assert ready.json()["writer"] == "running"
+
+
+@pytest.mark.parametrize("path", ["/webhooks/tavus", "/conversations/c/messages"])
+async def test_deeply_nested_json_is_400_not_500(app_client: AppClient, path: str) -> None:
+    deep = b'{"conversation_id": "c", "event_type": "x", "role": "u", "content": "c", "extra": ' + b"[" * 5000
+    deep += b"]" * 5000 + b"}"
+    async with app_client() as client:
+        response = await client.post(path, content=deep)
+        nested_item = await client.post("/conversations/c/messages", content=b"[" + b"[" * 5000 + b"]" * 5000 + b"]")
+    assert response.status_code in (400, 422), response.text
+    assert nested_item.status_code in (400, 422), nested_item.text
+
+
+async def test_memory_budget_refuses_with_503_before_it_is_exceeded(
+    app_client: AppClient, db_path: Path, db: Query
+) -> None:
+    bodies = [encode(transcription_ready(f"c-mem-{i}", turns=100, seed=i)) for i in range(40)]
+    settings = {"ingest.ack": "enqueued", "ingest.max_inflight_mib": 1, "storage.busy_timeout_ms": 0}
+    async with app_client(**settings) as client:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # nothing can be committed: everything accepted stays in memory
+        try:
+            answers = [await client.post("/webhooks/tavus", content=body) for body in bodies]
+            registry = client.app.state.runtime.registry  # type: ignore[attr-defined]
+            assert registry.inflight_bytes <= 1024 * 1024
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    accepted = [a for a in answers if a.status_code == 202]
+    refused = [a for a in answers if a.status_code == 503]
+    assert accepted
+    assert refused
+    assert {r.json()["error"]["code"] for r in refused} == {"overloaded"}
+    # The lock is gone and the shutdown drained: everything accepted was stored.
+    assert db("SELECT count(DISTINCT conversation_id) FROM messages") == [(len(accepted),)]

@@ -219,3 +219,26 @@ def test_a_restart_applies_no_migration_twice_and_keeps_the_data(tmp_path: Path)
     stored = stored_messages(db_path)
     for cid in ("before-restart", "after-restart-0", "after-restart-1"):
         assert stored[cid].rows == ROWS, stored.get(cid)
+
+
+def test_shutdown_is_bounded_when_storage_keeps_failing(tmp_path: Path) -> None:
+    """Enqueued deliveries that cannot be stored must not hold the process hostage past its budget."""
+    db_path = tmp_path / "transcriptd.db"
+    env = {"TRANSCRIPTD_SERVER_SHUTDOWN_TIMEOUT_S": "3", "TRANSCRIPTD_STORAGE_BUSY_TIMEOUT_MS": "0"}
+    with managed(start_daemon(tmp_path, db_path, ack="enqueued", env=env)) as daemon:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            answer = httpx.post(
+                f"{daemon.base_url}{WEBHOOK}", content=encode(transcription_ready("stuck", turns=3)), timeout=10
+            )
+            assert answer.status_code == 202
+            started = time.monotonic()
+            daemon.send(signal.SIGTERM)
+            daemon.wait_exit(timeout=15)
+            took = time.monotonic() - started
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    assert took < 10, f"the stop took {took:.1f} s with a 3 s budget"
+    assert "not stored" in daemon.log() or "not drained" in daemon.log()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 from tests.conftest import AppClient
@@ -228,3 +229,54 @@ async def test_wrong_properties_keep_the_raw_event_and_name_the_field(app_client
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "$.properties.duration"
     assert db("SELECT event_type FROM events") == [("application.recording_ready",)]
+
+
+async def test_a_bad_replica_id_costs_no_message(app_client: AppClient, db: Query) -> None:
+    body = transcription_ready("c-rid", turns=2)
+    body["properties"]["replica_id"] = 42
+    async with app_client() as client:
+        response = await client.post("/webhooks/tavus", content=encode(body))
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "$.properties.replica_id"
+    assert response.json()["accepted"]["inserted"] == 3
+    assert db("SELECT count(*) FROM messages") == [(3,)]
+
+
+async def test_a_malformed_join_does_not_shadow_the_good_one(app_client: AppClient, db: Query) -> None:
+    bad = envelope("c-j", "system.pal_joined", {"replica_id": ["not", "a", "string"]})
+    good = envelope("c-j", "system.replica_joined", {"replica_id": "r-9"})
+    async with app_client() as client:
+        assert (await client.post("/webhooks/tavus", content=encode(bad))).status_code == 422
+        answer = await client.post("/webhooks/tavus", content=encode(good))
+    assert answer.status_code == 200
+    assert db("SELECT replica_id, started_at IS NOT NULL FROM conversations") == [("r-9", 1)]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "one-batch"])
+async def test_live_messages_and_the_final_transcript_are_two_streams(
+    app_client: AppClient, db: Query, together: bool
+) -> None:
+    """An app forwards utterances live, then Tavus sends the transcript of the same call: neither may
+    overwrite or reorder the other, whether they are committed apart or in one batch."""
+    live = [{"role": "user", "content": "live hello", "id": "u1"}, {"role": "assistant", "content": "live hi"}]
+    transcript = encode(transcription_ready("c-both", turns=2))
+    settings = {"ingest.batch_max_delay_ms": 200.0} if together else {}
+    async with app_client(**settings) as client:
+        if together:
+
+            async def post_live() -> None:
+                await client.post("/conversations/c-both/messages", json=live)
+
+            async def post_transcript() -> None:
+                await client.post("/webhooks/tavus", content=transcript)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post_live)
+                tg.start_soon(post_transcript)
+        else:
+            await client.post("/conversations/c-both/messages", json=live)
+            await client.post("/webhooks/tavus", content=transcript)
+    rows = db("SELECT source, seq, content FROM messages WHERE conversation_id = 'c-both' ORDER BY source, seq")
+    assert [r[:2] for r in rows] == [("api", 0), ("api", 1), ("tavus", 0), ("tavus", 1), ("tavus", 2)]
+    assert [r[2] for r in rows[:2]] == ["live hello", "live hi"]
+    assert db("SELECT message_count FROM conversations WHERE id = 'c-both'") == [(5,)]

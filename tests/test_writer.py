@@ -27,7 +27,9 @@ Query = Any
 
 def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery:
     now = time.time()
-    rows: list[MessageRow] = [(cid, i, "user", c, None, None, None, None, None, now) for i, c in enumerate(contents)]
+    rows: list[MessageRow] = [
+        (cid, "test", i, "user", c, None, None, None, None, None, now) for i, c in enumerate(contents)
+    ]
     return Delivery(
         key=f"test:{cid}:{len(contents)}",
         source="test",
@@ -169,3 +171,33 @@ async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> No
         await writer.close()
     assert writer.commits == 3
     assert db("SELECT count(*) FROM messages") == [(24,)]
+
+
+async def test_readiness_recovers_without_any_delivery(app_client: AppClient, db_path: Path) -> None:
+    async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
+        with locked(db_path):
+            await client.post("/webhooks/tavus", content=encode(transcription_ready("c-r", turns=1)))
+            assert (await client.get("/readyz")).status_code == 503
+        # No sender comes back (a load balancer stopped routing here): the probe alone must clear it.
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert "storage_error" not in ready.json()
+
+
+async def test_the_registry_closes_even_when_its_task_group_is_cancelled() -> None:
+    from daemon.actors import ActorRegistry
+
+    class NeverCommits:
+        async def submit(self, unit: list[Delivery]) -> None:
+            return None  # the units are never resolved: each actor waits for ever
+
+    registry = ActorRegistry(NeverCommits(), mailbox_size=4, idle_s=60, max_rows=100, retry_after_s=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(registry.run)
+        registry.submit(delivery("stuck", ["x"]))
+        await anyio.sleep(0.01)
+        with anyio.fail_after(5):
+            finished = await registry.close(timeout_s=0.2)
+    assert finished is False
+    assert registry.state == "closed"
+    assert registry.inflight_bytes == 0

@@ -23,11 +23,14 @@ CREATE TABLE conversations (
 CREATE INDEX conversations_by_activity ON conversations (updated_at DESC, id);
 
 -- A rowid table: a transcript's rows arrive together, so they are appended together and stay
--- adjacent on disk; the (conversation_id, seq) key below is what makes a re-delivery a no-op.
+-- adjacent on disk; the (conversation_id, source, seq) key below is what makes a re-delivery a no-op.
+-- Each source numbers its own positions: a vendor's final transcript and utterances an app forwarded
+-- live for the same conversation are two streams, and neither may overwrite or reorder the other.
 CREATE TABLE messages (
     id                  INTEGER PRIMARY KEY,
     conversation_id     TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    seq                 INTEGER NOT NULL,       -- position in the transcript
+    source              TEXT NOT NULL,          -- 'tavus' (transcript) or 'api' (generic endpoint)
+    seq                 INTEGER NOT NULL,       -- position in the source's stream
     role                TEXT NOT NULL,
     content             TEXT NOT NULL,
     timestamp           REAL,                   -- Unix seconds, whichever form the sender used
@@ -36,7 +39,7 @@ CREATE TABLE messages (
     inference_id        TEXT,
     external_id         TEXT,                   -- the client's id on the generic endpoint
     created_at          REAL NOT NULL,
-    UNIQUE (conversation_id, seq)
+    UNIQUE (conversation_id, source, seq)
 );
 
 -- Partial: transcript entries carry no client id, so this index costs nothing on the Tavus path.
@@ -54,3 +57,9 @@ CREATE TABLE events (
 );
 
 CREATE INDEX events_by_conversation ON events (conversation_id, id);
+
+-- One row, rewritten by the readiness probe: a real commit, so a full disk or read-only file shows.
+CREATE TABLE heartbeat (
+    id                  INTEGER PRIMARY KEY CHECK (id = 1),
+    at                  REAL NOT NULL
+);

@@ -46,13 +46,16 @@ def applied(conn: sqlite3.Connection) -> set[int]:
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Apply every migration not yet applied; each one and its ledger row commit together."""
-    done = applied(conn)
     newly = []
     for migration in available():
-        if migration.version in done:
+        if migration.version in applied(conn):
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read again under the write lock: another process may have just applied it.
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)).fetchone():
+                conn.execute("ROLLBACK")
+                continue
             # Statement by statement: executescript() would commit our open transaction first.
             for statement in _statements(migration.sql):
                 conn.execute(statement)
