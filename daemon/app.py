@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from daemon.actors import ActorRegistry
+from daemon.api import Api
+from daemon.cache import PrefixTTLCache
 from daemon.config import Config
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
+from daemon.openapi import OpenAPI
+from daemon.routes import ROUTES
 from storage.checkpointer import Checkpointer
+from storage.queries import Reader
 from storage.writer import Writer, WriterSettings
 
 log = logging.getLogger("transcriptd")
@@ -31,6 +33,7 @@ class Runtime:
     config: Config
     writer: Writer
     registry: ActorRegistry
+    cache: PrefixTTLCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +68,15 @@ def create_app(config: Config) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        writer = Writer(writer_settings(config))
-        async with anyio.create_task_group() as tg:
+        cache = PrefixTTLCache(config.cache.max_entries, config.cache.ttl_s)
+
+        def evict(conversation_ids: Iterable[str]) -> None:
+            for cid in conversation_ids:
+                cache.evict_prefix(("conv", cid))
+
+        writer = Writer(writer_settings(config), on_commit=evict)
+        reader = Reader(config.storage.path)
+        async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
             checkpointer = Checkpointer(config.storage.path)
@@ -80,6 +90,8 @@ def create_app(config: Config) -> Starlette:
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
             )
             await tg.start(registry.run)
+            await reader.open()
+            stack.push_async_callback(reader.close)
             intake = Intake(
                 IntakeSettings(
                     durable=ingest.ack == "durable",
@@ -87,12 +99,15 @@ def create_app(config: Config) -> Starlette:
                     ack_timeout_s=ingest.ack_timeout_s,
                     retry_after_s=ingest.retry_after_s,
                     tavus_token=config.webhooks.tavus.token,
+                    api_token=config.api.token,
                 ),
                 registry,
             )
-            app.state.runtime = Runtime(config, writer, registry)
+            app.state.runtime = Runtime(config, writer, registry, cache)
             app.state.intake = intake
             app.state.health = Health(writer, registry, ingest.retry_after_s)
+            app.state.api = Api(reader, cache, config.api.token)
+            app.state.openapi = OpenAPI()
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
                 config.storage.path,
@@ -119,33 +134,3 @@ def create_app(config: Config) -> Starlette:
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
-
-
-# The handlers live on objects the lifespan builds; the routes are fixed, so they can be described.
-async def tavus_webhook(request: Request) -> Response:
-    intake: Intake = request.app.state.intake
-    return await intake.tavus_webhook(request)
-
-
-async def post_messages(request: Request) -> Response:
-    intake: Intake = request.app.state.intake
-    return await intake.post_messages(request)
-
-
-async def livez(request: Request) -> Response:
-    health: Health = request.app.state.health
-    return await health.livez(request)
-
-
-async def readyz(request: Request) -> Response:
-    health: Health = request.app.state.health
-    return await health.readyz(request)
-
-
-ROUTES = [
-    Route("/webhooks/tavus", tavus_webhook, methods=["POST"]),
-    Route("/webhooks/tavus/{token}", tavus_webhook, methods=["POST"]),
-    Route("/conversations/{conversation_id}/messages", post_messages, methods=["POST"]),
-    Route("/livez", livez, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-]

@@ -29,6 +29,7 @@ class TranscriptdError(Exception):
     status: int = 500
     code: str = "internal_error"
     retry_after: int | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -48,6 +49,10 @@ class MalformedJSON(TranscriptdError):
 
 class Unauthorized(TranscriptdError):
     status, code = 401, "unauthorized"
+
+
+class NotFound(TranscriptdError):
+    status, code = 404, "not_found"
 
 
 class PayloadTooLarge(TranscriptdError):
@@ -100,7 +105,9 @@ class StorageAckTimeout(Unavailable):
 
 
 def error_response(error: TranscriptdError) -> Response:
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    headers = dict(error.headers or {})
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
     return Response(
         msgspec.json.encode(error.body()),
         status_code=error.status,

@@ -6,7 +6,6 @@ With ``ingest.ack = "durable"`` the answer waits for the commit that holds the d
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +17,8 @@ from starlette.responses import Response
 
 from daemon import generic, tavus
 from daemon.actors import ActorRegistry
-from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout, Unauthorized
+from daemon.auth import check_bearer, check_path_token
+from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
 from storage.deliveries import Delivery, WriteResult
 
 
@@ -48,35 +48,27 @@ class IntakeSettings:
     ack_timeout_s: float
     retry_after_s: int
     tavus_token: str
+    api_token: str
 
 
 class Intake:
     def __init__(self, settings: IntakeSettings, registry: ActorRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self._tavus_token = settings.tavus_token.encode()
 
     async def tavus_webhook(self, request: Request) -> Response:
-        self._check_tavus_token(request.path_params.get("token"))
+        check_path_token(request.path_params.get("token"), self.settings.tavus_token)
         body = await self._read_body(request)
         delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
         return await self._accept(delivery, problems)
 
     async def post_messages(self, request: Request) -> Response:
+        check_bearer(request, self.settings.api_token)
         body = await self._read_body(request)
         delivery, problems = generic.parse(
             request.path_params["conversation_id"], body, request.headers, received_at=time.time()
         )
         return await self._accept(delivery, problems)
-
-    def _check_tavus_token(self, given: str | None) -> None:
-        if not self._tavus_token:
-            if given is not None:
-                raise Unauthorized("no token is configured for this endpoint: post to /webhooks/tavus")
-            return
-        # Constant time, so the token cannot be guessed byte by byte from response times.
-        if given is None or not hmac.compare_digest(given.encode(), self._tavus_token):
-            raise Unauthorized("missing or wrong webhook token")
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes

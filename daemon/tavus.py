@@ -25,11 +25,13 @@ JOINED = frozenset({"system.replica_joined", "system.pal_joined"})
 
 
 class Envelope(msgspec.Struct, frozen=True):
-    """Every callback: ``properties`` is decoded later, by event type."""
+    """A Tavus conversation callback. ``properties`` depends on ``event_type``: ``transcript`` for
+    ``application.transcription_ready``, ``replica_id`` and ``shutdown_reason`` for ``system.shutdown``,
+    and so on (see the README). Other keys are ignored."""
 
     conversation_id: ConversationId
     event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    properties: msgspec.Raw = msgspec.Raw(b"{}")
+    properties: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
     message_type: str | None = None
     timestamp: Timestamp = None
     # webhook_url echoes the callback URL with its secret: it is deliberately not a field here.

@@ -20,7 +20,7 @@ CREATE TABLE conversations (
     updated_at          REAL NOT NULL
 );
 
-CREATE INDEX conversations_by_activity ON conversations (updated_at DESC, id);
+CREATE INDEX conversations_by_activity ON conversations (updated_at DESC, id DESC);
 
 -- A rowid table: a transcript's rows arrive together, so they are appended together and stay
 -- adjacent on disk; the (conversation_id, source, seq) key below is what makes a re-delivery a no-op.

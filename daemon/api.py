@@ -1,0 +1,180 @@
+"""GET handlers: conversations and their messages, from the prefix-evicted cache or a read connection.
+
+Every cached read of a conversation lives under the prefix ``("conv", conversation_id)``. The writer
+evicts that prefix after each commit touching the conversation and before any ack, so a client that
+reads after its webhook was answered sees its data.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlencode
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daemon.auth import check_bearer
+from daemon.cache import PrefixTTLCache
+from daemon.errors import InvalidPayload, NotFound, Problem
+from daemon.generic import check_conversation_id
+from daemon.tavus import Role
+from storage.queries import Conversation, ConversationSummary, Message, Reader
+
+Q = TypeVar("Q", bound=msgspec.Struct)
+T = TypeVar("T")
+
+MAX_PAGE = 500
+
+
+class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="conversations per page")] = 50
+    cursor: Annotated[str | None, msgspec.Meta(description="the `next` cursor of the previous page")] = None
+
+
+class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="messages per page")] = 50
+    page: Annotated[int, msgspec.Meta(ge=1, description="1-based page number (not with `after`)")] | None = None
+    after: (
+        Annotated[int, msgspec.Meta(ge=-1, description="cursor: messages after this position (not with `page`)")] | None
+    ) = None
+    role: Annotated[Role | None, msgspec.Meta(description="only messages of this role")] = None
+    include_system: Annotated[bool, msgspec.Meta(description="include system entries (prompts)")] = False
+    source: Annotated[
+        str | None, msgspec.Meta(description="which stream: `tavus` or `api` (default: the conversation's own)")
+    ] = None
+
+
+class ConversationPage(msgspec.Struct):
+    conversations: list[ConversationSummary]
+    next: str | None
+
+
+class MessagePage(msgspec.Struct):
+    conversation_id: str
+    source: str
+    limit: int
+    page: int | None
+    after: int | None
+    messages: list[Message]
+    next: str | None
+
+
+def parse_query(request: Request, type_: type[Q]) -> Q:
+    try:
+        return msgspec.convert(dict(request.query_params), type_, strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        field = "query" + where.rstrip("`") if where else "query"
+        raise InvalidPayload([Problem(message, field)]) from None
+
+
+class Api:
+    def __init__(self, reader: Reader, cache: PrefixTTLCache, token: str) -> None:
+        self.reader = reader
+        self.cache = cache
+        self.token = token
+
+    async def list_conversations(self, request: Request) -> Response:
+        check_bearer(request, self.token)
+        query = parse_query(request, ConversationsQuery)
+        before = _decode_cursor(query.cursor) if query.cursor else None
+        rows = await self.reader.conversations(query.limit + 1, before)
+        next_link = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            last = rows[-1]
+            next_link = "/conversations?" + urlencode({"limit": query.limit, "cursor": _encode_cursor(last)})
+        # Not cached: every commit changes this list, so it would only ever be evicted.
+        return _json(ConversationPage(rows, next_link))
+
+    async def get_conversation(self, request: Request) -> Response:
+        check_bearer(request, self.token)
+        conversation = await self._conversation(request.path_params["conversation_id"])
+        return _json(conversation)
+
+    async def list_messages(self, request: Request) -> Response:
+        check_bearer(request, self.token)
+        conversation = await self._conversation(request.path_params["conversation_id"])
+        query = parse_query(request, MessagesQuery)
+        if query.page is not None and query.after is not None:
+            raise InvalidPayload([Problem("give either `page` or `after`, not both", "query.after")])
+        source = query.source or conversation.source
+        key = ("conv", conversation.id, "messages", source, query.page, query.after, query.limit, query.role)
+        body = await self._cached((*key, query.include_system), lambda: self._message_page(conversation, source, query))
+        return Response(body, media_type="application/json")
+
+    async def _conversation(self, raw_id: str) -> Conversation:
+        cid = check_conversation_id(raw_id)
+        conversation = await self._cached(("conv", cid, "record"), lambda: self.reader.conversation(cid))
+        if conversation is None:
+            raise NotFound(f"no conversation {cid!r}")
+        return conversation
+
+    async def _message_page(self, conversation: Conversation, source: str, query: MessagesQuery) -> bytes:
+        page = query.page or 1
+        rows = await self.reader.messages(
+            conversation.id,
+            source=source,
+            limit=query.limit + 1,
+            after=query.after,
+            offset=0 if query.after is not None else (page - 1) * query.limit,
+            role=query.role,
+            include_system=query.include_system,
+        )
+        next_link = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            params: dict[str, Any] = {"limit": query.limit}
+            if query.after is not None:
+                params["after"] = rows[-1].seq
+            else:
+                params["page"] = page + 1
+            if query.role is not None:
+                params["role"] = query.role
+            if query.include_system:
+                params["include_system"] = "true"
+            if query.source is not None:
+                params["source"] = query.source
+            next_link = f"/conversations/{conversation.id}/messages?{urlencode(params)}"
+        result = MessagePage(
+            conversation_id=conversation.id,
+            source=source,
+            limit=query.limit,
+            page=None if query.after is not None else page,
+            after=query.after,
+            messages=rows,
+            next=next_link,
+        )
+        return msgspec.json.encode(result)
+
+    async def _cached(self, key: tuple[Hashable, ...], load: Callable[[], Awaitable[T]]) -> T:
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        # Read the generation before the database: if a commit evicts this conversation while we read,
+        # our (older) result is not stored.
+        generation = self.cache.generation(key[:2])
+        value = await load()
+        if value is not None:
+            self.cache.store(key, value, generation)
+        return value
+
+
+def _json(payload: msgspec.Struct) -> Response:
+    return Response(msgspec.json.encode(payload), media_type="application/json")
+
+
+def _encode_cursor(last: ConversationSummary) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode([last.updated_at, last.id])).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        updated_at, cid = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()), type=tuple[float, str])
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidPayload([Problem("not a cursor this API gave out", "query.cursor")]) from None
+    return updated_at, cid

@@ -1,0 +1,34 @@
+"""Shared secrets, compared in constant time so they cannot be guessed byte by byte from response times."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+
+from daemon.errors import Unauthorized
+
+
+def same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def check_bearer(request: Request, token: str) -> None:
+    """``Authorization: Bearer <token>`` when ``token`` is set; nothing to check otherwise."""
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
+        error = Unauthorized("missing or wrong bearer token")
+        error.headers = {"WWW-Authenticate": "Bearer"}
+        raise error
+
+
+def check_path_token(given: str | None, token: str) -> None:
+    """The webhook's token, carried in its URL path (Tavus callbacks have no signature)."""
+    if not token:
+        if given is not None:
+            raise Unauthorized("no token is configured for this endpoint: post to /webhooks/tavus")
+        return
+    if given is None or not same_secret(given, token):
+        raise Unauthorized("missing or wrong webhook token")

@@ -1,0 +1,212 @@
+"""Reads for the API, on read-only connections of their own: WAL readers never wait for the writer."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from storage.connection import open_reader
+
+
+class Message(msgspec.Struct, omit_defaults=True):
+    seq: int
+    role: str
+    content: str
+    source: str
+    timestamp: float | None = None
+    seconds_from_start: float | None = None
+    duration: float | None = None
+    inference_id: str | None = None
+    id: str | None = None  # the client's own id, on the generic endpoint
+
+
+class PostCallAction(msgspec.Struct):
+    tool_name: str | None
+    status: str | None
+    request: Any
+    response: Any
+    received_at: float
+
+
+class Recording(msgspec.Struct, omit_defaults=True):
+    uri: str | None = None
+    provider: str | None = None
+    duration: float | None = None
+    error: str | None = None
+
+
+class ConversationSummary(msgspec.Struct):
+    id: str
+    source: str
+    status: str
+    message_count: int
+    started_at: float | None
+    ended_at: float | None
+    last_message_at: float | None
+    updated_at: float
+
+
+class Conversation(msgspec.Struct):
+    id: str
+    source: str
+    status: str
+    replica_id: str | None
+    shutdown_reason: str | None
+    started_at: float | None
+    ended_at: float | None
+    message_count: int
+    last_message_at: float | None
+    recording: Recording
+    perception_analysis: str | None
+    perception_unavailable_reason: str | None
+    post_call_actions: list[PostCallAction]
+    created_at: float
+    updated_at: float
+
+
+class _PostCallEvent(msgspec.Struct):
+    properties: dict[str, Any] = {}
+
+
+CONVERSATION_COLUMNS = (
+    "id",
+    "source",
+    "status",
+    "replica_id",
+    "shutdown_reason",
+    "started_at",
+    "ended_at",
+    "message_count",
+    "last_message_at",
+    "recording_uri",
+    "recording_provider",
+    "recording_duration",
+    "recording_error",
+    "perception_analysis",
+    "perception_unavailable_reason",
+    "created_at",
+    "updated_at",
+)
+SUMMARY_COLUMNS = "id, source, status, message_count, started_at, ended_at, last_message_at, updated_at"
+
+
+class Reader:
+    """A few read-only connections (each in aiosqlite's thread), used in turn."""
+
+    def __init__(self, path: str | Path, *, connections: int = 2) -> None:
+        self.path = path
+        self._count = connections
+        self._connections: list[aiosqlite.Connection] = []
+        self._turn: Iterator[aiosqlite.Connection] = iter(())
+        self._stack = AsyncExitStack()
+
+    async def open(self) -> None:
+        for _ in range(self._count):
+            conn = aiosqlite.Connection(functools.partial(open_reader, self.path), iter_chunk_size=256)
+            self._connections.append(await self._stack.enter_async_context(conn))
+        self._turn = itertools.cycle(self._connections)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._connections.clear()
+
+    async def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = next(self._turn)
+        async with conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def conversation(self, conversation_id: str) -> Conversation | None:
+        rows = await self._all(
+            f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations WHERE id = ?",  # noqa: S608
+            (conversation_id,),
+        )
+        if not rows:
+            return None
+        record = dict(zip(CONVERSATION_COLUMNS, rows[0], strict=True))
+        record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
+        record["post_call_actions"] = await self.post_call_actions(conversation_id)
+        return msgspec.convert(record, Conversation, from_attributes=True)
+
+    async def post_call_actions(self, conversation_id: str) -> list[PostCallAction]:
+        """From the raw events: they are kept there as Tavus sent them, in arrival order."""
+        rows = await self._all(
+            "SELECT body, received_at FROM events WHERE conversation_id = ? "
+            "AND event_type = 'application.post_call_action_executed' ORDER BY id",
+            (conversation_id,),
+        )
+        actions = []
+        for body, received_at in rows:
+            try:
+                props = msgspec.json.decode(body, type=_PostCallEvent).properties
+            except msgspec.DecodeError:
+                continue  # stored for the record, but not a shape we can show
+            actions.append(
+                PostCallAction(
+                    tool_name=_str_or_none(props.get("tool_name")),
+                    status=_str_or_none(props.get("status")),
+                    request=props.get("request"),
+                    response=props.get("response"),
+                    received_at=received_at,
+                )
+            )
+        return actions
+
+    async def conversations(self, limit: int, before: tuple[float, str] | None) -> list[ConversationSummary]:
+        """Newest activity first; ``before`` is the (updated_at, id) of the last one already seen."""
+        if before is None:
+            rows = await self._all(
+                f"SELECT {SUMMARY_COLUMNS} FROM conversations ORDER BY updated_at DESC, id DESC LIMIT ?",  # noqa: S608
+                (limit,),
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {SUMMARY_COLUMNS} FROM conversations "  # noqa: S608
+                "WHERE updated_at < ? OR (updated_at = ? AND id < ?) ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (before[0], before[0], before[1], limit),
+            )
+        return [ConversationSummary(*row) for row in rows]
+
+    async def messages(
+        self,
+        conversation_id: str,
+        *,
+        source: str,
+        limit: int,
+        after: int | None = None,
+        offset: int = 0,
+        role: str | None = None,
+        include_system: bool = False,
+    ) -> list[Message]:
+        """One stream's messages by position: after a ``seq`` (cursor) or from an ``offset`` (page)."""
+        where = ["conversation_id = ?", "source = ?"]
+        params: list[Any] = [conversation_id, source]
+        if after is not None:
+            where.append("seq > ?")
+            params.append(after)
+        if role is not None:
+            where.append("role = ?")
+            params.append(role)
+        elif not include_system:
+            where.append("role != 'system'")
+        params += [limit, offset]
+        # The WHERE clause is assembled from the constant fragments above; values are all parameters.
+        rows = await self._all(
+            "SELECT seq, role, content, source, timestamp, seconds_from_start, duration, inference_id, external_id "  # noqa: S608
+            f"FROM messages WHERE {' AND '.join(where)} ORDER BY seq LIMIT ? OFFSET ?",
+            tuple(params),
+        )
+        return [Message(*row) for row in rows]
+
+    async def ping(self) -> None:
+        await self._all("SELECT 1", ())
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
