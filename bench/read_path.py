@@ -1,0 +1,154 @@
+"""The read path, measured side by side in one run.
+
+- ``GET /conversations/{id}/messages`` against a running daemon, with the cache warm (every page read
+  before) and with the cache defeated (a TTL of a microsecond: every read goes to SQLite): requests/s
+  and latency percentiles at a set concurrency.
+- ``evict_prefix`` of one conversation (20 cached pages) with 100 and with 100,000 other entries in the
+  cache, beside the scan the write-up did (every key compared against the pattern, as Redis ``KEYS``).
+
+    python -m bench.read_path [--conversations 200] [--requests 20000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import sqlite3
+import tempfile
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+from bench.ingest_limit import RESULTS, free_port, percentiles, start_daemon
+from bench.payloads import encode, transcription_ready
+from bench.rawhttp import Connection
+from daemon.cache import PrefixTTLCache
+
+
+async def load(port: int, conversations: int) -> None:
+    connection = Connection("127.0.0.1", port)
+    for i in range(conversations):
+        answer = await connection.post("/webhooks/tavus", encode(transcription_ready(f"read-{i:05d}", seed=i)))
+        assert answer.status == 200, answer.body
+    await connection.close()
+
+
+async def read(port: int, urls: list[str], concurrency: int) -> dict[str, Any]:
+    queue = list(reversed(urls))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def reader() -> None:
+        connection = Connection("127.0.0.1", port)
+        try:
+            while queue:
+                answer = await connection.get(queue.pop())
+                latencies.append(answer.latency_s)
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(reader() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"requests_per_s": len(urls) / elapsed, "statuses": statuses, "latency_ms": percentiles(latencies)}
+
+
+def serve_and_read(db: Path, urls: list[str], concurrency: int, ttl_s: float) -> dict[str, Any]:
+    port = free_port()
+    os.environ["TRANSCRIPTD_CACHE_TTL_S"] = str(ttl_s)
+    os.environ["TRANSCRIPTD_CACHE_MAX_ENTRIES"] = str(len(set(urls)) * 2)
+    process = start_daemon(db, port, "durable", "full")
+    try:
+        asyncio.run(read(port, sorted(set(urls)), concurrency))  # warm: every page once
+        return asyncio.run(read(port, urls, concurrency))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        del os.environ["TRANSCRIPTD_CACHE_TTL_S"], os.environ["TRANSCRIPTD_CACHE_MAX_ENTRIES"]
+
+
+def eviction(others: int, pages: int = 20) -> dict[str, float]:
+    """Seconds to evict one conversation's ``pages`` keys, with ``others`` other entries cached."""
+    cache = PrefixTTLCache(others + pages + 1, ttl=3600)
+    for i in range(others):
+        cache[("conv", f"other-{i}", "messages", i)] = b"page"
+    keys = [("conv", "target", "messages", p) for p in range(pages)]
+
+    def refill() -> None:
+        for key in keys:
+            cache[key] = b"page"
+
+    def evict() -> None:
+        cache.evict_prefix(("conv", "target"))
+
+    def scan() -> None:  # the write-up's way: look at every key, delete the matching ones
+        for key in [k for k in list(cache.keys()) if k[:2] == ("conv", "target")]:
+            del cache[key]
+
+    rounds = 200 if others <= 1000 else 5
+    indexed = min(timeit.repeat(evict, setup=refill, number=1, repeat=rounds))
+    scanned = min(timeit.repeat(scan, setup=refill, number=1, repeat=rounds))
+    return {"others": others, "evict_prefix_us": indexed * 1e6, "full_scan_us": scanned * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=RESULTS / "read_path.json")
+    args = parser.parse_args(argv)
+
+    rng = random.Random(7)
+    urls = [
+        f"/conversations/read-{rng.randrange(args.conversations):05d}/messages?page={rng.randint(1, 2)}&limit=50"
+        for _ in range(args.requests)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "read.db"
+        port = free_port()
+        process = start_daemon(db, port, "durable", "full")
+        try:
+            asyncio.run(load(port, args.conversations))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        cached = serve_and_read(db, urls, args.concurrency, ttl_s=3600)
+        uncached = serve_and_read(db, urls, args.concurrency, ttl_s=1e-6)
+        with sqlite3.connect(db) as conn:
+            stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    evictions = [eviction(100), eviction(100_000)]
+    report = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "messages_stored": stored,
+        "cached": cached,
+        "uncached": uncached,
+        "eviction": evictions,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    for name, run in (("cached", cached), ("uncached", uncached)):
+        lat = run["latency_ms"]
+        print(
+            f"GET messages, {name:8s}: {run['requests_per_s']:8,.0f} req/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms "
+            f"({args.concurrency} readers; statuses {run['statuses']})"
+        )
+    for ev in evictions:
+        print(
+            f"evict one conversation (20 keys) with {ev['others']:>7,} others cached: evict_prefix "
+            f"{ev['evict_prefix_us']:8.1f} us, full scan {ev['full_scan_us']:10.1f} us"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
