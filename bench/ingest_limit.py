@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from bench.payloads import encode, transcription_ready
-from bench.rawhttp import Connection
+from bench.rawhttp import closed_loop
 from daemon import tavus
 from daemon.tavus import TranscriptionReady
 from storage.connection import open_writer
@@ -38,6 +38,7 @@ from storage.statements import INSERT_MESSAGES, INSERT_MESSAGES_TAIL, multi_row
 from storage.writes import write_batch
 
 RESULTS = Path(__file__).parent / "results"
+WEBHOOK = "/webhooks/tavus"
 
 
 def make_bodies(count: int, turns: int) -> list[bytes]:
@@ -137,38 +138,7 @@ def start_daemon(db: Path, port: int, ack: str, synchronous: str) -> subprocess.
 
 
 async def drive(port: int, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
-    queue = list(reversed(bodies))
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-
-    async def sender() -> None:
-        connection = Connection("127.0.0.1", port)
-        try:
-            while queue:
-                answer = await connection.post("/webhooks/tavus", queue.pop())
-                latencies.append(answer.latency_s)
-                statuses[answer.status] = statuses.get(answer.status, 0) + 1
-        finally:
-            await connection.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(sender() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"seconds": elapsed, "statuses": statuses, "latency_ms": percentiles(latencies)}
-
-
-def percentiles(latencies: list[float]) -> dict[str, float]:
-    def at(q: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2)
-
-    return {
-        "p50": at(0.50),
-        "p95": at(0.95),
-        "p99": at(0.99),
-        "max": round(1000 * latencies[-1], 2),
-        "mean": round(1000 * statistics.fmean(latencies), 2),
-    }
+    return await closed_loop(port, bodies, concurrency, lambda connection, body: connection.post(WEBHOOK, body))
 
 
 def daemon_ingest(db: Path, bodies: list[bytes], concurrency: int, ack: str, synchronous: str) -> dict[str, Any]:

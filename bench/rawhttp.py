@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -66,3 +70,43 @@ class Connection:
             with contextlib.suppress(OSError):  # the peer may be gone already
                 await self._writer.wait_closed()
             self._writer = self._reader = None
+
+
+async def closed_loop(
+    port: int, items: Sequence[T], concurrency: int, call: Callable[[Connection, T], Awaitable[Answer]]
+) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next item as soon as its last one is answered."""
+    queue = list(reversed(items))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def client() -> None:
+        connection = Connection("127.0.0.1", port)
+        try:
+            while queue:
+                answer = await call(connection, queue.pop())
+                latencies.append(answer.latency_s)
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"seconds": elapsed, "statuses": statuses, "latency_ms": percentiles(latencies)}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    """Milliseconds, from latencies in seconds sorted ascending."""
+
+    def at(q: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2)
+
+    return {
+        "p50": at(0.50),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "max": round(1000 * latencies[-1], 2),
+        "mean": round(1000 * statistics.fmean(latencies), 2),
+    }

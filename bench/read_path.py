@@ -20,45 +20,28 @@ import random
 import signal
 import sqlite3
 import tempfile
-import time
 import timeit
 from pathlib import Path
 from typing import Any
 
-from bench.ingest_limit import RESULTS, free_port, percentiles, start_daemon
+from bench.ingest_limit import RESULTS, WEBHOOK, free_port, start_daemon
 from bench.payloads import encode, transcription_ready
-from bench.rawhttp import Connection
+from bench.rawhttp import Connection, closed_loop
 from daemon.cache import PrefixTTLCache
 
 
 async def load(port: int, conversations: int) -> None:
     connection = Connection("127.0.0.1", port)
     for i in range(conversations):
-        answer = await connection.post("/webhooks/tavus", encode(transcription_ready(f"read-{i:05d}", seed=i)))
+        answer = await connection.post(WEBHOOK, encode(transcription_ready(f"read-{i:05d}", seed=i)))
         assert answer.status == 200, answer.body
     await connection.close()
 
 
 async def read(port: int, urls: list[str], concurrency: int) -> dict[str, Any]:
-    queue = list(reversed(urls))
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-
-    async def reader() -> None:
-        connection = Connection("127.0.0.1", port)
-        try:
-            while queue:
-                answer = await connection.get(queue.pop())
-                latencies.append(answer.latency_s)
-                statuses[answer.status] = statuses.get(answer.status, 0) + 1
-        finally:
-            await connection.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(reader() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"requests_per_s": len(urls) / elapsed, "statuses": statuses, "latency_ms": percentiles(latencies)}
+    run = await closed_loop(port, urls, concurrency, lambda connection, url: connection.get(url))
+    run["requests_per_s"] = len(urls) / run["seconds"]
+    return run
 
 
 def serve_and_read(db: Path, urls: list[str], concurrency: int, ttl_s: float) -> dict[str, Any]:

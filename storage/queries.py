@@ -13,6 +13,7 @@ import aiosqlite
 import msgspec
 
 from storage.connection import open_reader
+from storage.statements import PATCH_COLUMNS
 
 
 class Message(msgspec.Struct, omit_defaults=True):
@@ -79,18 +80,9 @@ CONVERSATION_COLUMNS = (
     "id",
     "source",
     "status",
-    "replica_id",
-    "shutdown_reason",
-    "started_at",
-    "ended_at",
     "message_count",
     "last_message_at",
-    "recording_uri",
-    "recording_provider",
-    "recording_duration",
-    "recording_error",
-    "perception_analysis",
-    "perception_unavailable_reason",
+    *PATCH_COLUMNS,
     "created_at",
     "updated_at",
 )
