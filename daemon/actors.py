@@ -80,7 +80,7 @@ class ConversationActor:
             # Every delivery of a unit is resolved by the same commit (or kept for a retry by the writer).
             await unit[-1].done.wait()
         finally:
-            self.registry.inflight_bytes -= sum(d.weight for d in unit)
+            self.registry._settled(unit)
 
 
 class ActorRegistry:
@@ -101,6 +101,8 @@ class ActorRegistry:
         # memory however many conversations the senders open.
         self.inflight_bytes = 0
         self._max_inflight_bytes = max_inflight_bytes
+        # Taken and not yet resolved, in the order taken (a dict as an ordered set): the oldest is first.
+        self._pending: dict[Delivery, None] = {}
         self._sink = sink
         self._mailbox_size = mailbox_size
         self._idle_s = idle_s
@@ -154,6 +156,7 @@ class ActorRegistry:
                 retry_after=self._retry_after_s,
             ) from None
         self.inflight_bytes += delivery.weight
+        self._pending[delivery] = None
 
     async def close(self, timeout_s: float = math.inf) -> bool:
         """Stop taking deliveries, let every actor flush its mailbox, and wait until they have, or until
@@ -169,6 +172,19 @@ class ActorRegistry:
             self._tg.cancel_scope.cancel()
         await self._closed.wait()
         return False
+
+    @property
+    def oldest_pending_at(self) -> float | None:
+        """When the oldest delivery not yet stored (or refused) was received."""
+        for delivery in self._pending:
+            if not delivery.done.is_set():  # resolved, but its actor has not run since
+                return delivery.received_at
+        return None
+
+    def _settled(self, unit: list[Delivery]) -> None:
+        for delivery in unit:
+            self.inflight_bytes -= delivery.weight
+            self._pending.pop(delivery, None)
 
     def _forget(self, actor: ConversationActor) -> None:
         if self._actors.get(actor.conversation_id) is actor:

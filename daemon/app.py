@@ -17,6 +17,7 @@ from daemon.config import Config
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
+from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.routes import ROUTES
 from storage.checkpointer import Checkpointer
@@ -74,7 +75,8 @@ def create_app(config: Config) -> Starlette:
             for cid in conversation_ids:
                 cache.evict_prefix(("conv", cid))
 
-        writer = Writer(writer_settings(config), on_commit=evict)
+        metrics = Metrics()
+        writer = Writer(writer_settings(config), on_commit=evict, on_commit_stats=metrics.commit)
         reader = Reader(config.storage.path)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
@@ -102,7 +104,16 @@ def create_app(config: Config) -> Starlette:
                     api_token=config.api.token,
                 ),
                 registry,
+                metrics,
             )
+            metrics.watch(
+                live_actors=lambda: registry.live_actors,
+                mailbox_depth=lambda: registry.queued,
+                oldest_pending_at=lambda: registry.oldest_pending_at,
+                inflight_bytes=lambda: registry.inflight_bytes,
+                cache=cache,
+            )
+            app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache)
             app.state.intake = intake
             app.state.health = Health(writer, registry, ingest.retry_after_s)

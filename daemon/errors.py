@@ -116,9 +116,16 @@ def error_response(error: TranscriptdError) -> Response:
     )
 
 
+def _counted(request: Request, error: TranscriptdError) -> Response:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected.labels(error.code).inc()
+    return error_response(error)
+
+
 async def handle_transcriptd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TranscriptdError)
-    return error_response(exc)
+    return _counted(request, exc)
 
 
 def from_storage(exc: StorageError) -> TranscriptdError:
@@ -140,7 +147,7 @@ def from_storage(exc: StorageError) -> TranscriptdError:
 
 async def handle_storage_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StorageError)
-    return error_response(from_storage(exc))
+    return _counted(request, from_storage(exc))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -148,7 +155,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     error = TranscriptdError(exc.detail)
     error.status = exc.status_code
     error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    response = error_response(error)
+    response = _counted(request, error)
     if exc.headers:
         response.headers.update(exc.headers)
     return response
@@ -158,7 +165,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     # Not logged here: Starlette re-raises after this response, and the server logs the traceback once.
     error = TranscriptdError("internal error; the request was not stored, please retry")
     error.retry_after = 5
-    return error_response(error)
+    return _counted(request, error)
 
 
 EXCEPTION_HANDLERS = {

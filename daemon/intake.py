@@ -19,6 +19,7 @@ from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.metrics import Metrics
 from storage.deliveries import Delivery, WriteResult
 
 
@@ -52,23 +53,26 @@ class IntakeSettings:
 
 
 class Intake:
-    def __init__(self, settings: IntakeSettings, registry: ActorRegistry) -> None:
+    def __init__(self, settings: IntakeSettings, registry: ActorRegistry, metrics: Metrics) -> None:
         self.settings = settings
         self.registry = registry
+        self.metrics = metrics
 
     async def tavus_webhook(self, request: Request) -> Response:
+        started = time.perf_counter()
         check_path_token(request.path_params.get("token"), self.settings.tavus_token)
         body = await self._read_body(request)
         delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
-        return await self._accept(delivery, problems)
+        return await self._accept(delivery, problems, started)
 
     async def post_messages(self, request: Request) -> Response:
+        started = time.perf_counter()
         check_bearer(request, self.settings.api_token)
         body = await self._read_body(request)
         delivery, problems = generic.parse(
             request.path_params["conversation_id"], body, request.headers, received_at=time.time()
         )
-        return await self._accept(delivery, problems)
+        return await self._accept(delivery, problems, started)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -83,12 +87,15 @@ class Intake:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _accept(self, delivery: Delivery, problems: list[Problem]) -> Response:
+    async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
         durable = self.settings.durable
         delivery.awaited = durable
         self.registry.submit(delivery)
+        metrics = self.metrics
         if not durable:
             enqueued = Enqueued(received=delivery.received, rejected=delivery.rejected)
+            metrics.delivery(delivery.event_type, "partial" if problems else "enqueued", None, delivery.rejected)
+            metrics.ack_latency.labels("enqueued").observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
             return _json(enqueued, 202)
@@ -103,6 +110,9 @@ class Intake:
                 retry_after=self.settings.retry_after_s,
             )
         stored = _stored(delivery.result)
+        outcome = "partial" if problems else "duplicate" if delivery.result.duplicate_delivery else "stored"
+        metrics.delivery(delivery.event_type, outcome, delivery.result)
+        metrics.ack_latency.labels("durable").observe(time.perf_counter() - started)
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
         return _json(stored, 200)

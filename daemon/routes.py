@@ -128,6 +128,14 @@ ENDPOINTS = [
         errors={503: "not ready: see `storage_error`"},
     ),
     Endpoint(
+        "/metrics",
+        "GET",
+        ("metrics", "serve"),
+        "Prometheus metrics (text format)",
+        "health",
+        responses={200: ("the metrics", None)},
+    ),
+    Endpoint(
         "/openapi.json",
         "GET",
         ("openapi", "serve"),

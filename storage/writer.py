@@ -63,12 +63,19 @@ class Writer:
     so one fsync serves every sender that was waiting. ``max_delay_s`` can hold a batch open longer.
     """
 
-    def __init__(self, settings: WriterSettings, *, on_commit: Callable[[Iterable[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WriterSettings,
+        *,
+        on_commit: Callable[[Iterable[str]], None] | None = None,
+        on_commit_stats: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.state: State = "starting"
         self.last_error: str | None = None
         self.commits = 0
         self._on_commit = on_commit
+        self._on_commit_stats = on_commit_stats
         # Shared with the writer thread, under _cond.
         self._cond = threading.Condition()
         self._queue: deque[Unit | _Probe] = deque()
@@ -249,8 +256,9 @@ class Writer:
             awaited = [d for d in batch if d.awaited]
             self._call_soon(self._fail, awaited, StorageUnavailable(f"storage is unavailable: {exc}"), message)
             return [d for d in batch if not d.awaited]
-        log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * (time.perf_counter() - started))
-        self._call_soon(self._resolve, batch, outcomes)
+        seconds = time.perf_counter() - started
+        log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * seconds)
+        self._call_soon(self._resolve, batch, outcomes, seconds)
         return []
 
     # --- back on the event loop --------------------------------------------------------------------
@@ -259,8 +267,11 @@ class Writer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(callback, *args)
 
-    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome], seconds: float) -> None:
         self.commits += 1
+        if self._on_commit_stats is not None:
+            written = sum(o.inserted + o.updated for o in outcomes if not isinstance(o, StorageRejected))
+            self._on_commit_stats(written, seconds)
         if self.last_error is not None:
             log.warning("storage recovered after: %s", self.last_error)
             self.last_error = None

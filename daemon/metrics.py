@@ -1,0 +1,133 @@
+"""Prometheus metrics: one registry per app, names with the ``transcriptd_`` prefix and base units.
+
+No label carries a conversation id: label values come from small fixed sets (event types we know,
+outcomes, error codes), so the number of series stays bounded whatever the senders do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daemon.cache import PrefixTTLCache
+from daemon.tavus import PROPERTIES
+from storage.deliveries import WriteResult
+
+KNOWN_EVENT_TYPES = frozenset({*PROPERTIES, "api.messages"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+ROW_BUCKETS = (1, 10, 100, 500, 1_000, 2_500, 5_000, 10_000, 20_000)
+
+
+class _CacheCollector(Collector):
+    """Reads the cache's own counters at scrape time: nothing is added to the read path."""
+
+    def __init__(self, cache: PrefixTTLCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, value, help_ in (
+            ("hits", self.cache.hits, "Reads answered from the cache"),
+            ("misses", self.cache.misses, "Reads that went to the database"),
+            ("evictions", self.cache.evictions, "Cached reads evicted after a commit touched their conversation"),
+        ):
+            yield CounterMetricFamily(f"transcriptd_cache_{name}", help_, value=value)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.deliveries = Counter(
+            "transcriptd_deliveries",
+            "Deliveries answered, by event type and outcome",
+            ["event_type", "outcome"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "transcriptd_messages", "Messages received, by what became of them", ["outcome"], registry=r
+        )
+        self.dedup_hits = Counter(
+            "transcriptd_dedup_hits", "Deliveries seen before (same key): nothing stored again", registry=r
+        )
+        self.rejected = Counter(
+            "transcriptd_rejected_requests", "Requests answered 4xx or 5xx, by reason", ["reason"], registry=r
+        )
+        self.ack_latency = Histogram(
+            "transcriptd_ack_latency_seconds",
+            "From the request's arrival to its answer, for deliveries taken",
+            ["ack"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_latency = Histogram(
+            "transcriptd_commit_duration_seconds",
+            "Writing and committing one batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_rows = Histogram(
+            "transcriptd_commit_rows", "Message rows inserted or updated by one commit", buckets=ROW_BUCKETS, registry=r
+        )
+        self.live_actors = Gauge("transcriptd_live_actors", "Conversation actors alive", registry=r)
+        self.mailbox_depth = Gauge(
+            "transcriptd_mailbox_depth", "Deliveries waiting in conversation mailboxes", registry=r
+        )
+        self.oldest_pending = Gauge(
+            "transcriptd_oldest_pending_delivery_age_seconds",
+            "Age of the oldest delivery taken and not yet stored (0 when none)",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "transcriptd_inflight_bytes", "Memory held by deliveries not yet stored", registry=r
+        )
+
+    def watch(
+        self,
+        *,
+        live_actors: Callable[[], float],
+        mailbox_depth: Callable[[], float],
+        oldest_pending_at: Callable[[], float | None],
+        inflight_bytes: Callable[[], float],
+        cache: PrefixTTLCache,
+    ) -> None:
+        """Gauges computed at scrape time from the running parts."""
+        self.live_actors.set_function(live_actors)
+        self.mailbox_depth.set_function(mailbox_depth)
+        self.inflight_bytes.set_function(inflight_bytes)
+
+        def oldest_age() -> float:
+            oldest = oldest_pending_at()
+            return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+        self.oldest_pending.set_function(oldest_age)
+        self.registry.register(_CacheCollector(cache))
+
+    def delivery(self, event_type: str, outcome: str, result: WriteResult | None, rejected: int = 0) -> None:
+        kind = event_type if event_type in KNOWN_EVENT_TYPES else "other"
+        self.deliveries.labels(kind, outcome).inc()
+        if result is not None:
+            if result.duplicate_delivery:
+                self.dedup_hits.inc()
+            for name, count in (
+                ("inserted", result.inserted),
+                ("updated", result.updated),
+                ("duplicate", result.duplicates),
+                ("rejected", result.rejected),
+            ):
+                if count:
+                    self.messages.labels(name).inc(count)
+        elif rejected:
+            self.messages.labels("rejected").inc(rejected)
+
+    def commit(self, rows: int, seconds: float) -> None:
+        self.commit_latency.observe(seconds)
+        self.commit_rows.observe(rows)
+
+    async def serve(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
