@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,6 +32,7 @@ from storage.writes import Outcome, write_batch
 log = logging.getLogger("transcriptd.writer")
 
 State = Literal["starting", "running", "draining", "closed"]
+T = TypeVar("T")
 Unit = Sequence[Delivery]
 
 
@@ -49,10 +50,12 @@ class WriterSettings:
     drain_deadline_s: float = 20.0
 
 
-class _Probe:
-    """A readiness check, run by the writer thread between batches."""
+class _Job:
+    """Work on the writer's connection, run by the writer thread between batches: a readiness probe,
+    a retention batch. Going through the writer keeps it from ever waiting on a lock we hold."""
 
-    def __init__(self, future: asyncio.Future[str | None]) -> None:
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]) -> None:
+        self.work = work
         self.future = future
 
 
@@ -78,7 +81,7 @@ class Writer:
         self._on_commit_stats = on_commit_stats
         # Shared with the writer thread, under _cond.
         self._cond = threading.Condition()
-        self._queue: deque[Unit | _Probe] = deque()
+        self._queue: deque[Unit | _Job] = deque()
         self._closing = False
         # Event-loop side only.
         self._pending_rows = 0
@@ -144,16 +147,27 @@ class Writer:
             self._queue.append(unit)
             self._cond.notify()
 
+    async def run_job(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(connection)`` in the writer's thread between two batches, and return its result."""
+        if self.state != "running":
+            raise WriterClosed(f"the writer is {self.state}")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            self._queue.append(_Job(work, future))
+            self._cond.notify()
+        return await future
+
     async def probe(self) -> str | None:
         """Commit a heartbeat row, in the writer's thread between batches: None if the database takes
         writes now. A success also clears ``last_error``: the storage has recovered."""
-        if self.state != "running":
-            return f"the writer is {self.state}"
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        with self._cond:
-            self._queue.append(_Probe(future))
-            self._cond.notify()
-        return await future
+        try:
+            result = await self.run_job(_probe)
+        except WriterClosed as exc:
+            return str(exc)
+        if result is None and self.last_error is not None:
+            log.warning("storage recovered (probe committed) after: %s", self.last_error)
+            self.last_error = None
+        return result
 
     async def close(self) -> None:
         """Commit everything queued, then stop. Idempotent."""
@@ -175,10 +189,12 @@ class Writer:
         drain_deadline: float | None = None
         try:
             while (taken := self._take(retry, backoff_s)) is not None:
-                batch, probes = taken
-                for probe in probes:
-                    result = _probe(conn)
-                    self._call_soon(self._probed, probe.future, result)
+                batch, jobs = taken
+                for job in jobs:
+                    try:
+                        self._call_soon(_set_result, job.future, job.work(conn))
+                    except Exception as exc:
+                        self._call_soon(_set_exception, job.future, exc)
                 if not batch:
                     continue
                 retry = self._commit(conn, batch)
@@ -202,18 +218,18 @@ class Writer:
                 self._closing = True
                 left, self._queue = list(self._queue), deque()
             for item in left:
-                if isinstance(item, _Probe):
-                    self._call_soon(_set_result, item.future, "the writer has stopped")
+                if isinstance(item, _Job):
+                    self._call_soon(_set_exception, item.future, WriterClosed("the writer has stopped"))
                 else:
                     retry.extend(item)
             if retry:
                 self._call_soon(self._fail, retry, WriterClosed("the writer stopped before storing this"), None)
             self._call_soon(ended.set)
 
-    def _take(self, retry: list[Delivery], backoff_s: float) -> tuple[list[Delivery], list[_Probe]] | None:
+    def _take(self, retry: list[Delivery], backoff_s: float) -> tuple[list[Delivery], list[_Job]] | None:
         """The next batch: deliveries to retry, then whole units in arrival order, up to max_rows; and
-        any readiness probes queued meanwhile. None once closed and drained."""
-        batch, probes = retry, []
+        any jobs queued meanwhile. None once closed and drained."""
+        batch, jobs = retry, []
         rows = sum(d.size for d in batch)
         deadline = None
         if backoff_s:
@@ -226,22 +242,22 @@ class Writer:
             while True:
                 while self._queue and rows < self.settings.max_rows:
                     item = self._queue.popleft()
-                    if isinstance(item, _Probe):
-                        probes.append(item)
+                    if isinstance(item, _Job):
+                        jobs.append(item)
                         continue
                     batch.extend(item)
                     rows += sum(d.size for d in item)
-                if probes or (batch and (rows >= self.settings.max_rows or not self.settings.max_delay_s)):
-                    return batch, probes
+                if jobs or (batch and (rows >= self.settings.max_rows or not self.settings.max_delay_s)):
+                    return batch, jobs
                 if self._closing and not self._queue:
-                    return (batch, probes) if batch else None
+                    return (batch, jobs) if batch else None
                 if not batch:
                     self._cond.wait()
                     continue
                 deadline = deadline or time.monotonic() + self.settings.max_delay_s
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return batch, probes
+                    return batch, jobs
                 self._cond.wait(remaining)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Delivery]) -> list[Delivery]:
@@ -285,12 +301,6 @@ class Writer:
                 delivery.resolve(outcome)
         self._release(sum(d.size for d in batch))
 
-    def _probed(self, future: asyncio.Future[str | None], result: str | None) -> None:
-        if result is None and self.last_error is not None:
-            log.warning("storage recovered (probe committed) after: %s", self.last_error)
-            self.last_error = None
-        _set_result(future, result)
-
     def _fail(self, awaited: list[Delivery], error: StorageError, message: str | None) -> None:
         if message is not None:
             self.last_error = message
@@ -322,6 +332,11 @@ def _probe(conn: sqlite3.Connection) -> str | None:
     return None
 
 
-def _set_result(future: asyncio.Future[str | None], result: str | None) -> None:
-    if not future.done():
+def _set_result(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():  # the caller may have given up (a readiness probe's timeout)
         future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
