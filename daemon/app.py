@@ -17,6 +17,7 @@ from daemon.config import Config
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
+from daemon.janitor import Janitor
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.routes import ROUTES
@@ -35,6 +36,7 @@ class Runtime:
     writer: Writer
     registry: ActorRegistry
     cache: PrefixTTLCache
+    janitor: Janitor
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ def create_app(config: Config) -> Starlette:
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
             )
             await tg.start(registry.run)
+            janitor = Janitor(writer, cache, config.storage.retention_days)
+            await tg.start(janitor.run)
             await reader.open()
             stack.push_async_callback(reader.close)
             intake = Intake(
@@ -114,7 +118,7 @@ def create_app(config: Config) -> Starlette:
                 cache=cache,
             )
             app.state.metrics = metrics
-            app.state.runtime = Runtime(config, writer, registry, cache)
+            app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
             app.state.health = Health(writer, registry, ingest.retry_after_s)
             app.state.api = Api(reader, cache, config.api.token)
@@ -132,6 +136,7 @@ def create_app(config: Config) -> Starlette:
                 # every mailbox, then commit what is left, then close the database.
                 budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
+                    janitor.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
                     checkpointer.stop()

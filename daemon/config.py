@@ -31,11 +31,16 @@ class ServerConfig(_Section, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class LoggingConfig(_Section, frozen=True):
+    format: Literal["text", "json"] = "text"
+
+
 class StorageConfig(_Section, frozen=True):
     path: str = "data/transcriptd.db"
     synchronous: Literal["full", "normal"] = "full"
     cache_size_mib: Count = 64
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
+    retention_days: NonNegative = 0.0
 
 
 class IngestConfig(_Section, frozen=True):
@@ -69,6 +74,7 @@ class CacheConfig(_Section, frozen=True):
 
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)

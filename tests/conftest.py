@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,69 @@ from starlette.applications import Starlette
 
 from daemon.app import create_app
 from daemon.config import Config, load_config
+
+# Every secret the tests configure or send. New tests must take their secrets from this list: the
+# session-wide check below fails the run if any of them appears in a log record or a daemon's log file.
+TEST_SECRETS: tuple[str, ...] = (
+    "t0ken-Secret-1234",  # webhooks.tavus.token (tests/test_intake.py)
+    "read-s3cret",  # api.token (tests/test_api.py)
+    "s3cr3t-callback-token",  # the token in the webhook_url every Tavus body echoes (bench/payloads.py)
+    "from-env",  # TRANSCRIPTD_WEBHOOKS_TAVUS_TOKEN (tests/test_config.py)
+)
+# The tests' own HTTP client logs every URL it requests, token included: that is the test talking, not the
+# daemon, and it is left out of the check.
+CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def leaked_lines(text: str, secrets: Iterable[str] = TEST_SECRETS) -> list[str]:
+    """The lines of ``text`` that hold one of ``secrets``."""
+    secrets = tuple(secrets)
+    return [line for line in text.splitlines() if any(secret in line for secret in secrets)]
+
+
+def leaks_in_log_files(directory: Path, secrets: Iterable[str] = TEST_SECRETS) -> list[str]:
+    """Every line holding a secret in the ``*.log`` files under ``directory`` (the daemons' logs), by file."""
+    leaks: list[str] = []
+    for path in sorted(directory.rglob("*.log")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        leaks.extend(f"{path}: {line}" for line in leaked_lines(text, secrets))
+    return leaks
+
+
+class SecretLeakCapture(logging.Handler):
+    """Formats every record that reaches it as text, and keeps the ones holding a secret, with the test."""
+
+    def __init__(self, secrets: Iterable[str] = TEST_SECRETS) -> None:
+        super().__init__(logging.NOTSET)
+        self.secrets = tuple(secrets)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.records = 0
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in CLIENT_LOGGERS:
+            return
+        self.records += 1
+        test = os.environ.get("PYTEST_CURRENT_TEST", "outside any test")
+        self.leaks.extend(f"{test}: {line}" for line in leaked_lines(self.format(record), self.secrets))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fails the session if a configured secret was logged: in any record, or in any daemon's log file."""
+    capture = SecretLeakCapture()
+    root = logging.getLogger()
+    level = root.level
+    # Every record, debug ones included, is emitted and checked (a test may still raise the level for itself).
+    root.setLevel(logging.DEBUG)
+    root.addHandler(capture)
+    try:
+        yield
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
+    leaks = capture.leaks + leaks_in_log_files(tmp_path_factory.getbasetemp())
+    assert not leaks, "a secret of TEST_SECRETS was logged:\n" + "\n".join(leaks[:20])
 
 
 @pytest.fixture

@@ -201,3 +201,23 @@ async def test_the_registry_closes_even_when_its_task_group_is_cancelled() -> No
     assert finished is False
     assert registry.state == "closed"
     assert registry.inflight_bytes == 0
+
+
+async def test_retention_inside_the_daemon_removes_exactly_the_old(
+    app_client: AppClient, db_path: Path, db: Query
+) -> None:
+    async with app_client(**{"storage.retention_days": 30}) as client:
+        for cid in ("old-1", "old-2", "fresh"):
+            await client.post("/webhooks/tavus", content=encode(transcription_ready(cid, turns=3)))
+        await client.get("/conversations/old-1")  # cached: must not outlive the removal
+        aged = sqlite3.connect(db_path)
+        with aged:
+            aged.execute("UPDATE conversations SET updated_at = updated_at - 40 * 86400 WHERE id LIKE 'old-%'")
+        aged.close()
+        janitor = client.app.state.runtime.janitor  # type: ignore[attr-defined]
+        assert await janitor.sweep() == 2
+        assert (await client.get("/conversations/old-1")).status_code == 404
+        assert (await client.get("/conversations/fresh")).status_code == 200
+        assert await janitor.sweep() == 0
+    assert db("SELECT DISTINCT conversation_id FROM messages") == [("fresh",)]
+    assert db("SELECT DISTINCT conversation_id FROM events") == [("fresh",)]

@@ -1,0 +1,148 @@
+"""The daemon's logging: one handler on the root logger, text or JSON lines, with every secret masked.
+
+``configure(config)`` replaces ``logging.basicConfig``. uvicorn runs with ``log_config=None``, so its own
+loggers (``uvicorn.error``) propagate to the root logger and go through the same handler, format and mask.
+
+The mask is a last line of defence: nothing should log a token in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TextIO
+from urllib.parse import quote
+
+import msgspec
+
+from daemon.config import Config, setting_paths
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REDACTED = "[redacted]"
+# The name of the handler ``configure`` installs: configuring again replaces it instead of adding a second.
+HANDLER_NAME = "transcriptd"
+
+# A setting whose name says it is a secret: found by name, so a future signing secret is masked too.
+_SECRET_SETTING = re.compile(r"token|secret|password", re.IGNORECASE)
+# The token segment of a webhook URL, wherever it appears: a request line, a body echoing the callback URL
+# (slashes possibly JSON-escaped, or percent-encoded). A wrong or old token is masked as well as the right one.
+_WEBHOOK_TOKEN = re.compile(
+    rf"((?:\\?/|%2F)webhooks(?:\\?/|%2F)tavus(?:\\?/|%2F))(?!{re.escape(REDACTED)})[^/\s?#&\"'<>\\]+",
+    re.IGNORECASE,
+)
+# The value of a webhook_url field, in JSON, a Python repr or a query string: Tavus echoes the callback URL,
+# secret included, and a future vendor may put its secret elsewhere in that URL than the path. A quoted value
+# is masked up to its closing quote (escaped or not), an unquoted one up to a separator.
+_WEBHOOK_URL = re.compile(
+    rf"""(webhook_url\\*["']?\s*[:=]\s*)(?!\\*["']?{re.escape(REDACTED)})"""
+    r"""(\\*"(?:\\[^"]|[^"\\])*|\\*'(?:\\[^']|[^'\\])*|(?:\\/|[^"'\\\s,;&}\]])+)""",
+    re.IGNORECASE,
+)
+_OPENING_QUOTE = re.compile(r"""\\*["']?""")
+# Formats an exception the way logging.Formatter does, so the masked text is what every formatter prints.
+_EXCEPTIONS = logging.Formatter()
+_LOGGERS_OF_UVICORN = ("uvicorn", "uvicorn.error")
+
+
+def configure(config: Config, *, stream: TextIO | None = None) -> None:
+    """Log every record to ``stream`` (default: stderr) in ``logging.format``, at ``server.log_level``.
+
+    Replaces the handler of an earlier call; handlers installed by others (pytest's) are left alone.
+    """
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.set_name(HANDLER_NAME)
+    handler.setFormatter(JsonFormatter() if config.logging.format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RedactSecrets(config_secrets(config)))
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.server.log_level.upper())
+    # uvicorn's loggers have no handler of their own with log_config=None; make sure of it, so that their
+    # records reach this handler (masked, in this format) and nowhere else.
+    for name in _LOGGERS_OF_UVICORN:
+        logger = logging.getLogger(name)
+        for own in list(logger.handlers):
+            logger.removeHandler(own)
+        logger.propagate = True
+    # Python warnings would otherwise be printed to stderr as they are: not masked, and not JSON.
+    logging.captureWarnings(True)
+
+
+def config_secrets(config: Config) -> list[str]:
+    """The value of every non-empty setting named like a secret (``webhooks.tavus.token``, ``api.token``...)."""
+    secrets: list[str] = []
+    for path in setting_paths():
+        if not _SECRET_SETTING.search(path[-1]):
+            continue
+        value: object = config
+        for name in path:
+            value = getattr(value, name)
+        if isinstance(value, str) and value:
+            secrets.append(value)
+    return secrets
+
+
+class RedactSecrets(logging.Filter):
+    """Masks the secrets, webhook URL tokens and ``webhook_url`` values in a record's message and exception.
+
+    It rewrites the record in place (the message becomes the formatted, masked text and the arguments go),
+    so any handler that sees the record after this one sees it masked too.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        variants = {form for secret in secrets if secret for form in (secret, quote(secret, safe=""))}
+        # Longest first: a secret that contains another is masked whole.
+        self.secrets = sorted(variants, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        # The patterns first: a secret masked inside a URL would otherwise cut the URL short of its end.
+        text = _WEBHOOK_URL.sub(_mask_webhook_url, text)
+        text = _WEBHOOK_TOKEN.sub(rf"\1{REDACTED}", text)
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Never raise here: a filter's exception would reach the code that logged.
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = f"{record.msg} (the arguments of this message could not be formatted)"
+        record.msg, record.args = self.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _EXCEPTIONS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def _mask_webhook_url(match: re.Match[str]) -> str:
+    opening = _OPENING_QUOTE.match(match[2])
+    return f"{match[1]}{opening[0] if opening else ''}{REDACTED}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (ISO-8601 UTC), ``level``, ``logger``, ``message``, and ``exc``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return msgspec.json.encode(entry).decode()
