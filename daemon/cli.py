@@ -5,18 +5,31 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
+import sqlite3
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import uvicorn
 
-from daemon import __version__
+from daemon import __version__, generic, tavus
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
+from daemon.decoding import epoch_seconds
+from daemon.logs import configure
+from storage import backup as backups
+from storage import export as exports
+from storage import retention
+from storage.connection import StorageVersionError, open_reader, open_writer
+from storage.deliveries import Delivery
+from storage.replay import Parse, ReplayStats, StoredEvent, replay
 
 log = logging.getLogger("transcriptd")
 
@@ -43,7 +56,99 @@ def build_parser() -> argparse.ArgumentParser:
         "--synchronous", choices=["full", "normal"], help="SQLite durability at commit (storage.synchronous)"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(server.log_level)")
+
+    export = commands.add_parser(
+        "export",
+        help="write one conversation's transcript",
+        description="Write one conversation's transcript, messages in order (source, seq), system entries "
+        "included and marked. Reads only: safe while the daemon is serving.",
+    )
+    export.add_argument("--conversation", required=True, metavar="ID", help="the conversation id")
+    export.add_argument(
+        "--format", choices=exports.FORMATS, default="jsonl", help="one JSON object per message, or Markdown"
+    )
+    export.add_argument("--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    _add_storage_options(export)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database, online",
+        description="Copy the database with SQLite's backup API, from one snapshot: safe while the daemon is "
+        "serving, which it never blocks. The copy holds everything committed when the backup began.",
+    )
+    backup.add_argument("path", type=Path, metavar="PATH", help="the backup file to create")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    backup.add_argument(
+        "--step-pages",
+        type=_positive_int,
+        default=backups.DEFAULT_STEP_PAGES,
+        metavar="N",
+        help=f"database pages copied per step (default {backups.DEFAULT_STEP_PAGES})",
+    )
+    _add_storage_options(backup)
+
+    replay_ = commands.add_parser(
+        "replay",
+        help="re-derive conversations and messages from the stored raw events",
+        description="Parse every stored raw event again, in the order stored, and write its conversation and "
+        "messages: the way out after a parsing bug is fixed. Idempotent; adds and corrects rows, deletes none.",
+    )
+    replay_.add_argument("--conversation", metavar="ID", help="only this conversation's events")
+    replay_.add_argument(
+        "--since",
+        type=_instant,
+        metavar="T",
+        help="from the first event received at or after T (ISO-8601, naive is UTC, or Unix seconds)",
+    )
+    _add_storage_options(replay_)
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete conversations older than the retention period",
+        description="Delete conversations last updated before the cutoff, with their messages and raw events, "
+        "a few per transaction: safe while the daemon is serving.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    prune.add_argument(
+        "--older-than-days",
+        type=_positive_float,
+        metavar="N",
+        help="the cutoff, in days before now (default: storage.retention_days; 0 there keeps everything)",
+    )
+    _add_storage_options(prune)
     return parser
+
+
+def _add_storage_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", type=Path, metavar="PATH", help="config file (default: ./config.toml if present)")
+    command.add_argument("--db", metavar="PATH", help="SQLite database file (storage.path)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _instant(text: str) -> float:
+    value = epoch_seconds(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (ISO-8601 or Unix seconds)")
+    return value
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -59,6 +164,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        return operate(args)
     try:
         config = load_config(args.config, overrides=serve_overrides(args))
     except ConfigError as exc:
@@ -91,11 +198,7 @@ def serve(config: Config) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 1_000)
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(config)
     server = DrainingServer(
         uvicorn.Config(
             create_app(config),
@@ -122,3 +225,192 @@ def _event_loop() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
+
+
+# --- operator commands ---------------------------------------------------------------------------------
+# Results go to standard output, errors to standard error as "transcriptd: ...". Exit codes: 0 done, 1 the
+# command failed (unknown conversation, no database, storage error), 2 a bad setting or argument.
+
+
+class Failed(Exception):
+    """An operator command could not do its job; the message says why (exit code 1)."""
+
+
+def operate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides={"storage.path": args.db})
+    except ConfigError as exc:
+        print(f"transcriptd: {exc}", file=sys.stderr)
+        return 2
+    command: Callable[[argparse.Namespace, Config], int] = OPERATIONS[args.command]
+    try:
+        return command(args, config)
+    except (Failed, backups.BackupError, StorageVersionError) as exc:
+        print(f"transcriptd: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (``transcriptd export ... | head``): nothing more to say, to anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (sqlite3.Error, OSError) as exc:
+        print(f"transcriptd: {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"transcriptd: {args.command} interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _database(config: Config) -> Path:
+    """The configured database file, which must exist: an operator command never creates one."""
+    path = Path(config.storage.path)
+    if not path.is_file():
+        raise Failed(f"no database at {path} (set --db, or storage.path in the config)")
+    return path
+
+
+def export_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)
+    with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as conn:
+        conn.execute("BEGIN")  # one snapshot: the heading and the messages agree
+        head = exports.conversation(conn, args.conversation)
+        if head is None:
+            raise Failed(f"no conversation {args.conversation!r} in {path}")
+        if args.output is None:
+            _write_all(sys.stdout.buffer, exports.export(conn, head, args.format))
+            sys.stdout.flush()
+        else:
+            with args.output.open("wb") as out:
+                _write_all(out, exports.export(conn, head, args.format))
+        conn.execute("COMMIT")
+    return 0
+
+
+def _write_all(out: BinaryIO, chunks: Iterator[bytes]) -> None:
+    for chunk in chunks:
+        out.write(chunk)
+    out.flush()
+
+
+def backup_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)
+    done = backups.backup(
+        path,
+        args.path,
+        force=args.force,
+        step_pages=args.step_pages,
+        busy_timeout_ms=config.storage.busy_timeout_ms,
+    )
+    print(
+        f"backed up {path} to {done.path}: {done.conversations} conversations, {done.messages} messages, "
+        f"{done.events} events, {_size(done.size_bytes)} ({done.pages} pages in {done.steps} steps; integrity ok)"
+    )
+    return 0
+
+
+def replay_parsers() -> dict[str, Parse]:
+    """The parser intake uses for each source, on a stored event: no headers (the stored key is kept)."""
+
+    def parse_tavus(event: StoredEvent) -> Delivery:
+        return tavus.parse(event.body, {}, received_at=event.received_at)[0]
+
+    def parse_generic(event: StoredEvent) -> Delivery:
+        return generic.parse(event.conversation_id, event.body, {}, received_at=event.received_at)[0]
+
+    return {tavus.SOURCE: parse_tavus, generic.SOURCE: parse_generic}
+
+
+MAX_REPORTED_FAILURES = 20
+
+
+def replay_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)
+    reported = 0
+
+    def report(event: StoredEvent, message: str) -> None:
+        nonlocal reported
+        reported += 1
+        if reported <= MAX_REPORTED_FAILURES:
+            print(
+                f"transcriptd: event {event.id} ({event.source} {event.event_type}, conversation "
+                f"{event.conversation_id!r}) not replayed: {message}",
+                file=sys.stderr,
+            )
+
+    with closing(_writer(path, config)) as conn:
+        stats = replay(conn, replay_parsers(), conversation_id=args.conversation, since=args.since, on_failure=report)
+    if reported > MAX_REPORTED_FAILURES:
+        print(f"transcriptd: ... and {reported - MAX_REPORTED_FAILURES} more not replayed", file=sys.stderr)
+    print(_replayed(stats))
+    return 1 if stats.failed else 0
+
+
+def _replayed(stats: ReplayStats) -> str:
+    line = (
+        f"replayed {stats.events} events in {stats.transactions} transactions: "
+        f"{stats.inserted} messages inserted, {stats.updated} updated"
+    )
+    extra = [
+        f"{stats.rejected_items} entries the parsers refuse" if stats.rejected_items else "",
+        f"{stats.unparsed} events the parsers refuse" if stats.unparsed else "",
+        f"{stats.refused} events the database refused" if stats.refused else "",
+        f"{stats.unknown_source} events of a source without a parser" if stats.unknown_source else "",
+    ]
+    extra = [e for e in extra if e]
+    return line + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def prune_command(args: argparse.Namespace, config: Config) -> int:
+    flag: float | None = args.older_than_days
+    days = flag if flag is not None else float(getattr(config.storage, "retention_days", 0) or 0)
+    if days <= 0:
+        print("no retention configured (storage.retention_days is 0: keep everything); nothing deleted")
+        return 0
+    path = _database(config)
+    cutoff = time.time() - days * 86_400
+    when = f"last updated before {_iso(cutoff)} (older than {days:g} days)"
+    if args.dry_run:
+        with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as reader:
+            plan = retention.plan(reader, cutoff)
+        print(
+            f"would delete {plan.conversations} conversations, {plan.messages} messages, {plan.events} events "
+            f"{when} (dry run: nothing deleted)"
+        )
+        return 0
+    total, transactions = retention.Pruned(), 0
+    with closing(_writer(path, config)) as conn:
+        while (pruned := retention.prune_batch_counts(conn, cutoff)).conversations:
+            total += pruned
+            transactions += 1
+    print(
+        f"deleted {total.conversations} conversations, {total.messages} messages, {total.events} events "
+        f"{when}, in {transactions} transactions"
+    )
+    return 0
+
+
+def _writer(path: Path, config: Config) -> sqlite3.Connection:
+    return open_writer(
+        path,
+        synchronous=config.storage.synchronous,
+        cache_size_mib=config.storage.cache_size_mib,
+        busy_timeout_ms=config.storage.busy_timeout_ms,
+    )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "export": export_command,
+    "backup": backup_command,
+    "replay": replay_command,
+    "prune": prune_command,
+}

@@ -67,7 +67,7 @@ class _RowsAlreadyThere(Exception):
 
 
 def write_deliveries(
-    conn: sqlite3.Connection, batch: Sequence[Delivery], *, batch_wide: bool = False
+    conn: sqlite3.Connection, batch: Sequence[Delivery], *, batch_wide: bool = False, store_events: bool = True
 ) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; a delivery seen before (same
     key, in the database or earlier in this batch) changes nothing.
@@ -75,19 +75,24 @@ def write_deliveries(
     ``batch_wide``: insert the transcript rows of every delivery together, a few statements for the
     whole batch. That only tells how many rows went in overall, so if any were already there it raises
     ``_RowsAlreadyThere`` and the caller writes the batch again delivery by delivery.
+
+    ``store_events=False`` (replay): the events are the ones already stored, re-parsed. They are neither
+    looked up nor inserted: only their conversations and messages are written (idempotently).
     """
-    seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, [(d.key,) for d in batch], ")")}
+    keys = [(d.key,) for d in batch] if store_events else []
+    seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, keys, ")")}
     fresh: list[Delivery] = []
     for delivery in batch:
         if delivery.key not in seen:
             seen.add(delivery.key)
             fresh.append(delivery)
     fresh_ids = {id(d) for d in fresh}
-    sql.insert_rows(
-        conn,
-        sql.INSERT_EVENTS,
-        [(d.key, d.source, d.event_type, d.conversation_id, d.received_at, d.body) for d in fresh],
-    )
+    if store_events:
+        sql.insert_rows(
+            conn,
+            sql.INSERT_EVENTS,
+            [(d.key, d.source, d.event_type, d.conversation_id, d.received_at, d.body) for d in fresh],
+        )
     sql.insert_rows(
         conn, sql.UPSERT_CONVERSATIONS, [_conversation_row(d) for d in fresh], sql.UPSERT_CONVERSATIONS_TAIL
     )

@@ -1,0 +1,127 @@
+"""One conversation's transcript as JSON lines or Markdown, read on a read-only connection.
+
+Messages come in stream order: by ``source`` ('api' before 'tavus'), then position (``seq``). System
+entries (the persona's prompt) are included and marked: ``"system": true`` in JSON, ``[system]`` in Markdown.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+Format = Literal["jsonl", "markdown"]
+FORMATS: tuple[Format, ...] = ("jsonl", "markdown")
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationHead:
+    id: str
+    source: str
+    status: str
+    started_at: float | None
+    ended_at: float | None
+    message_count: int
+    last_message_at: float | None
+    created_at: float
+    updated_at: float
+
+
+class MessageLine(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One JSON line of the ``jsonl`` export."""
+
+    conversation_id: str
+    source: str
+    seq: int
+    role: str
+    content: str
+    timestamp: float | None
+    system: bool
+    id: str | None = None  # the client's own id, on the generic endpoint
+
+
+HEAD_COLUMNS = "id, source, status, started_at, ended_at, message_count, last_message_at, created_at, updated_at"
+MESSAGES = (
+    "SELECT source, seq, role, content, timestamp, external_id FROM messages "
+    "WHERE conversation_id = ? ORDER BY source, seq"
+)
+
+
+def conversation(conn: sqlite3.Connection, conversation_id: str) -> ConversationHead | None:
+    row = conn.execute(f"SELECT {HEAD_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)).fetchone()  # noqa: S608
+    return None if row is None else ConversationHead(*row)
+
+
+def messages(conn: sqlite3.Connection, conversation_id: str) -> Iterator[MessageLine]:
+    for source, seq, role, content, timestamp, external_id in conn.execute(MESSAGES, (conversation_id,)):
+        yield MessageLine(
+            conversation_id=conversation_id,
+            source=source,
+            seq=seq,
+            role=role,
+            content=content,
+            timestamp=timestamp,
+            system=role == "system",
+            id=external_id,
+        )
+
+
+def export(conn: sqlite3.Connection, head: ConversationHead, format: Format) -> Iterator[bytes]:
+    """The export, chunk by chunk (UTF-8), to write as it comes."""
+    if format == "jsonl":
+        encoder = msgspec.json.Encoder()
+        for line in messages(conn, head.id):
+            yield encoder.encode(line) + b"\n"
+        return
+    for text in markdown(head, messages(conn, head.id)):
+        yield text.encode("utf-8")
+
+
+def markdown(head: ConversationHead, lines: Iterator[MessageLine]) -> Iterator[str]:
+    yield f"# Conversation {_inline(head.id)}\n\n"
+    yield f"- status: {head.status}\n"
+    yield f"- source: {head.source}\n"
+    yield f"- started: {_when(head.started_at)}\n"
+    yield f"- ended: {_when(head.ended_at)}\n"
+    yield f"- last message: {_when(head.last_message_at)}\n"
+    yield f"- messages: {head.message_count}\n"
+    yield f"- created: {_when(head.created_at)}\n"
+    yield f"- updated: {_when(head.updated_at)}\n"
+    stream = None
+    for line in lines:
+        if line.source != stream:
+            stream = line.source
+            yield f"\n## {_inline(stream)} messages\n"
+        yield "\n" + message_line(line) + "\n"
+
+
+def message_line(line: MessageLine) -> str:
+    """``**user** (12:01:05): text``, on one line: the content's line breaks become ``<br>``."""
+    when = f" ({_clock(line.timestamp)})" if line.timestamp is not None else ""
+    mark = " [system]" if line.system else ""
+    content = "<br>".join(line.content.splitlines())
+    return f"**{_inline(line.role)}**{when}{mark}: {content}"
+
+
+def _inline(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:g}"  # a sender's timestamp outside the calendar: shown as given
+
+
+def _clock(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:g}"

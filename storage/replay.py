@@ -1,0 +1,263 @@
+"""Replay: re-derive conversations and messages from the raw ``events``, once a parsing bug is fixed.
+
+Each stored body is parsed again by the parser intake uses for its source (handed in by the caller, so
+storage does not depend on the HTTP layer), in ``events.id`` order, which is commit order, and written
+by the writer's own code (``write_deliveries``) without inserting the event again. Writes are upserts,
+so replaying changes only what the parsers now derive differently, and a second replay changes nothing.
+Replay adds and corrects rows; it never deletes one.
+
+Transcript rows carry their position (``seq``). Messages of the generic endpoint are *appended*: the
+writer gives each the next free position of its conversation's stream, and a message whose client id
+was seen before takes none and updates the one that has it. Appending again would add every message a
+second time, so replay computes those positions itself, the same way, from the conversation's events
+in order (its earlier events are re-read when the replay starts after them, with ``since``): an appended
+message is written at the very position it got when it was first stored.
+
+Work goes in small transactions (a few hundred events, a few thousand rows), parsed before the write
+lock is taken, so a daemon serving the same file waits at most one small batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from storage.deliveries import Delivery, MessageRow
+from storage.writes import write_deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    delivery_key: str
+    source: str
+    event_type: str
+    conversation_id: str
+    received_at: float
+    body: bytes
+
+
+# Parse a stored event into its delivery, as intake would have; raises if the body cannot be parsed.
+Parse = Callable[[StoredEvent], Delivery]
+
+
+@dataclass(slots=True)
+class ReplayStats:
+    events: int = 0  # parsed and written
+    inserted: int = 0  # message rows
+    updated: int = 0  # message rows rewritten because the parser now derives them differently
+    rejected_items: int = 0  # entries the parser refuses inside otherwise good bodies
+    unparsed: int = 0  # events the parser refuses as a whole now
+    unknown_source: int = 0  # events of a source with no parser
+    refused: int = 0  # events whose rows the database refused
+    transactions: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.unparsed + self.refused
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLimits:
+    max_events: int = 200
+    max_rows: int = 5000
+    max_bytes: int = 32 * 1024 * 1024  # of raw bodies held in memory at once
+    max_streams: int = 10_000  # append streams whose positions are remembered; others are re-read on need
+
+
+_EVENT = "SELECT id, delivery_key, source, event_type, conversation_id, received_at, body FROM events"
+NEXT_EVENT = _EVENT + " WHERE id > ? AND id <= ? ORDER BY id LIMIT 1"
+NEXT_EVENT_OF = _EVENT + " WHERE conversation_id = ? AND id > ? AND id <= ? ORDER BY id LIMIT 1"
+EARLIER_EVENTS = _EVENT + " WHERE conversation_id = ? AND source = ? AND id < ? ORDER BY id"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One conversation's append stream, as the writer built it: the next position, and the client ids."""
+
+    next_seq: int = 0
+    by_external_id: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+
+
+def replay(
+    conn: sqlite3.Connection,
+    parsers: Mapping[str, Parse],
+    *,
+    conversation_id: str | None = None,
+    since: float | None = None,
+    limits: ReplayLimits | None = None,
+    on_failure: Callable[[StoredEvent, str], None] | None = None,
+) -> ReplayStats:
+    """Replay the events (of one conversation, and from the first one received at or after ``since``)
+    up to the last one stored when the replay began. ``conn`` is in autocommit mode, e.g. ``open_writer``'s.
+
+    ``sqlite3.OperationalError`` (locked for longer than the busy timeout, disk full) stops the replay
+    and propagates; what was committed until then stays, and replaying again is safe.
+    """
+    limits = limits or ReplayLimits()
+    stats = ReplayStats()
+    bounds = _bounds(conn, conversation_id, since)
+    if bounds is None:
+        return stats
+    positions = _Positions(conn, parsers, limits.max_streams)
+    batch: list[tuple[StoredEvent, Delivery]] = []
+    rows = size = 0
+    for event in _events(conn, conversation_id, *bounds):
+        parse = parsers.get(event.source)
+        if parse is None:
+            stats.unknown_source += 1
+            continue
+        try:
+            delivery = _parse(parse, event)
+        except Exception as exc:  # whatever the parser raises, this event cannot be derived now
+            stats.unparsed += 1
+            if on_failure is not None:
+                on_failure(event, f"{exc.__class__.__name__}: {exc}")
+            continue
+        positions.assign(delivery, event.id)
+        stats.rejected_items += delivery.rejected
+        batch.append((event, delivery))
+        rows += len(delivery.rows)
+        size += len(event.body)
+        if len(batch) >= limits.max_events or rows >= limits.max_rows or size >= limits.max_bytes:
+            _write(conn, batch, stats, on_failure)
+            batch, rows, size = [], 0, 0
+    if batch:
+        _write(conn, batch, stats, on_failure)
+    return stats
+
+
+def _bounds(conn: sqlite3.Connection, conversation_id: str | None, since: float | None) -> tuple[int, int] | None:
+    """(after, last): replay the events with after < id <= last; None if there are none."""
+    where, params = ("WHERE conversation_id = ?", [conversation_id]) if conversation_id is not None else ("", [])
+    (last,) = conn.execute(f"SELECT max(id) FROM events {where}", params).fetchone()  # noqa: S608
+    if last is None:
+        return None
+    if since is None:
+        return 0, last
+    where = f"{where} AND received_at >= ?" if where else "WHERE received_at >= ?"
+    (first,) = conn.execute(f"SELECT min(id) FROM events {where}", [*params, since]).fetchone()  # noqa: S608
+    return None if first is None else (first - 1, last)
+
+
+def _events(conn: sqlite3.Connection, conversation_id: str | None, after: int, last: int) -> Iterator[StoredEvent]:
+    """One event at a time, each by its own short query: no read snapshot outlives a batch, and at most one
+    raw body is read ahead."""
+    while True:
+        if conversation_id is None:
+            row = conn.execute(NEXT_EVENT, (after, last)).fetchone()
+        else:
+            row = conn.execute(NEXT_EVENT_OF, (conversation_id, after, last)).fetchone()
+        if row is None:
+            return
+        event = StoredEvent(*row)
+        yield event
+        after = event.id
+
+
+def _parse(parse: Parse, event: StoredEvent) -> Delivery:
+    delivery = parse(event)
+    # The key it was stored under (a webhook-id header, or the one key for both join events): the event
+    # row is the same, whatever key the headers-less parse would compute.
+    delivery.key = event.delivery_key
+    delivery.awaited = False
+    return delivery
+
+
+class _Positions:
+    """Gives appended messages the positions the writer gave them, so a replay re-writes them in place."""
+
+    def __init__(self, conn: sqlite3.Connection, parsers: Mapping[str, Parse], max_streams: int) -> None:
+        self._conn = conn
+        self._parsers = parsers
+        self._max_streams = max(1, max_streams)
+        self._streams: OrderedDict[tuple[str, str], _Stream] = OrderedDict()
+
+    def assign(self, delivery: Delivery, event_id: int) -> None:
+        """Turn ``delivery``'s appended rows into rows at fixed positions."""
+        if not delivery.append_rows:
+            return
+        key = (delivery.conversation_id, delivery.source)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._earlier(key, event_id)
+        self._streams[key] = stream
+        self._streams.move_to_end(key)
+        while len(self._streams) > self._max_streams:
+            self._streams.popitem(last=False)
+        delivery.rows = [*delivery.rows, *_place(stream, delivery)]
+        delivery.append_rows = []
+
+    def _earlier(self, key: tuple[str, str], before_id: int) -> _Stream:
+        """The stream as the events before ``before_id`` left it: they are parsed again, not written."""
+        stream = _Stream()
+        parse = self._parsers[key[1]]
+        for row in self._conn.execute(EARLIER_EVENTS, (*key, before_id)).fetchall():
+            try:
+                earlier = parse(StoredEvent(*row))
+            except Exception:  # noqa: S112 (the main pass reports it, when it replays that event)
+                continue
+            _place(stream, earlier)
+        return stream
+
+
+def _place(stream: _Stream, delivery: Delivery) -> list[MessageRow]:
+    """What ``APPEND_MESSAGE`` and ``UPDATE_CHANGED_BY_EXTERNAL_ID`` did, one row after the other."""
+    placed: list[MessageRow] = []
+    for cid, source, role, content, timestamp, external_id, created_at in delivery.append_rows:
+        seen = stream.by_external_id.get(external_id) if external_id is not None else None
+        if seen is None:
+            seq = stream.next_seq
+            stream.next_seq += 1
+        else:
+            # A client id seen before: no new position; the message there is rewritten, keeping a
+            # timestamp the new one leaves out.
+            seq, earlier_timestamp = seen
+            timestamp = earlier_timestamp if timestamp is None else timestamp
+        if external_id is not None:
+            stream.by_external_id[external_id] = (seq, timestamp)
+        placed.append((cid, source, seq, role, content, timestamp, None, None, None, external_id, created_at))
+    return placed
+
+
+def _write(
+    conn: sqlite3.Connection,
+    batch: list[tuple[StoredEvent, Delivery]],
+    stats: ReplayStats,
+    on_failure: Callable[[StoredEvent, str], None] | None,
+) -> None:
+    """One transaction; each delivery in a savepoint, so rows the database refuses cost only their event."""
+    done = ReplayStats()
+    refused: list[tuple[StoredEvent, str]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for event, delivery in batch:
+            conn.execute("SAVEPOINT replay")
+            try:
+                (result,) = write_deliveries(conn, [delivery], store_events=False)
+            except sqlite3.OperationalError:
+                raise
+            except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
+                conn.execute("ROLLBACK TO replay")
+                conn.execute("RELEASE replay")
+                refused.append((event, f"the database refused its rows: {exc.__class__.__name__}: {exc}"))
+                continue
+            conn.execute("RELEASE replay")
+            done.events += 1
+            done.inserted += result.inserted
+            done.updated += result.updated
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    stats.events += done.events
+    stats.inserted += done.inserted
+    stats.updated += done.updated
+    stats.refused += len(refused)
+    stats.transactions += 1
+    if on_failure is not None:
+        for event, message in refused:
+            on_failure(event, message)
