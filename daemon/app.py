@@ -106,6 +106,8 @@ def create_app(config: Config) -> Starlette:
                     retry_after_s=ingest.retry_after_s,
                     tavus_token=config.webhooks.tavus.token,
                     api_token=config.api.token,
+                    tavus_signing_secret=config.webhooks.tavus.signing_secret,
+                    tavus_signature_tolerance_s=config.webhooks.tavus.signature_tolerance_s,
                 ),
                 registry,
                 metrics,

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from daemon.signatures import parse_secrets
+
 ENV_PREFIX = "TRANSCRIPTD_"
 DEFAULT_CONFIG_FILE = Path("config.toml")
 
@@ -57,6 +59,12 @@ class IngestConfig(_Section, frozen=True):
 
 class TavusConfig(_Section, frozen=True):
     token: str = ""
+    signing_secret: str = ""
+    signature_tolerance_s: Positive = 300.0
+
+    def __post_init__(self) -> None:
+        # A secret that cannot be used stops start-up, rather than refusing every delivery.
+        parse_secrets(self.signing_secret)
 
 
 class WebhooksConfig(_Section, frozen=True):

@@ -18,8 +18,9 @@ from starlette.responses import Response
 from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
-from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.errors import InvalidPayload, Overloaded, PayloadTooLarge, Problem, StorageAckTimeout
 from daemon.metrics import Metrics
+from daemon.signatures import SignatureVerifier
 from storage.deliveries import Delivery, WriteResult
 
 
@@ -50,6 +51,8 @@ class IntakeSettings:
     retry_after_s: int
     tavus_token: str
     api_token: str
+    tavus_signing_secret: str = ""  # "" = deliveries are not signed
+    tavus_signature_tolerance_s: float = 300.0
 
 
 class Intake:
@@ -57,11 +60,19 @@ class Intake:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
+        self.tavus_signatures = (
+            SignatureVerifier(settings.tavus_signing_secret, tolerance_s=settings.tavus_signature_tolerance_s)
+            if settings.tavus_signing_secret.strip()
+            else None
+        )
 
     async def tavus_webhook(self, request: Request) -> Response:
         started = time.perf_counter()
         check_path_token(request.path_params.get("token"), self.settings.tavus_token)
         body = await self._read_body(request)
+        if self.tavus_signatures is not None:
+            # Over the bytes as received, before anything decodes or stores them.
+            self.tavus_signatures.verify(body, request.headers)
         delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
         return await self._accept(delivery, problems, started)
 
@@ -77,8 +88,16 @@ class Intake:
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+        if declared.isascii() and declared.isdigit():
+            length = int(declared)
+            if length > limit:
+                raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+            # Refused before the body is read: reading it would take the memory the budget protects.
+            if self.registry.would_exceed(2 * length + 256):  # Delivery.weight of a body this size
+                raise Overloaded(
+                    f"{self.registry.inflight_bytes} bytes of deliveries are waiting to be stored",
+                    retry_after=self.settings.retry_after_s,
+                )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

@@ -22,6 +22,8 @@ TEST_SECRETS: tuple[str, ...] = (
     "read-s3cret",  # api.token (tests/test_api.py)
     "s3cr3t-callback-token",  # the token in the webhook_url every Tavus body echoes (bench/payloads.py)
     "from-env",  # TRANSCRIPTD_WEBHOOKS_TAVUS_TOKEN (tests/test_config.py)
+    "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0x",  # webhooks.tavus.signing_secret (tests/test_signatures.py)
+    "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0y",  # its rotation partner (tests/test_signatures.py)
 )
 # The tests' own HTTP client logs every URL it requests, token included: that is the test talking, not the
 # daemon, and it is left out of the check.
