@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import signal
@@ -25,8 +26,8 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
 from daemon.logs import configure
 from storage import backup as backups
+from storage import dead_letters, retention
 from storage import export as exports
-from storage import retention
 from storage.connection import StorageVersionError, open_reader, open_writer
 from storage.deliveries import Delivery
 from storage.replay import Parse, ReplayStats, StoredEvent, replay
@@ -116,6 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cutoff, in days before now (default: storage.retention_days; 0 there keeps everything)",
     )
     _add_storage_options(prune)
+
+    dead = commands.add_parser(
+        "dead-letters",
+        help="list or retry the deliveries the database refused",
+        description="Deliveries whose rows the database refused are answered 5xx and kept, raw body and error, "
+        "in dead_letters. List them, or, once the cause is fixed, store them: safe while the daemon is serving.",
+    )
+    dead_commands = dead.add_subparsers(dest="dead_letters_command", required=True, metavar="ACTION")
+    dead_list = dead_commands.add_parser(
+        "list",
+        help="the unresolved dead letters, oldest first (never their bodies)",
+        description="Print the unresolved dead letters, oldest first: id, when it last failed, source, event "
+        "type, conversation, attempts and error. Bodies are never printed. Reads only.",
+    )
+    dead_list.add_argument("--json", action="store_true", help="one JSON array of objects instead of lines")
+    _add_storage_options(dead_list)
+    dead_retry = dead_commands.add_parser(
+        "retry",
+        help="parse and store the unresolved dead letters again",
+        description="Parse each unresolved dead letter's body again, as intake does, and store it (event "
+        "included). A stored one is marked resolved; one still failing stays, one attempt more. Exit 1 if any "
+        "still fails.",
+    )
+    dead_retry.add_argument(
+        "--id",
+        dest="ids",
+        type=_positive_int,
+        action="append",
+        metavar="N",
+        help="only this dead letter (repeat for several; default: every unresolved one)",
+    )
+    _add_storage_options(dead_retry)
     return parser
 
 
@@ -386,6 +419,55 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)
+    if args.dead_letters_command == "list":
+        with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as reader:
+            letters = dead_letters.list_unresolved(reader)
+        # Never the body: it may hold secrets (a callback URL's token, the sender's data).
+        if args.json:
+            print(json.dumps([_dead_letter_json(letter) for letter in letters], ensure_ascii=False, indent=1))
+            return 0
+        for letter in letters:
+            print(
+                f"{letter.id}  {_iso(letter.failed_at)}  {letter.source} {letter.event_type}  conversation "
+                f"{letter.conversation_id!r}  attempts {letter.attempts}  {letter.error}"
+            )
+        print(f"{len(letters)} unresolved dead letter{'' if len(letters) == 1 else 's'}")
+        return 0
+    with closing(_writer(path, config)) as conn:
+        summary = dead_letters.retry(conn, replay_parsers(), args.ids)
+    for outcome in summary.outcomes:
+        what = f"dead letter {outcome.id} ({outcome.source} {outcome.event_type}, "
+        what += f"conversation {outcome.conversation_id!r})"
+        if outcome.status == "stored":
+            print(f"{what}: stored, {outcome.inserted} messages inserted")
+        elif outcome.status == "already_stored":
+            print(f"{what}: already stored (re-sent meanwhile); resolved")
+        else:
+            print(f"transcriptd: {what} still fails: {outcome.error}", file=sys.stderr)
+    for unknown in summary.unknown_ids:
+        print(f"transcriptd: no unresolved dead letter {unknown} in {path}", file=sys.stderr)
+    stored, failed = len(summary.stored), len(summary.failed)
+    tried = len(summary.outcomes)
+    print(f"retried {tried} dead letter{'' if tried == 1 else 's'}: {stored} stored, {failed} still failing")
+    return 1 if summary.failed or summary.unknown_ids else 0
+
+
+def _dead_letter_json(letter: dead_letters.DeadLetter) -> dict[str, object]:
+    return {
+        "id": letter.id,
+        "failed_at": _iso(letter.failed_at),
+        "received_at": _iso(letter.received_at),
+        "source": letter.source,
+        "event_type": letter.event_type,
+        "conversation_id": letter.conversation_id,
+        "delivery_key": letter.delivery_key,
+        "attempts": letter.attempts,
+        "error": letter.error,
+    }
+
+
 def _writer(path: Path, config: Config) -> sqlite3.Connection:
     return open_writer(
         path,
@@ -413,4 +495,5 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "backup": backup_command,
     "replay": replay_command,
     "prune": prune_command,
+    "dead-letters": dead_letters_command,
 }

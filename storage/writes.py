@@ -3,13 +3,16 @@
 The fast path writes the whole batch with a few multi-row statements and no savepoints. If some
 delivery repeats rows already stored (a re-delivery), or the database refuses some delivery's rows,
 the batch is rolled back and written again one delivery per savepoint: counts come out per delivery,
-a refused one is reported, and every other one still commits.
+a refused one is reported, and every other one still commits. A refused delivery is also kept, raw
+body and error, in ``dead_letters`` (in the same transaction, so it commits with the others), for
+``transcriptd dead-letters retry`` once the cause is fixed.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Sequence
 
 from storage import statements as sql
@@ -57,9 +60,39 @@ def _write_isolated(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
         conn.execute("ROLLBACK TO delivery")
         conn.execute("RELEASE delivery")
         log.error("delivery rejected by the database: %s: %s", exc.__class__.__name__, exc)
+        _dead_letter(conn, delivery, f"{exc.__class__.__name__}: {exc}")
         return StorageRejected(f"the database rejected this delivery: {exc}")
     conn.execute("RELEASE delivery")
     return result
+
+
+# A delivery refused again while unresolved (the sender retries) keeps one row: attempts go up.
+DEAD_LETTER = """
+INSERT INTO dead_letters (delivery_key, source, event_type, conversation_id, received_at, body, error, failed_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (delivery_key) WHERE resolved_at IS NULL DO UPDATE SET
+    attempts = attempts + 1, error = excluded.error, failed_at = excluded.failed_at,
+    received_at = excluded.received_at, body = excluded.body
+"""
+
+
+def _dead_letter(conn: sqlite3.Connection, delivery: Delivery, error: str) -> None:
+    """Keep a refused delivery in ``dead_letters``, inside the open transaction. A failure to do so is
+    logged, not raised (the delivery is answered 5xx and retried by its sender anyway), except a fault of
+    the storage, which fails the whole batch like any other."""
+    texts = (delivery.key, delivery.source, delivery.event_type, delivery.conversation_id)
+    row = (*map(_storable, texts), delivery.received_at, delivery.body, _storable(error), time.time())
+    try:
+        conn.execute(DEAD_LETTER, row)
+    except sqlite3.OperationalError:
+        raise
+    except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
+        log.error("could not keep the rejected delivery as a dead letter: %s: %s", exc.__class__.__name__, exc)
+
+
+def _storable(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate (maybe the very reason for the refusal) is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _RowsAlreadyThere(Exception):

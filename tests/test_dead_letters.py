@@ -1,0 +1,170 @@
+"""Poison isolation with a dead-letter table, on a real SQLite file that genuinely refuses one delivery's rows
+(a trigger): the real app answers the others 200 and keeps the refused one, raw body and error, in
+``dead_letters``; ``transcriptd dead-letters list|retry`` (real subprocesses) show it and, once the cause
+is gone, store it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import TEST_SECRETS, AppClient
+from tests.daemon_process import WEBHOOK, daemon_env
+from tests.payloads import encode, transcription_ready
+from tests.test_cli_help import help_text
+
+POISON_TRIGGER = """
+CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content = 'poison'
+BEGIN SELECT RAISE(ABORT, 'poisoned row'); END
+"""
+TURNS = 4  # and the system entry: 5 messages per transcript
+
+
+def transcriptd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        cwd=cwd,
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextmanager
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        yield conn
+
+
+def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with connect(path) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def poisoned_body(conversation_id: str) -> bytes:
+    body = transcription_ready(conversation_id, turns=TURNS)
+    body["properties"]["transcript"][2]["content"] = "poison"
+    return encode(body)
+
+
+@pytest.mark.anyio
+async def test_a_refused_delivery_is_dead_lettered_then_retried(
+    app_client: AppClient, db_path: Path, tmp_path: Path
+) -> None:
+    good = {f"c-good-{i}": encode(transcription_ready(f"c-good-{i}", turns=TURNS, seed=i)) for i in range(5)}
+    poisoned = poisoned_body("c-poison")
+    answers: dict[str, httpx.Response] = {}
+    # Held open a while, so that the concurrent deliveries share one batch (and one transaction).
+    async with app_client(**{"ingest.batch_max_delay_ms": 500}) as client:
+        with connect(db_path) as conn:  # the schema exists once the app has started
+            conn.execute(POISON_TRIGGER)
+        writer = client.app.state.runtime.writer  # type: ignore[attr-defined]
+        commits_before = writer.commits
+
+        async def post(cid: str, body: bytes) -> None:
+            answers[cid] = await client.post(WEBHOOK, content=body)
+
+        async with anyio.create_task_group() as tg:
+            for cid, body in [*good.items(), ("c-poison", poisoned)]:
+                tg.start_soon(post, cid, body)
+        assert writer.commits == commits_before + 1  # one transaction: the refused delivery and the others
+
+        for cid in good:
+            assert answers[cid].status_code == 200, answers[cid].text
+            assert answers[cid].json()["inserted"] == TURNS + 1
+        refused = answers["c-poison"]
+        assert refused.status_code >= 500
+        assert refused.json()["error"]["code"] == "storage_rejected"
+        assert refused.headers["retry-after"] == "60"
+
+        (letter,) = rows(db_path, "SELECT id, conversation_id, body, error, attempts, resolved_at FROM dead_letters")
+        letter_id, cid, body, error, attempts, resolved_at = letter
+        assert (cid, body, attempts, resolved_at) == ("c-poison", poisoned, 1, None)
+        assert "poisoned row" in error
+        # The others committed; of the refused one nothing but its dead letter is left.
+        stored = rows(db_path, "SELECT conversation_id, count(*) FROM messages GROUP BY conversation_id")
+        assert dict(stored) == dict.fromkeys(good, TURNS + 1)
+        assert rows(db_path, "SELECT count(*) FROM events WHERE conversation_id = 'c-poison'") == [(0,)]
+
+        # The sender retries: still refused, still one dead letter, one attempt more.
+        again = await client.post(WEBHOOK, content=poisoned)
+        assert again.status_code == refused.status_code
+        assert again.headers["retry-after"] == "60"
+        assert rows(db_path, "SELECT id, attempts, resolved_at FROM dead_letters") == [(letter_id, 2, None)]
+
+    db = str(db_path)
+    listed = transcriptd("dead-letters", "list", "--db", db, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{letter_id}  " in listed.stdout
+    assert "c-poison" in listed.stdout
+    assert "attempts 2" in listed.stdout
+    assert "poisoned row" in listed.stdout
+    as_json = transcriptd("dead-letters", "list", "--json", "--db", db, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    (entry,) = json.loads(as_json.stdout)
+    assert entry["id"] == letter_id
+    assert entry["conversation_id"] == "c-poison"
+    assert entry["event_type"] == "application.transcription_ready"
+    assert entry["attempts"] == 2
+    assert "poisoned row" in entry["error"]
+    # Never the body: it holds the callback URL's token.
+    assert "body" not in entry
+    for output in (listed, as_json):
+        assert not any(secret in output.stdout + output.stderr for secret in TEST_SECRETS)
+
+    # The cause is still there: the retry fails, keeps the dead letter, and says so.
+    failing = transcriptd("dead-letters", "retry", "--db", db, cwd=tmp_path)
+    assert failing.returncode == 1
+    assert "still fails" in failing.stderr
+    assert "poisoned row" in failing.stderr
+    assert rows(db_path, "SELECT attempts, resolved_at FROM dead_letters") == [(3, None)]
+
+    with connect(db_path) as conn:
+        conn.execute("DROP TRIGGER poison")
+    unknown = transcriptd("dead-letters", "retry", "--id", "999", "--db", db, cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert "no unresolved dead letter 999" in unknown.stderr
+    retried = transcriptd("dead-letters", "retry", "--id", str(letter_id), "--db", db, cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert f"dead letter {letter_id}" in retried.stdout
+    assert f"stored, {TURNS + 1} messages inserted" in retried.stdout
+
+    contents = rows(db_path, "SELECT content FROM messages WHERE conversation_id = 'c-poison' ORDER BY seq")
+    assert len(contents) == TURNS + 1
+    assert ("poison",) in contents
+    assert rows(db_path, "SELECT body FROM events WHERE conversation_id = 'c-poison'") == [(poisoned,)]
+    ((resolved,),) = rows(db_path, "SELECT resolved_at FROM dead_letters")
+    assert resolved is not None
+    empty = transcriptd("dead-letters", "list", "--json", "--db", db, cwd=tmp_path)
+    assert empty.returncode == 0, empty.stderr
+    assert json.loads(empty.stdout) == []
+    assert "0 unresolved dead letters" in transcriptd("dead-letters", "list", "--db", db, cwd=tmp_path).stdout
+
+    # The sender's next retry is now a re-delivery of what is stored, and a new refusal would start afresh.
+    async with app_client() as client:
+        resent = await client.post(WEBHOOK, content=poisoned)
+        assert resent.status_code == 200
+        assert resent.json()["inserted"] == 0
+
+
+@pytest.mark.parametrize(
+    ("action", "options"), [("list", ["--json", "--config", "--db"]), ("retry", ["--id", "--config", "--db"])]
+)
+def test_dead_letters_actions_list_their_options(tmp_path: Path, action: str, options: list[str]) -> None:
+    assert action in help_text(tmp_path, "dead-letters")
+    text = help_text(tmp_path, "dead-letters", action)
+    assert f"transcriptd dead-letters {action}" in text
+    for option in options:
+        assert option in text.partition("options:")[2]
