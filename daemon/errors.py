@@ -6,6 +6,7 @@ Client mistakes are 4xx; our own failures are 5xx (503 with ``Retry-After``) so 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -14,6 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
+
+# One line per request answered with an error: what, where from and how big, never the body, the token or the
+# query string. The path is not logged either (``/webhooks/tavus/<token>`` holds a secret): only its source.
+rejections = logging.getLogger("transcriptd.intake")
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -116,10 +121,33 @@ def error_response(error: TranscriptdError) -> Response:
     )
 
 
+def request_source(path: str) -> str:
+    """Which intake a path belongs to, by its first segment alone: the rest may be a secret or an id."""
+    if path == "/webhooks/tavus" or path.startswith("/webhooks/tavus/"):
+        return "tavus"
+    if path == "/conversations" or path.startswith("/conversations/"):
+        return "api"
+    return "other"
+
+
+def log_rejection(request: Request, error: TranscriptdError) -> None:
+    size = request.headers.get("content-length", "")
+    rejections.log(
+        logging.WARNING if error.status >= 500 else logging.INFO,
+        "rejected %s from %s: reason=%s status=%d size=%s",
+        request.method if request.method.isalpha() else "?",
+        request_source(request.scope.get("path", "")),
+        error.code,
+        error.status,
+        size if size.isascii() and size.isdigit() else "-",
+    )
+
+
 def _counted(request: Request, error: TranscriptdError) -> Response:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.rejected.labels(error.code).inc()
+    log_rejection(request, error)
     return error_response(error)
 
 

@@ -42,15 +42,29 @@ class Endpoint:
     errors: dict[int, str] = field(default_factory=dict)
     bearer: bool = False
 
-    def route(self) -> Route:
+    def handler(self) -> Handler:
         holder, method = self.target
 
-        async def handler(request: Request) -> Response:
-            handle: Handler = getattr(getattr(request.app.state, holder), method)
-            return await handle(request)
+        async def handle(request: Request) -> Response:
+            target: Handler = getattr(getattr(request.app.state, holder), method)
+            return await target(request)
 
-        handler.__name__ = method
-        return Route(self.path, handler, methods=[self.method])
+        return handle
+
+
+def routes(endpoints: list[Endpoint]) -> list[Route]:
+    """One route per path, whatever its methods, so a 405 lists every method the path allows."""
+    by_path: dict[str, dict[str, Handler]] = {}
+    for endpoint in endpoints:
+        by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint.handler()
+    built = []
+    for path, handlers in by_path.items():
+
+        async def dispatch(request: Request, handlers: dict[str, Handler] = handlers) -> Response:
+            return await handlers[request.method if request.method != "HEAD" else "GET"](request)
+
+        built.append(Route(path, dispatch, methods=list(handlers)))
+    return built
 
 
 ENDPOINTS = [
@@ -145,4 +159,4 @@ ENDPOINTS = [
     ),
 ]
 
-ROUTES = [endpoint.route() for endpoint in ENDPOINTS]
+ROUTES = routes(ENDPOINTS)

@@ -180,3 +180,56 @@ def status_counts(statuses: Sequence[int | None]) -> dict[str, int]:
         key = str(status)
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+@contextmanager
+def ext4(image: Path, mountpoint: Path, size_mib: int = 64) -> Iterator[Path]:
+    """A small ext4 filesystem on a loop device, mounted ``errors=remount-ro``: ``fail_filesystem`` then
+    turns it read-only under open files, as a failing disk does. Skips where mounting is not permitted."""
+    with image.open("wb") as f:
+        f.truncate(size_mib * 1024 * 1024)
+    made = subprocess.run(
+        [_tool("mkfs.ext4"), "-q", "-F", str(image)], capture_output=True, text=True, timeout=30, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image here: {made.stderr.strip()}")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mounted = _mount("-o", "loop,errors=remount-ro", str(image), str(mountpoint))
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a loop device is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run([_tool("umount"), str(mountpoint)], capture_output=True, timeout=30, check=False)
+
+
+def repair(image: Path) -> None:
+    """fsck the image after the error, as an operator would before mounting it again."""
+    subprocess.run([_tool("fsck.ext4"), "-fy", str(image)], capture_output=True, timeout=60, check=False)
+
+
+@contextmanager
+def ext4_again(image: Path, mountpoint: Path) -> Iterator[Path]:
+    """Mount an image made by ``ext4`` again, read-write."""
+    mounted = _mount("-o", "loop,errors=remount-ro", str(image), str(mountpoint))
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run([_tool("umount"), str(mountpoint)], capture_output=True, timeout=30, check=False)
+
+
+def fail_filesystem(mountpoint: Path) -> None:
+    """Raise an ext4 error on the filesystem (its sysfs ``trigger_fs_error``): with ``errors=remount-ro``
+    the kernel makes it read-only at once, open files included."""
+    source = subprocess.run(
+        [_tool("findmnt"), "-n", "-o", "SOURCE", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
+    trigger = Path("/sys/fs/ext4") / Path(source).name / "trigger_fs_error"
+    if not trigger.exists():
+        pytest.skip(f"{trigger} does not exist: this kernel cannot inject an ext4 error")
+    trigger.write_text("transcriptd fault test\n")

@@ -36,10 +36,14 @@ from tests.fault_tools import (
     MIB,
     FaultReport,
     RssSampler,
+    ext4,
+    ext4_again,
+    fail_filesystem,
     fill,
     free_bytes,
     post,
     remount,
+    repair,
     rss_kib,
     status_counts,
     tmpfs,
@@ -413,3 +417,39 @@ def test_overload_at_ten_times_the_sustainable_rate(tmp_path: Path) -> None:
     assert not missing, f"{len(missing)} of {len(acknowledged)} deliveries answered 202 are not stored: {missing[:10]}"
     assert not partial_transcripts(db_path, rows)
     assert os.path.exists(db_path)
+
+
+def test_filesystem_turning_read_only_under_the_daemon(tmp_path: Path) -> None:
+    """The disk fails under a serving daemon and the kernel remounts it read-only (ext4 errors=remount-ro):
+    every answer is a retryable 503, /readyz says why, and nothing acknowledged before is lost."""
+    report = FaultReport("filesystem read-only under the daemon")
+    turns, rows = 20, 21
+    mountpoint = tmp_path / "ext4"
+    with ext4(tmp_path / "disk.img", mountpoint) as disk:
+        db_path = disk / "transcriptd.db"
+        with managed(start_daemon(tmp_path, db_path, ack="durable", name="ext4")) as daemon:
+            before = [answer(daemon, f"ext4-before-{n}", turns) for n in range(5)]
+            assert [a.status for a in before] == [200] * 5, before
+            fail_filesystem(disk)
+            report.injected += 1
+            refused = [answer(daemon, f"ext4-ro-{n}", turns) for n in range(5)]
+            check_retryable(refused)
+            assert [a.status for a in refused] == [503] * 5, refused
+            report.count("answered_503", len(refused))
+            not_ready = wait_readyz(daemon, 503, timeout=10)
+            assert not_ready.headers.get("retry-after")
+            assert not_ready.json()["storage_error"]
+            daemon.stop(signal.SIGTERM)
+        acknowledged = [a.conversation_id for a in before]
+    # The fault clears the way a failed disk's does: unmounted, checked, mounted again; then a restart.
+    repair(tmp_path / "disk.img")
+    with ext4_again(tmp_path / "disk.img", mountpoint) as disk:
+        db_path = disk / "transcriptd.db"
+        with managed(start_daemon(tmp_path, db_path, ack="durable", name="ext4-again")) as again:
+            assert answer(again, "ext4-after", turns).status == 200
+            again.stop(signal.SIGTERM)
+        missing = missing_rows(db_path, [*acknowledged, "ext4-after"], rows)
+        report.lost = len(missing)
+        report.print()
+        assert not missing
+        assert not partial_transcripts(db_path, rows)
