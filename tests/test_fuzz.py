@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 
 from daemon.app import create_app
 from daemon.tavus import PROPERTIES
+from tests import contract
 from tests.conftest import make_config
 
 TOKEN = "t0ken-Secret-1234"  # in TEST_SECRETS
@@ -90,21 +91,7 @@ def client(tmp_path: Path) -> Iterator[Client]:
 
 
 def check_answer(response: httpx.Response) -> None:
-    """Never a 500 (a 503 only with Retry-After); every error in the one shape, with a message."""
-    status = response.status_code
-    assert status < 500 or (status == 503 and response.headers.get("retry-after")), (status, response.text)
-    if status < 400:
-        return
-    assert response.headers["content-type"] == "application/json", response.headers
-    error = response.json()["error"]
-    assert error["status"] == status
-    assert isinstance(error["code"], str)
-    assert error["code"]
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    if status == 422:
-        assert isinstance(error["field"], str)
-        assert error["field"]
+    contract.check_answer(response.status_code, response.headers.get, response.json, response.text)
 
 
 # --- Strategies ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from daemon.app import create_app
 from tests.conftest import make_config
+from tests.contract import check_answer
 
 _DB_DIR = tempfile.TemporaryDirectory(prefix="transcriptd-schemathesis-")
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(make_config(Path(_DB_DIR.name) / "transcriptd.db")))
@@ -39,21 +40,7 @@ def header(response: Response, name: str) -> str | None:
 
 
 def check_error_shape(response: Response) -> None:
-    """No 5xx but a 503 that says when to retry; every error in the one JSON shape, with a message."""
-    status = response.status_code
-    assert status < 500 or (status == 503 and header(response, "retry-after")), (status, response.text)
-    if status < 400:
-        return
-    assert header(response, "content-type") == "application/json", response.headers
-    error = response.json()["error"]
-    assert error["status"] == status
-    assert isinstance(error["code"], str)
-    assert error["code"]
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    if status == 422:
-        assert isinstance(error["field"], str)
-        assert error["field"]
+    check_answer(response.status_code, lambda name: header(response, name), response.json, response.text)
 
 
 # What the schema cannot say, so schema-valid requests that are rightly refused with a 422 on this field:
