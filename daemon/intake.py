@@ -21,7 +21,7 @@ from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, Overloaded, PayloadTooLarge, Problem, StorageAckTimeout
 from daemon.metrics import Metrics
 from daemon.signatures import SignatureVerifier
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Delivery, WriteResult, weight_of
 
 
 class Stored(msgspec.Struct, kw_only=True):
@@ -93,7 +93,7 @@ class Intake:
             if length > limit:
                 raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             # Refused before the body is read: reading it would take the memory the budget protects.
-            if self.registry.would_exceed(2 * length + 256):  # Delivery.weight of a body this size
+            if self.registry.would_exceed(weight_of(length)):
                 raise Overloaded(
                     f"{self.registry.inflight_bytes} bytes of deliveries are waiting to be stored",
                     retry_after=self.settings.retry_after_s,

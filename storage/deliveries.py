@@ -19,6 +19,11 @@ AppendRow = tuple[str, str, str, str, float | None, str | None, float]
 Status = Literal["active", "ended"]
 
 
+def weight_of(body_bytes: int) -> int:
+    """The memory a delivery of a body this size holds, for the in-flight budget."""
+    return 2 * body_bytes + 256
+
+
 @dataclass(slots=True, kw_only=True)
 class ConversationPatch:
     """Columns one event sets on its conversation; None leaves a column as it is."""
@@ -82,7 +87,7 @@ class Delivery:
     @property
     def weight(self) -> int:
         """About the memory it holds: the raw body, and the decoded text beside it."""
-        return 2 * len(self.body) + 256
+        return weight_of(len(self.body))
 
     def resolve(self, result: WriteResult) -> None:
         self.result = result
