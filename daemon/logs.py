@@ -84,7 +84,11 @@ def config_secrets(config: Config) -> list[str]:
             value = getattr(value, name)
         if isinstance(value, str) and value:
             secrets.append(value)
-    return secrets
+            # A setting may hold several secrets (signing keys during a rotation): each alone, and each
+            # key without its whsec_ prefix, is a secret too.
+            for part in value.split():
+                secrets += [part, part.removeprefix("whsec_")]
+    return [s for s in dict.fromkeys(secrets) if len(s) >= 4]
 
 
 class RedactSecrets(logging.Filter):

@@ -72,7 +72,8 @@ class SignatureVerifier:
         for name, value in ((ID_HEADER, webhook_id), (TIMESTAMP_HEADER, timestamp), (SIGNATURE_HEADER, signature)):
             if not value.strip():
                 raise Unauthorized(f"missing {name} header: the delivery must be signed")
-        if not (timestamp.isascii() and timestamp.isdigit()):
+        # Bounded length first: int() of thousands of digits raises, and a float() of one overflows.
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
             raise Unauthorized(f"malformed {TIMESTAMP_HEADER} header: expected Unix seconds")
         skew = int(timestamp) - self.clock()
         if skew < -self.tolerance_s:

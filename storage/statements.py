@@ -43,7 +43,9 @@ UPSERT_CONVERSATIONS_TAIL = f"""
 ON CONFLICT (id) DO UPDATE SET
     status = CASE WHEN conversations.status = 'ended' OR excluded.status = 'ended' THEN 'ended' ELSE 'active' END,
     {", ".join(f"{c} = coalesce(excluded.{c}, conversations.{c})" for c in PATCH_COLUMNS)},
-    updated_at = excluded.updated_at
+    -- Never back in time: a replayed or retried old event must not make a live conversation look old
+    -- to retention.
+    updated_at = max(conversations.updated_at, excluded.updated_at)
 """
 
 INSERT_MESSAGES = (

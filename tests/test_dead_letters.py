@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -168,3 +169,36 @@ def test_dead_letters_actions_list_their_options(tmp_path: Path, action: str, op
     assert f"transcriptd dead-letters {action}" in text
     for option in options:
         assert option in text.partition("options:")[2]
+
+
+def test_an_old_event_stored_late_does_not_make_a_live_conversation_old(db_path: Path) -> None:
+    """A dead letter retried (or an event replayed) long after it was received must not move the
+    conversation's last activity back, or retention would delete a conversation acknowledged yesterday."""
+    from storage.connection import open_writer
+    from storage.deliveries import Delivery
+    from storage.migrations import migrate
+    from storage.retention import prune_batch
+    from storage.writes import write_batch
+
+    day = 86_400.0
+    now = time.time()
+    conn = open_writer(db_path)
+    migrate(conn)
+
+    def delivery(key: str, received_at: float) -> Delivery:
+        row = ("live", "test", 0 if key == "new" else 1, "user", key, None, None, None, None, None, received_at)
+        return Delivery(
+            key=key,
+            source="test",
+            event_type="t",
+            conversation_id="live",
+            received_at=received_at,
+            body=b"{}",
+            rows=[row],
+        )
+
+    write_batch(conn, [delivery("new", now - 1 * day)])
+    write_batch(conn, [delivery("old", now - 40 * day)])  # stored late, e.g. by a dead-letter retry
+    assert prune_batch(conn, now - 30 * day) == 0
+    assert conn.execute("SELECT count(*) FROM messages").fetchone() == (2,)
+    conn.close()

@@ -295,3 +295,11 @@ def test_the_proxy_in_the_deployment_guide_takes_the_largest_body() -> None:
     guide = (REPO / "docs" / "deployment.md").read_text()
     (size,) = re.findall(r"client_max_body_size\s+(\d+)m;", guide)
     assert int(size) * 1024 * 1024 >= IngestConfig().max_body_bytes
+
+
+def test_each_rotated_signing_secret_is_masked_alone() -> None:
+    first, second = "whsec_QUFBQUFBQUFBQUFBQUFBQQ==", "whsec_QkJCQkJCQkJCQkJCQkJCQg=="
+    config = make_config(Path("/dev/null"), **{"webhooks.tavus.signing_secret": f"{first} {second}"})
+    secrets = config_secrets(config)
+    for secret in (first, second, first.removeprefix("whsec_"), second.removeprefix("whsec_")):
+        assert secret in secrets

@@ -209,3 +209,12 @@ async def test_a_declared_body_over_the_inflight_budget_is_refused_before_it_is_
     assert response.headers["retry-after"] == "4"
     assert not consumed, "the body was read before it was refused"
     assert db("SELECT DISTINCT conversation_id FROM messages") == [("c-inflight",)]
+
+
+@pytest.mark.parametrize("digits", [13, 400, 5000])
+async def test_an_absurd_timestamp_is_a_401_not_a_500(app_client: AppClient, digits: int) -> None:
+    headers = {"webhook-id": "msg_x", "webhook-timestamp": "9" * digits, "webhook-signature": "v1,AAAA"}
+    async with app_client(**{"webhooks.tavus.signing_secret": SECRET}) as client:
+        response = await client.post("/webhooks/tavus", content=b"{}", headers=headers)
+    assert response.status_code == 401
+    assert "malformed" in response.json()["error"]["message"]
