@@ -79,7 +79,11 @@ def _copy(source: Path, partial: Path, *, step_pages: int, busy_timeout_ms: int)
     # database to SQLite, and its journal takes the same mode.
     os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     src = open_reader(source, busy_timeout_ms=busy_timeout_ms)
-    dst = sqlite3.connect(partial, isolation_level=None)
+    try:
+        dst = sqlite3.connect(partial, isolation_level=None)
+    except BaseException:
+        src.close()
+        raise
     steps = 0
 
     def progress(status: int, remaining: int, total: int) -> None:
