@@ -95,12 +95,16 @@ class ActorRegistry:
         max_rows: int,
         retry_after_s: int,
         max_inflight_bytes: int = 256 * 1024 * 1024,
+        max_inflight_messages: int = 1_000_000,
     ) -> None:
         self.state: State = "starting"
         # Bytes of every delivery taken and not yet resolved, mailboxes and writer alike: the bound on
         # memory however many conversations the senders open.
         self.inflight_bytes = 0
         self._max_inflight_bytes = max_inflight_bytes
+        # Messages of those deliveries: what the writer will have to store, so how long a drain takes.
+        self.inflight_messages = 0
+        self._max_inflight_messages = max_inflight_messages
         # Taken and not yet resolved, in the order taken (a dict as an ordered set): the oldest is first.
         self._pending: dict[Delivery, None] = {}
         self._sink = sink
@@ -143,6 +147,10 @@ class ActorRegistry:
             raise Overloaded(
                 f"{self.inflight_bytes} bytes of deliveries are waiting to be stored", retry_after=self._retry_after_s
             )
+        if self.inflight_messages and self.inflight_messages + delivery.received > self._max_inflight_messages:
+            raise Overloaded(
+                f"{self.inflight_messages} messages are waiting to be stored", retry_after=self._retry_after_s
+            )
         actor = self._actors.get(delivery.conversation_id)
         if actor is None:
             actor = ConversationActor(self, delivery.conversation_id, self._mailbox_size)
@@ -156,6 +164,7 @@ class ActorRegistry:
                 retry_after=self._retry_after_s,
             ) from None
         self.inflight_bytes += delivery.weight
+        self.inflight_messages += delivery.received
         self._pending[delivery] = None
 
     async def close(self, timeout_s: float = math.inf) -> bool:
@@ -189,6 +198,7 @@ class ActorRegistry:
     def _settled(self, unit: list[Delivery]) -> None:
         for delivery in unit:
             self.inflight_bytes -= delivery.weight
+            self.inflight_messages -= delivery.received
             self._pending.pop(delivery, None)
 
     def _forget(self, actor: ConversationActor) -> None:

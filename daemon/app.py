@@ -92,6 +92,7 @@ def create_app(config: Config) -> Starlette:
                 max_rows=ingest.batch_max_rows,
                 retry_after_s=ingest.retry_after_s,
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
+                max_inflight_messages=ingest.max_inflight_messages,
             )
             await tg.start(registry.run)
             janitor = Janitor(writer, cache, config.storage.retention_days)

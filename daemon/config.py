@@ -50,6 +50,7 @@ class IngestConfig(_Section, frozen=True):
     max_body_bytes: Count = 16 * 1024 * 1024
     mailbox_size: Count = 64
     max_inflight_mib: Count = 256
+    max_inflight_messages: Count = 1_000_000
     actor_idle_s: Positive = 30.0
     batch_max_rows: Count = 20_000
     batch_max_delay_ms: NonNegative = 0.0

@@ -262,3 +262,22 @@ async def test_memory_budget_refuses_with_503_before_it_is_exceeded(
     assert {r.json()["error"]["code"] for r in refused} == {"overloaded"}
     # The lock is gone and the shutdown drained: everything accepted was stored.
     assert db("SELECT count(DISTINCT conversation_id) FROM messages") == [(len(accepted),)]
+
+
+async def test_message_budget_refuses_with_503(app_client: AppClient, db_path: Path, db: Query) -> None:
+    settings = {"ingest.ack": "enqueued", "ingest.max_inflight_messages": 150, "storage.busy_timeout_ms": 0}
+    async with app_client(**settings) as client:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # nothing commits: every accepted message stays in flight
+        try:
+            answers = [
+                await client.post("/webhooks/tavus", content=encode(transcription_ready(f"c-n-{i}", turns=99)))
+                for i in range(4)
+            ]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    assert [a.status_code for a in answers] == [202, 503, 503, 503]
+    assert "messages are waiting" in answers[1].json()["error"]["message"]
+    assert answers[1].headers["retry-after"]
+    assert db("SELECT count(*) FROM messages") == [(100,)]
