@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,8 +52,31 @@ def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "daemon", *args]
+
+
 def serve_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "daemon", "serve", *args]
+    return cli_argv("serve", *args)
+
+
+def transcriptd(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``transcriptd ARGS`` as a subprocess, in ``cwd`` (so no config.toml of the repository is read)."""
+    return subprocess.run(
+        cli_argv(*args), cwd=cwd, env=daemon_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@contextmanager
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """The database file as an operator would open it, closed afterwards."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        yield conn
+
+
+def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with connect(path) as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import build_parser
-from tests.daemon_process import REPO, daemon_env
+from tests.daemon_process import REPO, cli_argv, daemon_env
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -26,7 +25,7 @@ COMMANDS = subcommands()
 
 def help_text(tmp_path: Path, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "daemon", *args, "--help"],
+        cli_argv(*args, "--help"),
         cwd=tmp_path,
         env=daemon_env({"COLUMNS": "100"}),
         capture_output=True,

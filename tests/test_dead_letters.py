@@ -6,21 +6,15 @@ is gone, store it."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 from tests.conftest import TEST_SECRETS, AppClient
-from tests.daemon_process import WEBHOOK, daemon_env
+from tests.daemon_process import WEBHOOK, connect, rows, transcriptd
 from tests.payloads import encode, transcription_ready
 from tests.test_cli_help import help_text
 
@@ -29,29 +23,6 @@ CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content = 'poison'
 BEGIN SELECT RAISE(ABORT, 'poisoned row'); END
 """
 TURNS = 4  # and the system entry: 5 messages per transcript
-
-
-def transcriptd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        cwd=cwd,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-@contextmanager
-def connect(path: Path) -> Iterator[sqlite3.Connection]:
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        yield conn
-
-
-def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with connect(path) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def poisoned_body(conversation_id: str) -> bytes:

@@ -12,12 +12,8 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +26,19 @@ from storage.connection import open_writer
 from storage.deliveries import Delivery
 from storage.migrations import migrate
 from storage.writes import write_batch
-from tests.daemon_process import WEBHOOK, Daemon, Load, daemon_env, managed, missing_rows, start_daemon
+from tests.daemon_process import (
+    WEBHOOK,
+    Daemon,
+    Load,
+    cli_argv,
+    connect,
+    daemon_env,
+    managed,
+    missing_rows,
+    rows,
+    start_daemon,
+    transcriptd,
+)
 from tests.payloads import encode, envelope, transcript, transcription_ready
 
 pytestmark = pytest.mark.slow
@@ -39,39 +47,15 @@ DAY = 86_400.0
 Row = tuple[Any, ...]
 
 
-def transcriptd(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """``transcriptd ARGS`` as a subprocess, in ``cwd`` (so no config.toml of the repository is read)."""
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        cwd=cwd,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def popen_transcriptd(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon", *args],
+        cli_argv(*args),
         cwd=cwd,
         env=daemon_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-@contextmanager
-def connect(path: Path) -> Iterator[sqlite3.Connection]:
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        yield conn
-
-
-def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
-    with connect(path) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def table(path: Path, name: str, *, ignore: tuple[str, ...] = ()) -> list[Row]:
