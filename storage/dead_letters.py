@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from storage.replay import Parse, StoredEvent
-from storage.writes import write_deliveries
+from storage.writes import write_in_savepoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,16 +145,9 @@ def _retry_one(conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: St
     # The key intake computed (a webhook-id header is not stored): the one a re-sent copy is known by.
     delivery.key = event.delivery_key
     delivery.awaited = False
-    conn.execute("SAVEPOINT dead_letter")
-    try:
-        (result,) = write_deliveries(conn, [delivery])
-    except sqlite3.OperationalError:
-        raise
-    except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
-        conn.execute("ROLLBACK TO dead_letter")
-        conn.execute("RELEASE dead_letter")
-        return failed(f"the database refused it: {exc.__class__.__name__}: {exc}")
-    conn.execute("RELEASE dead_letter")
+    result = write_in_savepoint(conn, delivery)
+    if isinstance(result, Exception):
+        return failed(f"the database refused it: {result.__class__.__name__}: {result}")
     status: RetryStatus = "already_stored" if result.duplicate_delivery else "stored"
     return RetryOutcome(
         event.id, event.source, event.event_type, event.conversation_id, status, inserted=result.inserted

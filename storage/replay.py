@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from storage.deliveries import Delivery, MessageRow
-from storage.writes import write_deliveries
+from storage.writes import write_in_savepoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,17 +234,10 @@ def _write(
     conn.execute("BEGIN IMMEDIATE")
     try:
         for event, delivery in batch:
-            conn.execute("SAVEPOINT replay")
-            try:
-                (result,) = write_deliveries(conn, [delivery], store_events=False)
-            except sqlite3.OperationalError:
-                raise
-            except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
-                conn.execute("ROLLBACK TO replay")
-                conn.execute("RELEASE replay")
-                refused.append((event, f"the database refused its rows: {exc.__class__.__name__}: {exc}"))
+            result = write_in_savepoint(conn, delivery, store_events=False)
+            if isinstance(result, Exception):
+                refused.append((event, f"the database refused its rows: {result.__class__.__name__}: {result}"))
                 continue
-            conn.execute("RELEASE replay")
             done.events += 1
             done.inserted += result.inserted
             done.updated += result.updated

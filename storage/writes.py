@@ -36,7 +36,7 @@ def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Out
             outcomes: list[Outcome] = list(write_deliveries(conn, batch, batch_wide=True))
         except sqlite3.OperationalError:
             raise
-        except (_RowsAlreadyThere, sqlite3.DatabaseError, ValueError, OverflowError):
+        except (_RowsAlreadyThere, *REFUSALS):
             # Re-deliveries to count, or rows the database refused (ValueError: strings that cannot be
             # encoded, such as lone surrogates, at bind time): one delivery at a time, each in a savepoint.
             conn.execute("ROLLBACK")
@@ -50,19 +50,36 @@ def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Out
     return outcomes
 
 
-def _write_isolated(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
+# What the database raises when it refuses a delivery's rows (ValueError: strings that cannot be encoded,
+# such as lone surrogates, at bind time). sqlite3.OperationalError is not among them: it is a fault of
+# the storage, and callers let it fail the whole transaction.
+REFUSALS = (sqlite3.DatabaseError, ValueError, OverflowError)
+
+
+def write_in_savepoint(
+    conn: sqlite3.Connection, delivery: Delivery, *, store_events: bool = True
+) -> WriteResult | Exception:
+    """Write one delivery inside the open transaction, in a savepoint of its own: if the database refuses
+    its rows, only they are rolled back, and the refusal is returned rather than raised."""
     conn.execute("SAVEPOINT delivery")
     try:
-        (result,) = write_deliveries(conn, [delivery])
+        (result,) = write_deliveries(conn, [delivery], store_events=store_events)
     except sqlite3.OperationalError:
         raise
-    except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
+    except REFUSALS as exc:
         conn.execute("ROLLBACK TO delivery")
         conn.execute("RELEASE delivery")
-        log.error("delivery rejected by the database: %s: %s", exc.__class__.__name__, exc)
-        _dead_letter(conn, delivery, f"{exc.__class__.__name__}: {exc}")
-        return StorageRejected(f"the database rejected this delivery: {exc}")
+        return exc
     conn.execute("RELEASE delivery")
+    return result
+
+
+def _write_isolated(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
+    result = write_in_savepoint(conn, delivery)
+    if isinstance(result, Exception):
+        log.error("delivery rejected by the database: %s: %s", result.__class__.__name__, result)
+        _dead_letter(conn, delivery, f"{result.__class__.__name__}: {result}")
+        return StorageRejected(f"the database rejected this delivery: {result}")
     return result
 
 
@@ -86,7 +103,7 @@ def _dead_letter(conn: sqlite3.Connection, delivery: Delivery, error: str) -> No
         conn.execute(DEAD_LETTER, row)
     except sqlite3.OperationalError:
         raise
-    except (sqlite3.DatabaseError, ValueError, OverflowError) as exc:
+    except REFUSALS as exc:
         log.error("could not keep the rejected delivery as a dead letter: %s: %s", exc.__class__.__name__, exc)
 
 
