@@ -114,7 +114,7 @@ class Intake:
         if not durable:
             enqueued = Enqueued(received=delivery.received, rejected=delivery.rejected)
             metrics.delivery(delivery.event_type, "partial" if problems else "enqueued", None, delivery.rejected)
-            metrics.ack_latency.labels("enqueued").observe(time.perf_counter() - started)
+            metrics.ack_enqueued.observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
             return _json(enqueued, 202)
@@ -131,7 +131,7 @@ class Intake:
         stored = _stored(delivery.result)
         outcome = "partial" if problems else "duplicate" if delivery.result.duplicate_delivery else "stored"
         metrics.delivery(delivery.event_type, outcome, delivery.result)
-        metrics.ack_latency.labels("durable").observe(time.perf_counter() - started)
+        metrics.ack_durable.observe(time.perf_counter() - started)
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
         return _json(stored, 200)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -86,6 +87,11 @@ class Metrics:
         self.inflight_bytes = Gauge(
             "transcriptd_inflight_bytes", "Memory held by deliveries not yet stored", registry=r
         )
+        # Children of labelled metrics on the per-request path, so no label lookup is paid per request.
+        self._deliveries: dict[tuple[str, str], Any] = {}
+        self._messages = tuple(self.messages.labels(n) for n in ("inserted", "updated", "duplicate", "rejected"))
+        self.ack_durable = self.ack_latency.labels("durable")
+        self.ack_enqueued = self.ack_latency.labels("enqueued")
 
     def watch(
         self,
@@ -109,21 +115,26 @@ class Metrics:
         self.registry.register(_CacheCollector(cache))
 
     def delivery(self, event_type: str, outcome: str, result: WriteResult | None, rejected: int = 0) -> None:
+        """Count one answered delivery. Called per request: the labelled children are looked up once."""
         kind = event_type if event_type in KNOWN_EVENT_TYPES else "other"
-        self.deliveries.labels(kind, outcome).inc()
+        counter = self._deliveries.get((kind, outcome))
+        if counter is None:
+            counter = self._deliveries[kind, outcome] = self.deliveries.labels(kind, outcome)
+        counter.inc()
         if result is not None:
             if result.duplicate_delivery:
                 self.dedup_hits.inc()
-            for name, count in (
-                ("inserted", result.inserted),
-                ("updated", result.updated),
-                ("duplicate", result.duplicates),
-                ("rejected", result.rejected),
+            inserted, updated, duplicate, rejected_ = self._messages
+            for child, count in (
+                (inserted, result.inserted),
+                (updated, result.updated),
+                (duplicate, result.duplicates),
+                (rejected_, result.rejected),
             ):
                 if count:
-                    self.messages.labels(name).inc(count)
+                    child.inc(count)
         elif rejected:
-            self.messages.labels("rejected").inc(rejected)
+            self._messages[3].inc(rejected)
 
     def commit(self, rows: int, seconds: float) -> None:
         self.commit_latency.observe(seconds)

@@ -196,9 +196,6 @@ class Reader:
         )
         return [Message(*row) for row in rows]
 
-    async def ping(self) -> None:
-        await self._all("SELECT 1", ())
-
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
