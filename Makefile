@@ -17,6 +17,10 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@ $(VENV)/.installed-run
 
+$(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-run
+
 run: $(VENV)/.installed-run
 	$(BIN)/transcriptd serve
 
@@ -36,7 +40,7 @@ types: $(VENV)/.installed-test
 unit: $(VENV)/.installed-test
 	$(BIN)/pytest
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.ingest_limit
 	$(BIN)/python -m bench.read_path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def shutdown_budget(config: Config) -> ShutdownBudget:
     return ShutdownBudget(requests_s=0.4 * total, mailboxes_s=0.35 * total, storage_s=0.2 * total)
 
 
-def writer_settings(config: Config) -> WriterSettings:
+def writer_settings(
+    config: Config, connection_factory: type[sqlite3.Connection] = sqlite3.Connection
+) -> WriterSettings:
     return WriterSettings(
         path=config.storage.path,
         synchronous=config.storage.synchronous,
@@ -63,10 +66,13 @@ def writer_settings(config: Config) -> WriterSettings:
         max_delay_s=config.ingest.batch_max_delay_ms / 1000,
         max_pending_rows=config.ingest.batch_max_rows * 10,
         drain_deadline_s=shutdown_budget(config).storage_s,
+        connection_factory=connection_factory,
     )
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = sqlite3.Connection) -> Starlette:
+    """The daemon as an ASGI app. ``writer_connection`` is the writer's sqlite3 Connection class: only the
+    bench changes it, to put a simulated network round trip in front of every statement."""
     ingest = config.ingest
 
     @asynccontextmanager
@@ -78,7 +84,7 @@ def create_app(config: Config) -> Starlette:
                 cache.evict_prefix(("conv", cid))
 
         metrics = Metrics()
-        writer = Writer(writer_settings(config), on_commit=evict, on_commit_stats=metrics.commit)
+        writer = Writer(writer_settings(config, writer_connection), on_commit=evict, on_commit_stats=metrics.commit)
         reader = Reader(config.storage.path)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.

@@ -39,14 +39,19 @@ def open_writer(
     synchronous: Synchronous = "full",
     cache_size_mib: int = 64,
     busy_timeout_ms: int = 5000,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> sqlite3.Connection:
-    """The one read-write connection; owned by the writer, used from one thread at a time."""
+    """The one read-write connection; owned by the writer, used from one thread at a time.
+
+    ``factory`` is sqlite3's own hook for a Connection subclass: the bench uses it to add a simulated
+    network round trip to every statement.
+    """
     check_sqlite_version()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a batch is exactly one transaction.
     # The multi-row statements come in a few power-of-two sizes per table: keep them all prepared.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256, factory=factory)
     try:
         mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
         if mode != "wal":

@@ -48,6 +48,8 @@ class WriterSettings:
     max_pending_rows: int = 200_000
     # How long a failing storage is retried at shutdown for deliveries already acknowledged (enqueued).
     drain_deadline_s: float = 20.0
+    # sqlite3's Connection subclass hook (see open_writer); the bench's simulated round trips use it.
+    connection_factory: type[sqlite3.Connection] = sqlite3.Connection
 
 
 class _Job:
@@ -122,7 +124,11 @@ class Writer:
     def _open(self) -> sqlite3.Connection:
         s = self.settings
         conn = open_writer(
-            s.path, synchronous=s.synchronous, cache_size_mib=s.cache_size_mib, busy_timeout_ms=s.busy_timeout_ms
+            s.path,
+            synchronous=s.synchronous,
+            cache_size_mib=s.cache_size_mib,
+            busy_timeout_ms=s.busy_timeout_ms,
+            factory=s.connection_factory,
         )
         try:
             applied = migrate(conn)
