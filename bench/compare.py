@@ -1,0 +1,206 @@
+"""The load comparison: transcriptd and the write-up's handler, served alike, driven alike, in one run.
+
+    python -m bench.compare [--concurrency 1,16,64] [--scale 1.0] [--round-trip-ms 1] [--output PATH]
+
+Each system runs as its own server process on a fresh database and takes the same closed-loop load from
+``bench.load`` (100-message Tavus transcripts, one conversation each) at each concurrency; every
+acknowledged message is then looked for in the database. The systems:
+
+- transcriptd, ``ingest.ack = "durable"`` (200 once committed with ``synchronous = full``) and
+  ``"enqueued"`` (202 once in memory);
+- the write-up's "before" handler (answers once everything is stored) and its "after" handler (202 at
+  once, then bulk insert in the background), on the same storage engine, schema, pragmas and uvicorn;
+  with the write-up's Redis cache when one answers on loopback;
+- the same two with a simulated database round trip per statement (``--round-trip-ms``), at the highest
+  concurrency only: the write-up's database was across a network, and a round trip costs what it costs.
+
+In the same run, a plain ``sqlite3`` ``executemany`` loop inserts the same rows into the same schema:
+the storage limit every figure is set against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.ingest_limit import executemany_limit
+from bench.load import body_templates, conversation_ids, load
+from bench.machine import describe
+from bench.naive import Variant
+from bench.redis_cache import DEFAULT_URL, redis_available
+from bench.roundtrip import DEFAULT_ROUND_TRIP_MS
+from bench.serve_naive import start_naive, start_transcriptd
+
+RESULTS = Path(__file__).parent / "results"
+CONCURRENCIES = (1, 16, 64)
+TURNS = 100
+CONTENT_CHARS = 200
+# Per-request cost differs 100-fold between the systems; each run is sized to last a few seconds.
+REQUESTS_PER_SENDER = {"fast": 50, "slow": 10}
+MIN_REQUESTS = {"fast": 300, "slow": 60}
+STOP_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    key: str
+    label: str
+    speed: str  # "fast" or "slow": how many requests make a run of a few seconds
+    start: Callable[[Path], tuple[subprocess.Popen[bytes], int]]
+    round_trip_ms: float = 0.0
+    highest_concurrency_only: bool = False
+
+
+def systems(round_trip_ms: float, cache: str) -> list[System]:
+    def naive(variant: Variant, rt: float) -> Callable[[Path], tuple[subprocess.Popen[bytes], int]]:
+        return lambda db: start_naive(
+            db,
+            variant,
+            round_trip_ms=rt,
+            cache=cache,
+            tune_gc=True,
+            log=subprocess.DEVNULL,
+        )
+
+    rt = f"{round_trip_ms:g} ms round trip"
+    return [
+        System("transcriptd-durable", "transcriptd durable", "fast", lambda db: start_transcriptd(db, ack="durable")),
+        System(
+            "transcriptd-enqueued", "transcriptd enqueued", "fast", lambda db: start_transcriptd(db, ack="enqueued")
+        ),
+        System("naive-before", "write-up before", "slow", naive("before", 0.0)),
+        System("naive-after", "write-up after", "fast", naive("after", 0.0)),
+        System(
+            "naive-before-rt", f"write-up before, {rt}", "slow", naive("before", round_trip_ms), round_trip_ms, True
+        ),
+        System("naive-after-rt", f"write-up after, {rt}", "slow", naive("after", round_trip_ms), round_trip_ms, True),
+    ]
+
+
+def request_count(system: System, concurrency: int, scale: float) -> int:
+    wanted = max(MIN_REQUESTS[system.speed], REQUESTS_PER_SENDER[system.speed] * concurrency)
+    if system.round_trip_ms:
+        wanted = max(concurrency, wanted // 4)  # ~100 round trips a request: a few seconds at 64
+    return max(concurrency, round(wanted * scale))
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[str, Any]:
+    db = tmp / f"{system.key}-{concurrency}.db"
+    process, port = system.start(db)
+    try:
+        report = load(
+            f"http://127.0.0.1:{port}",
+            concurrency=concurrency,
+            requests=request_count(system, concurrency, scale),
+            turns=TURNS,
+            content_chars=CONTENT_CHARS,
+            verify_db=db,
+            verify_timeout_s=120.0,
+            id_prefix=f"{system.key}-c{concurrency}",
+            warmup=concurrency,
+        )
+    finally:
+        exit_code = stop(process)
+    results = report["results"]
+    results["server_exit_code"] = exit_code
+    return {
+        "system": system.key,
+        "label": system.label,
+        "round_trip_ms": system.round_trip_ms,
+        "concurrency": concurrency,
+        "settings": report["settings"],
+        "results": results,
+    }
+
+
+def storage_limit(tmp: Path, per_commit: int) -> dict[str, float]:
+    """The plain executemany loop over the rows of the same bodies the load sends."""
+    templates = body_templates(TURNS, CONTENT_CHARS, 0)
+    ids = conversation_ids("limit", 1600)
+    bodies = [
+        templates[i % len(templates)].replace(b"@@conversation-id@@", cid.encode(), 1) for i, cid in enumerate(ids)
+    ]
+    return executemany_limit(tmp / "limit.db", bodies, per_commit, "full")
+
+
+def run(concurrencies: Sequence[int], scale: float, round_trip_ms: float, redis_url: str) -> dict[str, Any]:
+    redis_skipped = anyio.run(redis_available, redis_url)
+    cache = "memory" if redis_skipped else "redis"
+    if redis_skipped:
+        print(f"the write-up's handlers use an in-process dict for their cache: {redis_skipped}", file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="transcriptd-compare-") as tmp_name:
+        tmp = Path(tmp_name)
+        limit = storage_limit(tmp, per_commit=16)
+        print(f"executemany limit: {limit['rows_per_s']:,.0f} rows/s", file=sys.stderr)
+        for system in systems(round_trip_ms, cache):
+            for concurrency in concurrencies:
+                if system.highest_concurrency_only and concurrency != max(concurrencies):
+                    continue
+                run = run_one(system, concurrency, scale, tmp)
+                runs.append(run)
+                r = run["results"]
+                stored = (r["throughput"]["stored"] or {}).get("messages_per_s")
+                print(
+                    f"{system.label:>34} c={concurrency:<3} stored {stored or 0:>9,.0f} msgs/s  "
+                    f"ack p50 {r['latency_ms']['p50']:>8} p99 {r['latency_ms']['p99']:>8} ms  "
+                    f"statuses {r['statuses']} lost {r['lost']}",
+                    file=sys.stderr,
+                )
+    return {
+        "machine": describe(),
+        "settings": {
+            "concurrencies": list(concurrencies),
+            "scale": scale,
+            "round_trip_ms": round_trip_ms,
+            "turns": TURNS,
+            "content_chars": CONTENT_CHARS,
+            "naive_cache": cache,
+            "redis_skipped": redis_skipped,
+        },
+        "executemany_limit": limit,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's request count")
+    parser.add_argument("--round-trip-ms", type=float, default=DEFAULT_ROUND_TRIP_MS)
+    parser.add_argument("--redis-url", default=DEFAULT_URL)
+    parser.add_argument("--output", type=Path, default=RESULTS / "load.json")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.output} in {report['seconds']} s", file=sys.stderr)
+    lost = sum(run["results"]["lost"] or 0 for run in report["runs"])
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
