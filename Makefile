@@ -40,9 +40,9 @@ types: $(VENV)/.installed-test
 unit: $(VENV)/.installed-test
 	$(BIN)/pytest
 
+# Every figure in BENCHMARKS.md, regenerated in one run (under 10 minutes on a 2-core machine).
 bench: $(VENV)/.installed-bench
-	$(BIN)/python -m bench.ingest_limit
-	$(BIN)/python -m bench.read_path
+	$(BIN)/python -m bench.suite
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -355,6 +355,66 @@ def chart(load: dict[str, Any], path: Path) -> bool:
     return True
 
 
+# --- ingest against the limit, and reads ---------------------------------------------------------------
+
+
+def ingest_section(ingest: dict[str, Any]) -> list[str]:
+    settings, limit = ingest["settings"], ingest["executemany_limit"]["rows_per_s"]
+    daemon, single = ingest["daemon"], ingest["daemon_single_sender"]
+    alone, bare = ingest["writer_alone"]["rows_per_s"], ingest["writer_alone_without_raw_bodies"]["rows_per_s"]
+    header = ["what", "rows/s", "of the limit", "ack p50", "p99"]
+    rows = [
+        ["plain `executemany` loop (the limit)", f"{limit:,.0f}", "100%", "", ""],
+        [
+            f"writer alone, batches of {settings['concurrency']}, with raw bodies",
+            f"{alone:,.0f}",
+            f"{alone / limit:.0%}",
+            "",
+            "",
+        ],
+        ["writer alone, without raw bodies", f"{bare:,.0f}", f"{bare / limit:.0%}", "", ""],
+    ]
+    for label, run in ((f"daemon, {settings['concurrency']} senders", daemon), ("daemon, 1 sender", single)):
+        lat = run["latency_ms"]
+        rows.append([label, f"{run['rows_per_s']:,.0f}", f"{run['rows_per_s'] / limit:.0%}", f"{lat['p50']} ms"])
+        rows[-1].append(f"{lat['p99']} ms")
+    return [
+        "## Ingest against the storage limit",
+        "",
+        f"`python -m bench.ingest_limit`: {settings['webhooks']} Tavus webhooks of {settings['turns']} messages "
+        f"(~{ingest['body_bytes_mean'] / 1024:.0f} KiB each), ack `{settings['ack']}`, `synchronous = "
+        f"{settings['synchronous']}`; the writer's own group commit without HTTP; and a plain `executemany` loop, "
+        "in one run.",
+        "",
+        *table(header, rows),
+        "",
+        f"Keeping every raw body (for replay and dead letters) costs the writer {1 - alone / bare:.0%} of its rows/s.",
+    ]
+
+
+def reads_section(reads: dict[str, Any]) -> list[str]:
+    settings = reads["settings"]
+    rows = []
+    for label, key in (("cached", "cached"), ("uncached (every read from SQLite)", "uncached")):
+        run = reads[key]
+        lat = run["latency_ms"]
+        rows.append([label, f"{run['requests_per_s']:,.0f}", f"{lat['p50']} ms", f"{lat['p99']} ms"])
+    evictions = [
+        [f"{e['others']:,}", f"{e['evict_prefix_us']:,.1f} µs", f"{e['full_scan_us']:,.1f} µs"]
+        for e in reads["eviction"]
+    ]
+    return [
+        "## Reads",
+        "",
+        f"`python -m bench.read_path`: {int(settings['requests']):,} GETs of a transcript's message pages from "
+        f"{settings['concurrency']} readers over {settings['conversations']} stored conversations.",
+        "",
+        *table(["GET /conversations/{id}/messages", "requests/s", "p50", "p99"], rows),
+        "",
+        *table(["other entries cached", "evict_prefix (20 keys)", "scan every key"], evictions),
+    ]
+
+
 # --- the document ---------------------------------------------------------------------------------------
 
 
@@ -382,6 +442,8 @@ def render(results: Path) -> str:
     claims = load_json(results / "claims.json")
     sweep = load_json(results / "invalidation.json")
     load = load_json(results / "load.json")
+    ingest = load_json(results / "ingest_limit.json")
+    reads = load_json(results / "read_path.json")
     drawn = chart(load, results / CHART) if load else False
     lines = [
         "# Benchmarks",
@@ -404,6 +466,8 @@ def render(results: Path) -> str:
     lines += [*claims_summary(claims), ""] if claims else [missing.format("claims.json"), ""]
     lines += [*invalidation_section(sweep), ""] if sweep else [missing.format("invalidation.json"), ""]
     lines += [*load_section(load, CHART if drawn else None), ""] if load else [missing.format("load.json"), ""]
+    lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
+    lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
