@@ -19,48 +19,68 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).parent.parent
+DOCUMENT = REPO / "BENCHMARKS.md"
 
 
-def steps(quick: bool) -> list[tuple[str, list[str]]]:
-    python = [sys.executable]
-    claims = ["-m", "pytest", "bench/test_claims.py", "-q"]
-    claims += ["--benchmark-json", str(RESULTS / "claims.json"), "--benchmark-columns=median,iqr,rounds"]
+def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[str]]]:
+    def module(name: str, output: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", name, "--output", str(results / output), *extra]
+
+    claims = [sys.executable, "-m", "pytest", "bench/test_claims.py", "-q"]
+    claims += ["--benchmark-json", str(results / "claims.json"), "--benchmark-columns=median,iqr,rounds"]
     if quick:
-        claims += ["--benchmark-disable"]
+        # One round each, and no slow extra round trip: the pipeline is what is checked.
+        claims += ["--benchmark-disable", "--e2e-long-round-trip-ms", "0", "--e2e-webhooks", "4"]
     return [
-        ("claims", python + claims),
-        ("invalidation", [*python, "-m", "bench.invalidation", *(["--sizes", "1000,10000"] if quick else [])]),
-        ("ingest vs limit", [*python, "-m", "bench.ingest_limit", *(["--webhooks", "160"] if quick else [])]),
+        ("claims", claims),
+        ("invalidation", module("bench.invalidation", "invalidation.json", *(["--sizes", "1000"] if quick else []))),
+        (
+            "ingest vs limit",
+            module("bench.ingest_limit", "ingest_limit.json", *(["--webhooks", "64"] if quick else [])),
+        ),
         (
             "read path",
-            [*python, "-m", "bench.read_path", *(["--requests", "500", "--conversations", "20"] if quick else [])],
+            module(
+                "bench.read_path", "read_path.json", *(["--requests", "200", "--conversations", "10"] if quick else [])
+            ),
         ),
-        ("load comparison", [*python, "-m", "bench.compare", *(["--scale", "0.1"] if quick else [])]),
-        ("report", [*python, "-m", "bench.report"]),
+        ("load comparison", module("bench.compare", "load.json", *(["--scale", "0.05"] if quick else []))),
+        ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny runs: check the pipeline, not the figures")
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default bench/results; --quick: a temp dir)")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="transcriptd-bench-") as scratch:
+        # A quick run must never overwrite the published figures.
+        results = args.results or (Path(scratch) if args.quick else RESULTS)
+        document = results / "BENCHMARKS.md" if args.quick or args.results else DOCUMENT
+        results.mkdir(parents=True, exist_ok=True)
+        return run(steps(results, document, args.quick), document)
+
+
+def run(plan: list[tuple[str, list[str]]], document: Path) -> int:
     started = time.perf_counter()
     timings: list[str] = []
-    for name, argv_ in steps(args.quick):
-        print(f"\n== {name}: {' '.join(argv_[1:])}", flush=True)
+    for name, argv in plan:
+        print(f"\n== {name}: {' '.join(argv[1:])}", flush=True)
         step_started = time.perf_counter()
-        code = subprocess.call(argv_, cwd=REPO)
+        code = subprocess.call(argv, cwd=REPO)
         timings.append(f"{name} {time.perf_counter() - step_started:.0f} s")
         if code != 0:
             print(f"\n{name} failed (exit {code}): stopping", file=sys.stderr)
             return code
-    print(f"\nmake bench: {time.perf_counter() - started:.0f} s ({', '.join(timings)})")
+    print(f"\nmake bench: {time.perf_counter() - started:.0f} s ({', '.join(timings)}); {document}")
     return 0
 
 

@@ -1,0 +1,103 @@
+"""BENCHMARKS.md is generated from the results JSON: its figures and verdicts follow from the numbers given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import render
+
+
+def run(system: str, label: str, concurrency: int, msgs_per_s: float, p99: float, rt: float = 0.0) -> dict[str, Any]:
+    latency = {"p50": p99 / 2, "p95": p99 * 0.9, "p99": p99, "max": p99 * 1.1, "mean": p99 / 2}
+    throughput = {"seconds": 1.0, "requests": 10, "requests_per_s": msgs_per_s / 101, "messages": 1010}
+    return {
+        "system": system,
+        "label": label,
+        "round_trip_ms": rt,
+        "concurrency": concurrency,
+        "settings": {"messages_per_request": 101},
+        "results": {
+            "statuses": {"200": 10},
+            "throughput": {
+                "ack": throughput | {"messages_per_s": msgs_per_s},
+                "stored": {"messages_per_s": msgs_per_s},
+            },
+            "latency_ms": latency,
+            "lost": 0,
+        },
+    }
+
+
+def load_results(ours: float, naive: float, p99: float) -> dict[str, Any]:
+    return {
+        "machine": {"cpu": "Test CPU", "cpus": 2, "memory_gib": 1.0, "kernel": "k", "python": "3", "sqlite": "3"},
+        "settings": {"concurrencies": [1, 64], "turns": 100, "naive_cache": "memory", "round_trip_ms": 1.0},
+        "executemany_limit": {"rows_per_s": 200_000.0},
+        "runs": [
+            run("transcriptd-durable", "transcriptd durable", 64, ours, p99),
+            run("naive-before", "write-up before", 64, naive, 900.0),
+            run("naive-before-rt", "write-up before, 1 ms round trip", 64, naive / 10, 9000.0, rt=1.0),
+            run("naive-after-rt", "write-up after, 1 ms round trip", 64, naive / 2, 30.0, rt=1.0),
+        ],
+    }
+
+
+def benchmark(claim: str, system: str, median_s: float, rt: float, concurrency: int = 1) -> dict[str, Any]:
+    writeup = {"statement": "144x end to end", "speedup": 144.0}
+    extra = {"claim": claim, "system": system, "round_trip_ms": rt, "concurrency": concurrency, "writeup": writeup}
+    extra["round_trips_per_webhook"] = {"naive-before": 116, "naive-after": 5}.get(system, 0.5)
+    return {"group": claim, "stats": {"median": median_s}, "extra_info": extra}
+
+
+def write(results: Path, name: str, data: dict[str, Any]) -> None:
+    (results / name).write_text(json.dumps(data))
+
+
+def test_missing_results_are_named_not_invented(tmp_path: Path) -> None:
+    text = render(tmp_path)
+    for name in ("claims.json", "invalidation.json", "load.json", "ingest_limit.json", "read_path.json"):
+        assert f"`{name}` is missing" in text
+
+
+@pytest.mark.parametrize(
+    ("ours", "naive", "p99", "multiple", "meets", "latency"),
+    [
+        (120_000.0, 5_000.0, 95.0, "24x", "meets", "over"),
+        (40_000.0, 5_000.0, 30.0, "8.0x", "misses", "under"),
+    ],
+)
+def test_load_table_and_bars_follow_the_numbers(
+    tmp_path: Path, ours: float, naive: float, p99: float, multiple: str, meets: str, latency: str
+) -> None:
+    write(tmp_path, "load.json", load_results(ours, naive, p99))
+    text = render(tmp_path)
+    assert f"| transcriptd durable | 64 | {ours:,.0f} | {ours / 200_000:.0%} | {multiple} |" in text
+    assert f"{multiple} the write-up's before handler on the same storage ({meets} the bar of 10x)" in text
+    assert f"ack p99: {p99:,.1f} ms ({latency} the write-up's 50 ms promise)" in text
+    # A run with a round trip is set against the before handler with the same round trip, not the embedded one.
+    assert "| write-up after, 1 ms round trip | 64 | " in text
+    assert "| 5.0x |" in text
+
+
+@pytest.mark.parametrize(("transcriptd_s", "reached"), [(0.2, True), (0.5, False)])
+def test_end_to_end_says_where_the_write_ups_ratio_is_reached(
+    tmp_path: Path, transcriptd_s: float, reached: bool
+) -> None:
+    benchmarks = [
+        benchmark("end-to-end", "naive-before", 36.0, 5.0, 64),
+        benchmark("end-to-end", "naive-after", 1.5, 5.0, 64),
+        benchmark("end-to-end", "transcriptd-durable", transcriptd_s, 5.0, 64),
+    ]
+    write(tmp_path, "claims.json", {"benchmarks": benchmarks})
+    text = render(tmp_path)
+    ratio = f"{36.0 / transcriptd_s:,.0f}x"
+    assert f"({ratio})" in text
+    if reached:
+        assert f"reached by: transcriptd durable ({ratio}) at a 5 ms round trip with 64 senders" in text
+    else:
+        assert "is not reached at any measured round trip and concurrency" in text
+    assert "| 116 / 5 / 0.5 |" in text  # the round trips each side made, as counted
