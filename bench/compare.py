@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import redis.asyncio as aioredis
 
 from bench.ingest_limit import executemany_limit
+from bench.invalidation import DEFAULT_URL, check_redis_url
 from bench.load import body_templates, conversation_ids, load
 from bench.machine import describe
 from bench.naive import Variant
-from bench.redis_cache import DEFAULT_URL, redis_available
+from bench.redis_cache import redis_available
 from bench.roundtrip import DEFAULT_ROUND_TRIP_MS
 from bench.serve_naive import start_naive, start_transcriptd
 
@@ -48,7 +50,7 @@ TURNS = 100
 CONTENT_CHARS = 200
 # Per-request cost differs 100-fold between the systems; each run is sized to last a few seconds.
 REQUESTS_PER_SENDER = {"fast": 50, "slow": 10}
-MIN_REQUESTS = {"fast": 300, "slow": 60}
+MIN_REQUESTS = {"fast": 600, "slow": 60}
 STOP_TIMEOUT_S = 120
 
 
@@ -62,13 +64,14 @@ class System:
     highest_concurrency_only: bool = False
 
 
-def systems(round_trip_ms: float, cache: str) -> list[System]:
+def systems(round_trip_ms: float, cache: str, redis_url: str) -> list[System]:
     def naive(variant: Variant, rt: float) -> Callable[[Path], tuple[subprocess.Popen[bytes], int]]:
         return lambda db: start_naive(
             db,
             variant,
             round_trip_ms=rt,
             cache=cache,
+            redis_url=redis_url,
             tune_gc=True,
             log=subprocess.DEVNULL,
         )
@@ -123,12 +126,13 @@ def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[s
         exit_code = stop(process)
     results = report["results"]
     results["server_exit_code"] = exit_code
+    settings = {k: v for k, v in report["settings"].items() if k not in ("url", "verify_db")}  # local details
     return {
         "system": system.key,
         "label": system.label,
         "round_trip_ms": system.round_trip_ms,
         "concurrency": concurrency,
-        "settings": report["settings"],
+        "settings": settings,
         "results": results,
     }
 
@@ -143,7 +147,17 @@ def storage_limit(tmp: Path, per_commit: int) -> dict[str, float]:
     return executemany_limit(tmp / "limit.db", bodies, per_commit, "full")
 
 
+async def flush(redis_url: str) -> None:
+    """Each system starts on an empty cache: ``KEYS`` must not walk what an earlier run left."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
 def run(concurrencies: Sequence[int], scale: float, round_trip_ms: float, redis_url: str) -> dict[str, Any]:
+    check_redis_url(redis_url)  # the runs empty it: never database 0
     redis_skipped = anyio.run(redis_available, redis_url)
     cache = "memory" if redis_skipped else "redis"
     if redis_skipped:
@@ -154,17 +168,20 @@ def run(concurrencies: Sequence[int], scale: float, round_trip_ms: float, redis_
         tmp = Path(tmp_name)
         limit = storage_limit(tmp, per_commit=16)
         print(f"executemany limit: {limit['rows_per_s']:,.0f} rows/s", file=sys.stderr)
-        for system in systems(round_trip_ms, cache):
+        for system in systems(round_trip_ms, cache, redis_url):
             for concurrency in concurrencies:
                 if system.highest_concurrency_only and concurrency != max(concurrencies):
                     continue
+                if not redis_skipped:
+                    anyio.run(flush, redis_url)
                 run = run_one(system, concurrency, scale, tmp)
                 runs.append(run)
                 r = run["results"]
                 stored = (r["throughput"]["stored"] or {}).get("messages_per_s")
+                latency = r["latency_ms"] or {}
                 print(
                     f"{system.label:>34} c={concurrency:<3} stored {stored or 0:>9,.0f} msgs/s  "
-                    f"ack p50 {r['latency_ms']['p50']:>8} p99 {r['latency_ms']['p99']:>8} ms  "
+                    f"ack p50 {latency.get('p50', '-'):>8} p99 {latency.get('p99', '-'):>8} ms  "
                     f"statuses {r['statuses']} lost {r['lost']}",
                     file=sys.stderr,
                 )

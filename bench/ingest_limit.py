@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         single = daemon_ingest(Path(tmp) / "single.db", bodies[: min(len(bodies), 301)], 1, args.ack, args.synchronous)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "output"},  # no local paths in results
         "body_bytes_mean": round(statistics.fmean(len(b) for b in bodies)),
         "executemany_limit": limit,
         "writer_alone": alone,

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     evictions = [eviction(100), eviction(100_000)]
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "output"},  # no local paths in results
         "messages_stored": stored,
         "cached": cached,
         "uncached": uncached,
