@@ -138,6 +138,42 @@ class InProcessDictCache:
         self.data[key] = value
 
 
+class SimulatedCache(InProcessDictCache):
+    """Stands in for Redis when none answers: the write-up's cache calls on a dict, each one command
+    behind the simulated round trip (``command_delay_s``), counted in ``commands`` as
+    :class:`bench.redis_cache.RedisCache` counts its own.
+
+    Without it the naive handlers' cache would be free while their database pays every round trip, and a
+    run without Redis could not be set beside one with it. With no delay it behaves exactly as
+    :class:`InProcessDictCache` (no sleep, not even a zero one), but for the count.
+    """
+
+    def __init__(self, command_delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.command_delay_s = command_delay_s
+        self.commands = 0  # round trips made, for a bench to report
+
+    async def _round_trip(self) -> None:
+        self.commands += 1
+        if self.command_delay_s:
+            await anyio.sleep(self.command_delay_s)
+
+    async def delete(self, key: str) -> int:
+        await self._round_trip()
+        return await super().delete(key)
+
+    async def delete_pattern(self, pattern: str) -> int:
+        await self._round_trip()  # KEYS
+        deleted = await super().delete_pattern(pattern)
+        if deleted:
+            await self._round_trip()  # the DEL of what KEYS found; RedisCache sends none when it found nothing
+        return deleted
+
+    async def set(self, key: str, value: str) -> None:
+        await self._round_trip()
+        await super().set(key, value)
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """What one round trip brings back: the rows, and how many rows it changed."""

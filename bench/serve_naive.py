@@ -6,7 +6,9 @@
 It runs under uvicorn exactly as ``transcriptd serve`` does (uvloop when installed, httptools, no access
 log, no server header, the same signal handling), so what a load run sees between the two is the handlers'
 doing, not the servers'. ``--round-trip-ms`` is the simulated network round trip of each database statement
-and, with ``--cache redis``, of each Redis command. SIGTERM or SIGINT stops it: in-flight requests finish,
+and of each cache command, whether Redis (``--cache redis``) or the dict standing in for it
+(``--cache memory``), so that runs with and without Redis compare. ``--redis-url`` must name a database of
+its own, not 0 (default: the bench's database 15). SIGTERM or SIGINT stops it: in-flight requests finish,
 and the ``after`` variant drains its background work before the process exits (status 0).
 
 Start it from code with :func:`start_naive`, and transcriptd with :func:`start_transcriptd`.
@@ -31,8 +33,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from bench.ingest_limit import free_port, start_daemon
-from bench.naive import InProcessDictCache, NaiveCache, Variant, create_naive_app
-from bench.redis_cache import DEFAULT_URL, RedisCache
+from bench.invalidation import DEFAULT_URL, check_redis_url
+from bench.naive import NaiveCache, SimulatedCache, Variant, create_naive_app
+from bench.redis_cache import RedisCache
 from daemon.cli import DrainingServer, _event_loop  # the daemon's own choices, so both run alike
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,14 +49,18 @@ GRACEFUL_SHUTDOWN_S = 10
 def build_app(
     db: Path, variant: Variant, *, round_trip_ms: float = 0.0, cache: str = "memory", redis_url: str = DEFAULT_URL
 ) -> Starlette:
-    """The naive app; with Redis, the client is closed once the lifespan has drained the background work."""
+    """The naive app; with Redis, the client is closed once the lifespan has drained the background work.
+
+    Either cache pays ``round_trip_ms`` per command, as the database pays it per statement.
+    """
     delay_s = round_trip_ms / 1000
     store: NaiveCache
     redis: RedisCache | None = None
     if cache == "redis":
+        check_redis_url(redis_url)
         store = redis = RedisCache(redis_url, command_delay_s=delay_s)
     elif cache == "memory":
-        store = InProcessDictCache()
+        store = SimulatedCache(delay_s)
     else:
         raise ValueError(f"unknown cache {cache!r}")
     app = create_naive_app(db, variant=variant, cache=store, statement_delay_s=delay_s)
@@ -110,15 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--round-trip-ms", type=float, default=0.0, help="simulated round trip per statement/command")
     parser.add_argument("--cache", choices=["memory", "redis"], default="memory")
-    parser.add_argument("--redis-url", default=DEFAULT_URL)
+    parser.add_argument(
+        "--redis-url", default=DEFAULT_URL, help=f"a database of its own, not 0 (default {DEFAULT_URL})"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     parser.add_argument("--tune-gc", action="store_true", help="transcriptd's garbage collector settings")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    app = build_app(args.db, args.variant, round_trip_ms=args.round_trip_ms, cache=args.cache, redis_url=args.redis_url)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        app = build_app(
+            args.db, args.variant, round_trip_ms=args.round_trip_ms, cache=args.cache, redis_url=args.redis_url
+        )
+    except ValueError as exc:  # a Redis URL naming database 0: a usage error, not a crash
+        parser.error(str(exc))
     return serve(app, host=args.host, port=args.port, log_level=args.log_level, tune_gc=args.tune_gc)
 
 
@@ -155,7 +170,10 @@ def start_naive(
     """``python -m bench.serve_naive`` on a free loopback port, once it listens: the process and the port.
 
     ``log`` takes its standard output and error (default: inherited). Stop it with SIGTERM and ``wait()``.
+    A Redis URL naming database 0 is refused here, before anything is started.
     """
+    if cache == "redis":
+        check_redis_url(redis_url)
     port = free_port()
     argv = [sys.executable, "-m", "bench.serve_naive", "--variant", variant, "--db", str(db), "--port", str(port)]
     argv += ["--round-trip-ms", str(round_trip_ms), "--cache", cache, "--redis-url", redis_url]

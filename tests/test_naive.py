@@ -1,7 +1,9 @@
-"""The bench's baseline (bench/naive.py): the write-up's "before" and "after" paths store what they should."""
+"""The bench's baseline (bench/naive.py): the write-up's "before" and "after" paths store what they should,
+and bench/serve_naive.py serves them with the cache and round trip asked for."""
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,12 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 
+from bench import serve_naive
+from bench.invalidation import check_redis_url
 from bench.naive import (
     CACHED_PAGES,
     CREATE_CONVERSATION,
     INSERT_MESSAGE,
     InProcessDictCache,
+    NaiveCache,
+    SimulatedCache,
     Variant,
     conversation_pattern,
     create_naive_app,
@@ -179,3 +186,82 @@ async def test_a_failed_transaction_rolls_back_and_every_statement_is_a_round_tr
     finally:
         await db.close()
     assert stored(db_path) == [("tavus", 0, "user", "hi", None, 1.0)]
+
+
+@pytest.mark.anyio
+async def test_the_simulated_cache_counts_a_command_per_round_trip_as_redis_would() -> None:
+    cache = SimulatedCache()
+    for page in (1, 2):
+        await cache.set(page_key(CID, page), "[]")
+    assert cache.commands == 2
+    assert await cache.delete(page_key(CID, 1)) == 1
+    assert await cache.delete(page_key(CID, 1)) == 0  # nothing left to delete: the DEL is still sent
+    assert cache.commands == 4
+    assert await cache.delete_pattern(conversation_pattern(CID)) == 1  # KEYS, then a DEL of what it found
+    assert cache.commands == 6
+    assert await cache.delete_pattern(conversation_pattern(CID)) == 0  # KEYS found nothing: no DEL
+    assert cache.commands == 7
+    assert cache.data == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("variant", "cached", "commands"), [("before", True, 10), ("after", True, 2), ("after", False, 1)]
+)
+async def test_the_handlers_cache_commands_are_counted(
+    db_path: Path, variant: Variant, cached: bool, commands: int
+) -> None:
+    cache = SimulatedCache()
+    if cached:
+        for page in CACHED_PAGES:
+            await cache.set(page_key(CID, page), "[]")
+    seeded = cache.commands
+    async with naive_client(db_path, variant, cache) as client:
+        await client.post("/webhooks/tavus", content=encode(transcription_ready(CID, turns=TURNS)))
+    # "before": 10 DELs, found or not; "after": KEYS, and a DEL only when KEYS found something.
+    assert cache.commands - seeded == commands
+    assert not [page for page in CACHED_PAGES if page_key(CID, page) in cache.data]
+    check_rows(db_path)
+
+
+def served_cache(monkeypatch: pytest.MonkeyPatch, db_path: Path, **options: Any) -> NaiveCache:
+    """The cache ``build_app`` hands the naive app (no server is started)."""
+    handed: list[NaiveCache] = []
+
+    def recording(db: str | Path, *, variant: Variant, cache: NaiveCache, statement_delay_s: float = 0.0) -> Starlette:
+        handed.append(cache)
+        return create_naive_app(db, variant=variant, cache=cache, statement_delay_s=statement_delay_s)
+
+    monkeypatch.setattr(serve_naive, "create_naive_app", recording)
+    serve_naive.build_app(db_path, "before", **options)
+    (cache,) = handed
+    return cache
+
+
+def test_the_served_memory_cache_pays_the_round_trip_too(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> None:
+    cache = served_cache(monkeypatch, db_path, round_trip_ms=3.0, cache="memory")
+    assert isinstance(cache, SimulatedCache)
+    assert cache.command_delay_s == pytest.approx(0.003)
+    without = served_cache(monkeypatch, db_path, cache="memory")
+    assert isinstance(without, SimulatedCache)
+    assert without.command_delay_s == 0
+
+
+DATABASE_0 = "redis://127.0.0.1:6379/0"
+
+
+def test_the_served_redis_is_never_database_0(db_path: Path) -> None:
+    for function in (serve_naive.build_app, serve_naive.start_naive):
+        default = inspect.signature(function).parameters["redis_url"].default
+        check_redis_url(default)  # the bench's own database by default
+    with pytest.raises(ValueError, match="database 0"):
+        serve_naive.build_app(db_path, "after", cache="redis", redis_url=DATABASE_0)
+    # Refused before any process is started, not by a server that then fails to listen.
+    with pytest.raises(ValueError, match="database 0"):
+        serve_naive.start_naive(db_path, "after", cache="redis", redis_url=DATABASE_0, ready_timeout_s=0.1)
+    with pytest.raises(SystemExit) as exited:
+        serve_naive.main(["--variant", "after", "--db", str(db_path), "--cache", "redis", "--redis-url", DATABASE_0])
+    assert exited.value.code == 2
+    assert serve_naive.build_parser().parse_args(["--variant", "after", "--db", str(db_path)]).redis_url == (
+        inspect.signature(serve_naive.build_app).parameters["redis_url"].default
+    )
