@@ -84,12 +84,17 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 cache.evict_prefix(("conv", cid))
 
         metrics = Metrics()
-        writer = Writer(writer_settings(config, writer_connection), on_commit=evict, on_commit_stats=metrics.commit)
+        checkpointer = Checkpointer(config.storage.path)
+
+        def committed(rows: int, seconds: float) -> None:
+            metrics.commit(rows, seconds)
+            checkpointer.notify()
+
+        writer = Writer(writer_settings(config, writer_connection), on_commit=evict, on_commit_stats=committed)
         reader = Reader(config.storage.path)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
-            checkpointer = Checkpointer(config.storage.path)
             await tg.start(checkpointer.run)
             registry = ActorRegistry(
                 writer,
