@@ -421,7 +421,7 @@ def chart(load: dict[str, Any], path: Path) -> bool:
     right.axhline(ANSWER_PROMISE_MS, ls="--", c="red", label="the write-up's 50 ms")
     for ax, title in ((left, "stored messages/s (log)"), (right, "ack latency, ms: p50 bar, p99 whisker (log)")):
         ax.set_yscale("log")
-        ax.set_xticks(range(len(concurrencies)), [f"{c} senders" for c in concurrencies])
+        ax.set_xticks(range(len(concurrencies)), [f"{c} sender{'s' if c != 1 else ''}" for c in concurrencies])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     left.legend(fontsize=7, loc="lower left")
