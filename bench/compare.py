@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,13 @@ import anyio
 import redis.asyncio as aioredis
 
 from bench.ingest_limit import executemany_limit
-from bench.invalidation import DEFAULT_URL, check_redis_url
 from bench.load import body_templates, conversation_ids, load
 from bench.machine import describe
 from bench.naive import Variant
-from bench.redis_cache import redis_available
+from bench.processes import start_transcriptd, stop
+from bench.redis_cache import DEFAULT_URL, check_redis_url, redis_available
 from bench.roundtrip import DEFAULT_ROUND_TRIP_MS
-from bench.serve_naive import start_naive, start_transcriptd
+from bench.serve_naive import start_naive
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCIES = (1, 16, 64)
@@ -51,7 +50,6 @@ CONTENT_CHARS = 200
 # Per-request cost differs 100-fold between the systems; each run is sized to last a few seconds.
 REQUESTS_PER_SENDER = {"fast": 50, "slow": 10}
 MIN_REQUESTS = {"fast": 600, "slow": 60}
-STOP_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +94,6 @@ def request_count(system: System, concurrency: int, scale: float) -> int:
     if system.round_trip_ms:
         wanted = max(concurrency, wanted // 4)  # ~100 round trips a request: a few seconds at 64
     return max(concurrency, round(wanted * scale))
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
 
 
 def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[str, Any]:

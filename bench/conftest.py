@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from bench.redis_cache import redis_available
+from bench.redis_cache import DEFAULT_URL, redis_available
 from bench.roundtrip import DEFAULT_ROUND_TRIP_MS
 
 # Logical database 15, flushed before and after each use: the bench must never touch data someone keeps
 # in database 0 of a Redis that happens to run on this machine.
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = DEFAULT_URL
 DEFAULT_E2E_WEBHOOKS = 64
 E2E_CONCURRENCY = (1, 16, 64)
 # Behind a 1 ms round trip no optimised system reaches the write-up's 144x end to end; 5 ms is where

@@ -13,14 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +22,9 @@ from typing import Any
 
 import msgspec
 
+from bench.machine import describe
 from bench.payloads import encode, transcription_ready
+from bench.processes import start_transcriptd, stop
 from bench.rawhttp import closed_loop
 from daemon import tavus
 from daemon.tavus import TranscriptionReady
@@ -109,48 +105,20 @@ def writer_alone(db: Path, bodies: list[bytes], per_commit: int, synchronous: st
     return {"rows": stored, "seconds": elapsed, "rows_per_s": stored / elapsed}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_daemon(db: Path, port: int, ack: str, synchronous: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
-        TRANSCRIPTD_STORAGE_PATH=str(db),
-        TRANSCRIPTD_SERVER_PORT=str(port),
-        TRANSCRIPTD_INGEST_ACK=ack,
-        TRANSCRIPTD_STORAGE_SYNCHRONOUS=synchronous,
-        TRANSCRIPTD_SERVER_LOG_LEVEL="warning",
-    )
-    process = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", os.devnull], env=env)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the daemon did not start listening")
-
-
 async def drive(port: int, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
     return await closed_loop(port, bodies, concurrency, lambda connection, body: connection.post(WEBHOOK, body))
 
 
 def daemon_ingest(db: Path, bodies: list[bytes], concurrency: int, ack: str, synchronous: str) -> dict[str, Any]:
-    port = free_port()
-    process = start_daemon(db, port, ack, synchronous)
+    process, port = start_transcriptd(db, ack=ack, synchronous=synchronous)
     # The warm-up bodies are the first ``concurrency`` conversation ids.
     measured = "SELECT count(*) FROM messages WHERE conversation_id >= ?", (f"bench-{concurrency:06d}",)
+    # Counted before the clock starts: decoding every body again is not the daemon's time.
+    expected = sum(len(rows_of(b)) for b in bodies[concurrency:])
     try:
         asyncio.run(drive(port, bodies[:concurrency], concurrency))  # warm-up: connections, first actors
         started = time.perf_counter()
         run = asyncio.run(drive(port, bodies[concurrency:], concurrency))
-        expected = sum(len(rows_of(b)) for b in bodies[concurrency:])
         conn = sqlite3.connect(db)
         # An enqueued ack comes before the commit: the clock stops when the rows are all in the database.
         while conn.execute(*measured).fetchone()[0] < expected and time.perf_counter() - started < 120:
@@ -158,8 +126,7 @@ def daemon_ingest(db: Path, bodies: list[bytes], concurrency: int, ack: str, syn
         run["seconds_until_stored"] = time.perf_counter() - started
         conn.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        stop(process)
     conn = sqlite3.connect(db)
     (run["rows"],) = conn.execute(*measured).fetchone()
     conn.close()
@@ -186,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon = daemon_ingest(Path(tmp) / "daemon.db", bodies, args.concurrency, args.ack, args.synchronous)
         single = daemon_ingest(Path(tmp) / "single.db", bodies[: min(len(bodies), 301)], 1, args.ack, args.synchronous)
     report = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
+        "machine": describe(),
         "settings": {k: str(v) for k, v in vars(args).items() if k != "output"},  # no local paths in results
         "body_bytes_mean": round(statistics.fmean(len(b) for b in bodies)),
         "executemany_limit": limit,

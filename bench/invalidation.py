@@ -44,18 +44,16 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
 
 from bench.naive import CACHED_PAGES, PAGE_SIZE, SOURCE, InProcessDictCache, conversation_pattern, page_key
-from bench.redis_cache import RedisCache, redis_available
+from bench.redis_cache import DEFAULT_URL, RedisCache, check_redis_url, redacted, redis_available
 from daemon.cache import Key, PrefixTTLCache
 
 RESULTS: Final = Path(__file__).parent / "results"
 DEFAULT_SIZES: Final = (1_000, 10_000, 100_000, 1_000_000)
-DEFAULT_URL: Final = "redis://127.0.0.1:6379/15"
 CLAIM: Final = "cache invalidation by pattern is 10x faster than 10 sequential DELs (500 ms -> 50 ms)"
 METHODS: Final = ("redis_sequential_del", "redis_keys_del", "evict_prefix", "dict_scan")
 PAGES: Final = len(CACHED_PAGES)
@@ -93,26 +91,10 @@ def cache_key(cid: str, page: int) -> Key:
     return ("conv", cid, "messages", SOURCE, page, None, PAGE_SIZE, None, False)
 
 
-def redacted(url: str) -> str:
-    """``url`` without its password, for the report."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def check_sizes(sizes: Sequence[int]) -> None:
     for size in sizes:
         if size < PAGES or size % PAGES:
             raise ValueError(f"cache size {size} is not a positive multiple of {PAGES}: conversations of {PAGES} pages")
-
-
-def check_redis_url(url: str) -> None:
-    """The bench empties its database: refuse database 0, where anything else would live."""
-    # Parsed as the client will parse it (a ``?db=`` query wins over the path); a pool connects lazily.
-    if int(aioredis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0)) == 0:
-        raise ValueError(f"{redacted(url)} is database 0; give the bench a database of its own, e.g. {DEFAULT_URL}")
 
 
 def summary(samples_ns: Sequence[int], round_trips: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from bench.roundtrip import RoundTrips
 from daemon.decoding import epoch_seconds
 from storage.connection import open_writer
 from storage.migrations import migrate
@@ -138,7 +139,7 @@ class InProcessDictCache:
         self.data[key] = value
 
 
-class SimulatedCache(InProcessDictCache):
+class SimulatedCache(RoundTrips, InProcessDictCache):
     """Stands in for Redis when none answers: the write-up's cache calls on a dict, each one command
     behind the simulated round trip (``command_delay_s``), counted in ``commands`` as
     :class:`bench.redis_cache.RedisCache` counts its own.
@@ -149,14 +150,8 @@ class SimulatedCache(InProcessDictCache):
     """
 
     def __init__(self, command_delay_s: float = 0.0) -> None:
-        super().__init__()
-        self.command_delay_s = command_delay_s
-        self.commands = 0  # round trips made, for a bench to report
-
-    async def _round_trip(self) -> None:
-        self.commands += 1
-        if self.command_delay_s:
-            await anyio.sleep(self.command_delay_s)
+        RoundTrips.__init__(self, command_delay_s)
+        InProcessDictCache.__init__(self)
 
     async def delete(self, key: str) -> int:
         await self._round_trip()

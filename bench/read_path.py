@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import signal
 import sqlite3
 import tempfile
 import timeit
 from pathlib import Path
 from typing import Any
 
-from bench.ingest_limit import RESULTS, WEBHOOK, free_port, start_daemon
+from bench.ingest_limit import RESULTS, WEBHOOK
+from bench.machine import describe
 from bench.payloads import encode, transcription_ready
+from bench.processes import start_transcriptd, stop
 from bench.rawhttp import Connection, closed_loop
 from daemon.cache import PrefixTTLCache
 
@@ -45,17 +44,13 @@ async def read(port: int, urls: list[str], concurrency: int) -> dict[str, Any]:
 
 
 def serve_and_read(db: Path, urls: list[str], concurrency: int, ttl_s: float) -> dict[str, Any]:
-    port = free_port()
-    os.environ["TRANSCRIPTD_CACHE_TTL_S"] = str(ttl_s)
-    os.environ["TRANSCRIPTD_CACHE_MAX_ENTRIES"] = str(len(set(urls)) * 2)
-    process = start_daemon(db, port, "durable", "full")
+    cache = {"TRANSCRIPTD_CACHE_TTL_S": str(ttl_s), "TRANSCRIPTD_CACHE_MAX_ENTRIES": str(len(set(urls)) * 2)}
+    process, port = start_transcriptd(db, env=cache)
     try:
         asyncio.run(read(port, sorted(set(urls)), concurrency))  # warm: every page once
         return asyncio.run(read(port, urls, concurrency))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-        del os.environ["TRANSCRIPTD_CACHE_TTL_S"], os.environ["TRANSCRIPTD_CACHE_MAX_ENTRIES"]
+        stop(process)
 
 
 def eviction(others: int, pages: int = 20) -> dict[str, float]:
@@ -97,20 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "read.db"
-        port = free_port()
-        process = start_daemon(db, port, "durable", "full")
+        process, port = start_transcriptd(db)
         try:
             asyncio.run(load(port, args.conversations))
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            stop(process)
         cached = serve_and_read(db, urls, args.concurrency, ttl_s=3600)
         uncached = serve_and_read(db, urls, args.concurrency, ttl_s=1e-6)
         with sqlite3.connect(db) as conn:
             stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
     evictions = [eviction(100), eviction(100_000)]
     report = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
+        "machine": describe(),
         "settings": {k: str(v) for k, v in vars(args).items() if k != "output"},  # no local paths in results
         "messages_stored": stored,
         "cached": cached,

@@ -9,12 +9,31 @@ adds the same simulated round trip the database side gets, on top of the real lo
 from __future__ import annotations
 
 from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
 
-import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+from bench.roundtrip import RoundTrips
+
+# The bench empties the database it uses: its own, never database 0 where anything else would live.
+DEFAULT_URL = "redis://127.0.0.1:6379/15"
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for reports and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_redis_url(url: str) -> None:
+    """The bench empties its database: refuse database 0, where anything else would live."""
+    # Parsed as the client will parse it (a ``?db=`` query wins over the path); a pool connects lazily.
+    if int(aioredis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0)) == 0:
+        raise ValueError(f"{redacted(url)} is database 0; give the bench a database of its own, e.g. {DEFAULT_URL}")
 
 
 async def redis_available(url: str = DEFAULT_URL, timeout_s: float = 0.5) -> str | None:
@@ -29,18 +48,12 @@ async def redis_available(url: str = DEFAULT_URL, timeout_s: float = 0.5) -> str
     return None
 
 
-class RedisCache:
+class RedisCache(RoundTrips):
     """One connection, one awaited command per call, as the write-up's service used ioredis."""
 
     def __init__(self, url: str = DEFAULT_URL, *, command_delay_s: float = 0.0) -> None:
+        super().__init__(command_delay_s)
         self._client = aioredis.Redis.from_url(url, decode_responses=True, single_connection_client=True)
-        self._delay = command_delay_s
-        self.commands = 0  # round trips made, for the bench to report
-
-    async def _round_trip(self) -> None:
-        self.commands += 1
-        if self._delay:
-            await anyio.sleep(self._delay)
 
     async def delete(self, key: str) -> int:
         await self._round_trip()

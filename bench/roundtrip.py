@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
+
 DEFAULT_ROUND_TRIP_MS = 1.0
 
 
@@ -23,16 +25,26 @@ def round_trip_connection(delay_s: float) -> type[sqlite3.Connection]:
         return sqlite3.Connection
 
     class RoundTripConnection(sqlite3.Connection):
-        round_trips = 0
-
         def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
             time.sleep(delay_s)
-            type(self).round_trips += 1
             return super().execute(sql, parameters)
 
         def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
             time.sleep(delay_s)
-            type(self).round_trips += 1
             return super().executemany(sql, parameters)
 
     return RoundTripConnection
+
+
+class RoundTrips:
+    """An async client's side of the simulated round trip: each command waits ``command_delay_s`` first
+    (not even a zero sleep without one) and is counted in ``commands``, for a bench to report."""
+
+    def __init__(self, command_delay_s: float = 0.0) -> None:
+        self.command_delay_s = command_delay_s
+        self.commands = 0
+
+    async def _round_trip(self) -> None:
+        self.commands += 1
+        if self.command_delay_s:
+            await anyio.sleep(self.command_delay_s)

@@ -11,7 +11,7 @@ and of each cache command, whether Redis (``--cache redis``) or the dict standin
 its own, not 0 (default: the bench's database 15). SIGTERM or SIGINT stops it: in-flight requests finish,
 and the ``after`` variant drains its background work before the process exits (status 0).
 
-Start it from code with :func:`start_naive`, and transcriptd with :func:`start_transcriptd`.
+Start it from code with :func:`start_naive`, and transcriptd with :func:`bench.processes.start_transcriptd`.
 """
 
 from __future__ import annotations
@@ -19,28 +19,20 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
 
 import uvicorn
 from starlette.applications import Starlette
 
-from bench.ingest_limit import free_port, start_daemon
-from bench.invalidation import DEFAULT_URL, check_redis_url
 from bench.naive import NaiveCache, SimulatedCache, Variant, create_naive_app
-from bench.redis_cache import RedisCache
+from bench.processes import Log, free_port, start_server
+from bench.redis_cache import DEFAULT_URL, RedisCache, check_redis_url
 from daemon.cli import DrainingServer, _event_loop  # the daemon's own choices, so both run alike
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-READY_TIMEOUT_S = 20.0
 # What ``transcriptd serve`` grants open requests at shutdown by default; the naive handler's own
 # background work is drained by its lifespan afterwards, whatever this says.
 GRACEFUL_SHUTDOWN_S = 10
@@ -140,22 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- for orchestrators and tests ------------------------------------------------------------------------
 
 
-def wait_listening(process: subprocess.Popen[Any], port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Until ``port`` accepts connections; uvicorn binds only once the lifespan has started, so it is ready."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode} before it listened on {port}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    process.wait(10)
-    raise RuntimeError(f"nothing listened on {port} within {timeout_s:g} s")
-
-
 def start_naive(
     db: Path,
     variant: Variant,
@@ -164,8 +140,7 @@ def start_naive(
     cache: str = "memory",
     redis_url: str = DEFAULT_URL,
     tune_gc: bool = False,
-    log: IO[bytes] | int | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
+    log: Log = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``python -m bench.serve_naive`` on a free loopback port, once it listens: the process and the port.
 
@@ -175,28 +150,10 @@ def start_naive(
     if cache == "redis":
         check_redis_url(redis_url)
     port = free_port()
-    argv = [sys.executable, "-m", "bench.serve_naive", "--variant", variant, "--db", str(db), "--port", str(port)]
+    argv = ["-m", "bench.serve_naive", "--variant", variant, "--db", str(db), "--port", str(port)]
     argv += ["--round-trip-ms", str(round_trip_ms), "--cache", cache, "--redis-url", redis_url]
     argv += ["--tune-gc"] if tune_gc else []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
-    process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        wait_listening(process, port, ready_timeout_s)
-    except BaseException:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        raise
-    return process, port
-
-
-def start_transcriptd(
-    db: Path, *, ack: str = "durable", synchronous: str = "full"
-) -> tuple[subprocess.Popen[bytes], int]:
-    """``transcriptd serve`` on a free loopback port, as bench.ingest_limit runs it: the process and the port."""
-    port = free_port()
-    return start_daemon(db, port, ack, synchronous), port
+    return start_server(argv, port, log=log), port
 
 
 if __name__ == "__main__":

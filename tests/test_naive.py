@@ -15,7 +15,6 @@ import pytest
 from starlette.applications import Starlette
 
 from bench import serve_naive
-from bench.invalidation import check_redis_url
 from bench.naive import (
     CACHED_PAGES,
     CREATE_CONVERSATION,
@@ -31,6 +30,7 @@ from bench.naive import (
     page_key,
 )
 from bench.payloads import encode, transcription_ready
+from bench.redis_cache import check_redis_url
 from storage.migrations import available
 
 CID = "c-naive-1"
@@ -258,7 +258,7 @@ def test_the_served_redis_is_never_database_0(db_path: Path) -> None:
         serve_naive.build_app(db_path, "after", cache="redis", redis_url=DATABASE_0)
     # Refused before any process is started, not by a server that then fails to listen.
     with pytest.raises(ValueError, match="database 0"):
-        serve_naive.start_naive(db_path, "after", cache="redis", redis_url=DATABASE_0, ready_timeout_s=0.1)
+        serve_naive.start_naive(db_path, "after", cache="redis", redis_url=DATABASE_0)
     with pytest.raises(SystemExit) as exited:
         serve_naive.main(["--variant", "after", "--db", str(db_path), "--cache", "redis", "--redis-url", DATABASE_0])
     assert exited.value.code == 2

@@ -17,12 +17,12 @@ import redis
 import redis.asyncio as aioredis
 
 import bench.invalidation as invalidation
-import bench.redis_cache as redis_cache
+import bench.roundtrip as roundtrip
 from bench.naive import CACHED_PAGES, conversation_pattern, page_key
-from bench.redis_cache import RedisCache, redis_available
+from bench.redis_cache import DEFAULT_URL, RedisCache, redis_available
 from daemon.cache import PrefixTTLCache
 
-URL = "redis://127.0.0.1:6379/15"
+URL = DEFAULT_URL
 # Nothing listens on port 1: the sweep's no-Redis path, tested whether or not a Redis runs.
 NO_REDIS_URL = "redis://127.0.0.1:1/15"
 
@@ -105,7 +105,7 @@ async def test_command_delay_is_paid_once_per_round_trip(
         slept.append(seconds)
 
     # Recorded, not slept: the test checks which calls pay the delay, not how long they took.
-    monkeypatch.setattr(redis_cache, "anyio", SimpleNamespace(sleep=sleep))
+    monkeypatch.setattr(roundtrip, "anyio", SimpleNamespace(sleep=sleep))
     await cache_pages(admin, "c1")
     async with RedisCache(redis_url, command_delay_s=0.05) as cache:
         await cache.set("messages:c2:1:50", "page")
