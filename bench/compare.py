@@ -35,7 +35,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from bench.ingest_limit import executemany_limit
-from bench.load import body_templates, conversation_ids, load
+from bench.load import Workload, body_templates, conversation_ids, load
 from bench.machine import describe
 from bench.naive import Variant
 from bench.processes import start_transcriptd, stop
@@ -128,11 +128,8 @@ def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[s
 
 def storage_limit(tmp: Path, per_commit: int) -> dict[str, float]:
     """The plain executemany loop over the rows of the same bodies the load sends."""
-    templates = body_templates(TURNS, CONTENT_CHARS, 0)
-    ids = conversation_ids("limit", 1600)
-    bodies = [
-        templates[i % len(templates)].replace(b"@@conversation-id@@", cid.encode(), 1) for i, cid in enumerate(ids)
-    ]
+    workload = Workload.prepare(conversation_ids("limit", 1600), body_templates(TURNS, CONTENT_CHARS, 0))
+    bodies = [workload.body(i) for i in range(len(workload.ids))]
     return executemany_limit(tmp / "limit.db", bodies, per_commit, "full")
 
 
@@ -145,7 +142,15 @@ async def flush(redis_url: str) -> None:
         await client.aclose()
 
 
-def run(concurrencies: Sequence[int], scale: float, round_trip_ms: float, redis_url: str) -> dict[str, Any]:
+def run(
+    concurrencies: Sequence[int],
+    scale: float,
+    round_trip_ms: float,
+    redis_url: str,
+    limit: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """``limit``: the executemany limit already measured in this run (``bench.ingest_limit``), or None to
+    measure it here."""
     check_redis_url(redis_url)  # the runs empty it: never database 0
     redis_skipped = anyio.run(redis_available, redis_url)
     cache = "memory" if redis_skipped else "redis"
@@ -155,7 +160,7 @@ def run(concurrencies: Sequence[int], scale: float, round_trip_ms: float, redis_
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transcriptd-compare-") as tmp_name:
         tmp = Path(tmp_name)
-        limit = storage_limit(tmp, per_commit=16)
+        limit = limit or storage_limit(tmp, per_commit=16)
         print(f"executemany limit: {limit['rows_per_s']:,.0f} rows/s", file=sys.stderr)
         for system in systems(round_trip_ms, cache, redis_url):
             for concurrency in concurrencies:
@@ -198,9 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--round-trip-ms", type=float, default=DEFAULT_ROUND_TRIP_MS)
     parser.add_argument("--redis-url", default=DEFAULT_URL)
     parser.add_argument("--output", type=Path, default=RESULTS / "load.json")
+    parser.add_argument(
+        "--limit-from",
+        type=Path,
+        metavar="JSON",
+        help="take the executemany limit from bench.ingest_limit's results of this run instead of measuring it again",
+    )
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url)
+    limit = json.loads(args.limit_from.read_text())["executemany_limit"] if args.limit_from else None
+    report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url, limit)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.output} in {report['seconds']} s", file=sys.stderr)

@@ -51,7 +51,17 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 "bench.read_path", "read_path.json", *(["--requests", "200", "--conversations", "10"] if quick else [])
             ),
         ),
-        ("load comparison", module("bench.compare", "load.json", *(["--scale", "0.05"] if quick else []))),
+        # One executemany limit per run: the one ingest_limit measured.
+        (
+            "load comparison",
+            module(
+                "bench.compare",
+                "load.json",
+                "--limit-from",
+                str(results / "ingest_limit.json"),
+                *(["--scale", "0.05"] if quick else []),
+            ),
+        ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]
 
