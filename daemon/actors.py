@@ -143,10 +143,7 @@ class ActorRegistry:
         """Put a delivery in its conversation's mailbox now, or refuse it with a retryable error."""
         if self.state != "running" or self._tg is None:
             raise ShuttingDown("transcriptd is shutting down", retry_after=self._retry_after_s)
-        if self.would_exceed(delivery.weight):
-            raise Overloaded(
-                f"{self.inflight_bytes} bytes of deliveries are waiting to be stored", retry_after=self._retry_after_s
-            )
+        self.check_room(delivery.weight)
         if self.inflight_messages and self.inflight_messages + delivery.received > self._max_inflight_messages:
             raise Overloaded(
                 f"{self.inflight_messages} messages are waiting to be stored", retry_after=self._retry_after_s
@@ -182,10 +179,13 @@ class ActorRegistry:
         await self._closed.wait()
         return False
 
-    def would_exceed(self, weight: int) -> bool:
-        """Whether taking a delivery of this weight now would go over the in-flight budget. Intake asks
-        before reading a body whose length it knows, so an overload costs no read."""
-        return bool(self.inflight_bytes) and self.inflight_bytes + weight > self._max_inflight_bytes
+    def check_room(self, weight: int) -> None:
+        """Refuse (503) a delivery of this weight if taking it now would go over the in-flight byte budget.
+        Intake asks before reading a body whose length it knows, so an overload costs no read."""
+        if self.inflight_bytes and self.inflight_bytes + weight > self._max_inflight_bytes:
+            raise Overloaded(
+                f"{self.inflight_bytes} bytes of deliveries are waiting to be stored", retry_after=self._retry_after_s
+            )
 
     @property
     def oldest_pending_at(self) -> float | None:

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from daemon.auth import check_bearer
 from daemon.cache import PrefixTTLCache
+from daemon.decoding import validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.generic import check_conversation_id
 from daemon.tavus import Role
@@ -67,9 +68,7 @@ def parse_query(request: Request, type_: type[Q]) -> Q:
     try:
         return msgspec.convert(dict(request.query_params), type_, strict=False)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        field = "query" + where.rstrip("`") if where else "query"
-        raise InvalidPayload([Problem(message, field)]) from None
+        raise InvalidPayload([validation_problem(exc, "query")]) from None
 
 
 class Api:

@@ -24,6 +24,7 @@ from daemon import __version__, generic, tavus
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
+from daemon.janitor import DAY_S
 from daemon.logs import configure
 from storage import backup as backups
 from storage import dead_letters, retention
@@ -392,12 +393,12 @@ def _replayed(stats: ReplayStats) -> str:
 
 def prune_command(args: argparse.Namespace, config: Config) -> int:
     flag: float | None = args.older_than_days
-    days = flag if flag is not None else float(getattr(config.storage, "retention_days", 0) or 0)
+    days = flag if flag is not None else float(config.storage.retention_days)
     if days <= 0:
         print("no retention configured (storage.retention_days is 0: keep everything); nothing deleted")
         return 0
     path = _database(config)
-    cutoff = time.time() - days * 86_400
+    cutoff = time.time() - days * DAY_S
     when = f"last updated before {_iso(cutoff)} (older than {days:g} days)"
     if args.dry_run:
         with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as reader:

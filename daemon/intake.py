@@ -18,7 +18,7 @@ from starlette.responses import Response
 from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
-from daemon.errors import InvalidPayload, Overloaded, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
 from daemon.metrics import Metrics
 from daemon.signatures import SignatureVerifier
 from storage.deliveries import Delivery, WriteResult, weight_of
@@ -93,11 +93,7 @@ class Intake:
             if length > limit:
                 raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             # Refused before the body is read: reading it would take the memory the budget protects.
-            if self.registry.would_exceed(weight_of(length)):
-                raise Overloaded(
-                    f"{self.registry.inflight_bytes} bytes of deliveries are waiting to be stored",
-                    retry_after=self.settings.retry_after_s,
-                )
+            self.registry.check_room(weight_of(length))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

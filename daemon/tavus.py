@@ -21,8 +21,6 @@ ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Timestamp = float | str | None
 
-JOINED = frozenset({"system.replica_joined", "system.pal_joined"})
-
 
 class Envelope(msgspec.Struct, frozen=True):
     """A Tavus conversation callback. ``properties`` depends on ``event_type``: ``transcript`` for

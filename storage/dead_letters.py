@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from storage.replay import Parse, StoredEvent
+from storage.replay import Parse, StoredEvent, parse_stored
 from storage.writes import write_in_savepoint
 
 
@@ -139,12 +139,10 @@ def _retry_one(conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: St
     if parse is None:
         return failed(f"no parser for source {event.source!r}")
     try:
-        delivery = parse(event)
+        # Under the key intake computed (a webhook-id header is not stored): the one a re-sent copy is known by.
+        delivery = parse_stored(parse, event)
     except Exception as exc:  # whatever the parser raises, this body cannot be parsed now
         return failed(f"the parser refuses it: {exc.__class__.__name__}: {exc}")
-    # The key intake computed (a webhook-id header is not stored): the one a re-sent copy is known by.
-    delivery.key = event.delivery_key
-    delivery.awaited = False
     result = write_in_savepoint(conn, delivery)
     if isinstance(result, Exception):
         return failed(f"the database refused it: {result.__class__.__name__}: {result}")

@@ -110,7 +110,7 @@ def replay(
             stats.unknown_source += 1
             continue
         try:
-            delivery = _parse(parse, event)
+            delivery = parse_stored(parse, event)
         except Exception as exc:  # whatever the parser raises, this event cannot be derived now
             stats.unparsed += 1
             if on_failure is not None:
@@ -157,7 +157,8 @@ def _events(conn: sqlite3.Connection, conversation_id: str | None, after: int, l
         after = event.id
 
 
-def _parse(parse: Parse, event: StoredEvent) -> Delivery:
+def parse_stored(parse: Parse, event: StoredEvent) -> Delivery:
+    """The delivery a stored event makes again, under the key it was stored under, not awaited."""
     delivery = parse(event)
     # The key it was stored under (a webhook-id header, or the one key for both join events): the event
     # row is the same, whatever key the headers-less parse would compute.

@@ -130,7 +130,7 @@ def write_deliveries(
     looked up nor inserted: only their conversations and messages are written (idempotently).
     """
     keys = [(d.key,) for d in batch] if store_events else []
-    seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, keys, ")")}
+    seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, keys, sql.EXISTING_KEYS_TAIL)}
     fresh: list[Delivery] = []
     for delivery in batch:
         if delivery.key not in seen:
