@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from storage.connection import immediate
 from storage.replay import Parse, StoredEvent, parse_stored
 from storage.writes import write_in_savepoint
 
@@ -101,8 +102,7 @@ def retry(conn: sqlite3.Connection, parsers: Mapping[str, Parse], ids: Iterable[
     if not _exists(conn):
         summary.unknown_ids = wanted or []
         return summary
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         letters = _unresolved(conn, wanted)
         if wanted is not None:
             found = {event.id for event in letters}
@@ -115,11 +115,6 @@ def retry(conn: sqlite3.Connection, parsers: Mapping[str, Parse], ids: Iterable[
                 conn.execute(STILL_FAILING, (outcome.error, now, event.id))
             else:
                 conn.execute(RESOLVE, (now, event.id))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return summary
 
 

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from storage.connection import immediate
 from storage.deliveries import Delivery, MessageRow
 from storage.writes import write_in_savepoint
 
@@ -232,8 +233,7 @@ def _write(
     """One transaction; each delivery in a savepoint, so rows the database refuses cost only their event."""
     done = ReplayStats()
     refused: list[tuple[StoredEvent, str]] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         for event, delivery in batch:
             result = write_in_savepoint(conn, delivery, store_events=False)
             if isinstance(result, Exception):
@@ -242,11 +242,6 @@ def _write(
             done.events += 1
             done.inserted += result.inserted
             done.updated += result.updated
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     stats.events += done.events
     stats.inserted += done.inserted
     stats.updated += done.updated

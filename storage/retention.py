@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from storage.connection import immediate
+
 # A batch also stops growing past this many messages, so one long conversation or many make no long lock.
 MAX_BATCH_MESSAGES = 20_000
 
@@ -76,8 +78,7 @@ def prune_batch_counts(conn: sqlite3.Connection, cutoff: float, max_conversation
     """``prune_batch``, telling the messages and events deleted too."""
     if max_conversations < 1:
         raise ValueError("max_conversations must be at least 1")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         size = messages = 0
         for (count,) in conn.execute(OLDEST, (cutoff, max_conversations)).fetchall():
             if size and messages + count > MAX_BATCH_MESSAGES:
@@ -85,17 +86,11 @@ def prune_batch_counts(conn: sqlite3.Connection, cutoff: float, max_conversation
             size += 1
             messages += count
         if not size:
-            conn.execute("COMMIT")
-            return Pruned()
+            return Pruned()  # committed on the way out: nothing was changed
         # Events carry no foreign key, and messages are deleted explicitly too: the result is the same
         # whether or not this connection enforces foreign keys (the cascade then finds nothing left).
         # Conversations go last: until then, the batch's selection is unchanged.
         events = conn.execute(DELETE_EVENTS, (cutoff, size)).rowcount
         deleted_messages = conn.execute(DELETE_MESSAGES, (cutoff, size)).rowcount
         conversations = conn.execute(DELETE_CONVERSATIONS, (cutoff, size)).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return Pruned(conversations, deleted_messages, events)

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from storage.connection import Synchronous, open_writer
+from storage.connection import Synchronous, immediate, open_writer
 from storage.deliveries import Delivery
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
 from storage.migrations import migrate
@@ -322,17 +322,11 @@ class Writer:
 def _probe(conn: sqlite3.Connection) -> str | None:
     """A real commit of one tiny row: a full disk or a read-only file shows here, not only a lock."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 (time.time(),),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         return f"{exc.__class__.__name__}: {exc}"
     return None
