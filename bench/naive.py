@@ -291,17 +291,40 @@ async def update_conversation(db: NaiveDriver, transcript: Transcript, rows: Seq
     await db.execute(UPDATE_CONVERSATION, (transcript.conversation_id, transcript.replica_id, last, now))
 
 
+async def insert_one_by_one(db: NaiveDriver, rows: Sequence[Row]) -> int:
+    """The "before" insert: BEGIN, one awaited INSERT per message in order, COMMIT; rows inserted."""
+    inserted = 0
+    async with db.transaction() as tx:
+        for row in rows:
+            inserted += (await tx(INSERT_MESSAGE, row)).rowcount
+    return inserted
+
+
+async def create_many(db: NaiveDriver, rows: Sequence[Row]) -> int:
+    """The "after" insert: ``createMany({skipDuplicates: true})``, split as Prisma splits it; rows inserted."""
+    inserted = 0
+    for start in range(0, len(rows), ROWS_PER_BULK_INSERT):
+        chunk = rows[start : start + ROWS_PER_BULK_INSERT]
+        inserted += (await db.execute(bulk_insert(len(chunk)), [value for row in chunk for value in row])).rowcount
+    return inserted
+
+
+async def delete_pages(cache: NaiveCache, cid: str) -> int:
+    """The "before" invalidation: 10 awaited DELs, one per cached page, one after the other; keys deleted."""
+    deleted = 0
+    for page in CACHED_PAGES:
+        deleted += await cache.delete(page_key(cid, page))
+    return deleted
+
+
 async def process_before(db: NaiveDriver, cache: NaiveCache, transcript: Transcript) -> int:
     """The "before" path, all of it awaited before the answer; how many messages it inserted."""
     cid, now = transcript.conversation_id, time.time()
     await find_or_create_conversation(db, cid, now)
     existing = {row[3] for row in (await db.execute(FIND_MESSAGES, (cid, SOURCE))).rows}  # seq: the 4th column
     rows = [message_row(cid, seq, entry, now) for seq, entry in enumerate(transcript.entries) if seq not in existing]
-    async with db.transaction() as tx:
-        for row in rows:  # one awaited INSERT per message, in order
-            await tx(INSERT_MESSAGE, row)
-    for page in CACHED_PAGES:  # 10 sequential DELs
-        await cache.delete(page_key(cid, page))
+    await insert_one_by_one(db, rows)
+    await delete_pages(cache, cid)
     await update_conversation(db, transcript, rows, now)
     return len(rows)
 
@@ -311,11 +334,7 @@ async def process_after(db: NaiveDriver, cache: NaiveCache, transcript: Transcri
     cid, now = transcript.conversation_id, time.time()
     await find_or_create_conversation(db, cid, now)
     rows = [message_row(cid, seq, entry, now) for seq, entry in enumerate(transcript.entries)]
-    inserted = 0
-    for start in range(0, len(rows), ROWS_PER_BULK_INSERT):
-        chunk = rows[start : start + ROWS_PER_BULK_INSERT]
-        sql = bulk_insert(len(chunk))
-        inserted += (await db.execute(sql, [value for row in chunk for value in row])).rowcount
+    inserted = await create_many(db, rows)
     await cache.delete_pattern(conversation_pattern(cid))
     await update_conversation(db, transcript, rows, now)
     return inserted

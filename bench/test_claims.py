@@ -51,15 +51,15 @@ from bench import naive
 from bench.naive import (
     CACHED_PAGES,
     CREATE_CONVERSATION,
-    INSERT_MESSAGE,
-    ROWS_PER_BULK_INSERT,
     SOURCE,
     NaiveDriver,
     Row,
     SimulatedCache,
-    bulk_insert,
     conversation_pattern,
+    create_many,
     create_naive_app,
+    delete_pages,
+    insert_one_by_one,
     message_row,
     page_key,
     parse_transcript,
@@ -235,24 +235,6 @@ def per_round(total: int, rounds: int) -> float:
 
 
 # --- claim 1: bulk insert ------------------------------------------------------------------------------
-
-
-async def insert_one_by_one(db: NaiveDriver, rows: list[Row]) -> int:
-    """The "before" insert: BEGIN, one awaited INSERT per message, COMMIT."""
-    inserted = 0
-    async with db.transaction() as tx:
-        for row in rows:
-            inserted += (await tx(INSERT_MESSAGE, row)).rowcount
-    return inserted
-
-
-async def create_many(db: NaiveDriver, rows: list[Row]) -> int:
-    """The "after" insert: ``createMany({skipDuplicates: true})``, split as Prisma splits it (once, here)."""
-    inserted = 0
-    for start in range(0, len(rows), ROWS_PER_BULK_INSERT):
-        chunk = rows[start : start + ROWS_PER_BULK_INSERT]
-        inserted += (await db.execute(bulk_insert(len(chunk)), [value for row in chunk for value in row])).rowcount
-    return inserted
 
 
 def count_messages(db_path: Path) -> int:
@@ -641,14 +623,6 @@ def cached_value() -> str:
     return '{"messages": [], "page": 1}'
 
 
-async def sequential_deletes(cache: RedisCache, cid: str) -> int:
-    """The "before" invalidation: 10 awaited DELs, one per cached page, one after the other."""
-    deleted = 0
-    for page in CACHED_PAGES:
-        deleted += await cache.delete(page_key(cid, page))
-    return deleted
-
-
 async def pattern_delete(cache: RedisCache, cid: str) -> int:
     """The "after" invalidation: ``KEYS messages:{id}:*`` then one DEL."""
     return await cache.delete_pattern(conversation_pattern(cid))
@@ -705,7 +679,7 @@ def test_invalidation(
         if redis_unavailable is not None:
             pytest.skip(f"the write-up's invalidation needs a real Redis: {redis_unavailable}")
         delay_s = round_trip_ms / 1000
-        invalidate = sequential_deletes if system == "naive-before" else pattern_delete
+        invalidate = delete_pages if system == "naive-before" else pattern_delete
         scratch = aioredis.Redis.from_url(redis_url, decode_responses=True)
         redis_cache = RedisCache(redis_url, command_delay_s=delay_s)
         try:
