@@ -31,18 +31,17 @@ class Connection:
     _reader: asyncio.StreamReader | None = field(default=None, init=False)
     _writer: asyncio.StreamWriter | None = field(default=None, init=False)
 
-    async def post(self, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> Answer:
-        return await self.request("POST", path, body, headers)
+    async def post(self, path: str, body: bytes) -> Answer:
+        return await self.request("POST", path, body)
 
-    async def get(self, path: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
-        return await self.request("GET", path, b"", headers)
+    async def get(self, path: str) -> Answer:
+        return await self.request("GET", path, b"")
 
-    async def request(self, method: str, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+    async def request(self, method: str, path: str, body: bytes) -> Answer:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         assert self._reader is not None
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers)
         head += f"Content-Length: {len(body)}\r\n\r\n"
         started = time.perf_counter()
         self._writer.write(head.encode() + body)
