@@ -110,13 +110,18 @@ class Daemon:
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 
-    def readyz(self) -> int | None:
-        """The /readyz status code, or None if nothing answers."""
+    def readyz_response(self, timeout: float = 2.0) -> httpx.Response | None:
+        """The /readyz answer, or None if nothing answers."""
         try:
-            with httpx.Client(trust_env=False, timeout=2.0) as client:
-                return client.get(f"{self.base_url}/readyz").status_code
+            with httpx.Client(trust_env=False, timeout=timeout) as client:
+                return client.get(f"{self.base_url}/readyz")
         except httpx.HTTPError:
             return None
+
+    def readyz(self) -> int | None:
+        """The /readyz status code, or None if nothing answers."""
+        response = self.readyz_response()
+        return None if response is None else response.status_code
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

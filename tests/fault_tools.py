@@ -131,20 +131,12 @@ def post(daemon: Daemon, conversation_id: str, turns: int, timeout: float = 15.0
         )
 
 
-def readyz(daemon: Daemon) -> httpx.Response | None:
-    try:
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
-            return client.get(f"{daemon.base_url}/readyz")
-    except httpx.HTTPError:
-        return None
-
-
 def wait_readyz(daemon: Daemon, status: int, timeout: float) -> httpx.Response:
     """Poll /readyz until it answers ``status``; fails with the last answer and the daemon's log."""
     deadline = time.monotonic() + timeout
     last: httpx.Response | None = None
     while time.monotonic() < deadline:
-        last = readyz(daemon)
+        last = daemon.readyz_response(timeout=5.0)
         if last is not None and last.status_code == status:
             return last
         time.sleep(0.1)
