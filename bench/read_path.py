@@ -3,8 +3,8 @@
 - ``GET /conversations/{id}/messages`` against a running daemon, with the cache warm (every page read
   before) and with the cache defeated (a TTL of a microsecond: every read goes to SQLite): requests/s
   and latency percentiles at a set concurrency.
-- ``evict_prefix`` of one conversation (20 cached pages) with 100 and with 100,000 other entries in the
-  cache, beside the scan the write-up did (every key compared against the pattern, as Redis ``KEYS``).
+
+Eviction by prefix against a scan of every key is ``bench.invalidation``'s, at 1,000 to 1,000,000 keys.
 
     python -m bench.read_path [--conversations 200] [--requests 20000] [--concurrency 16]
 """
@@ -17,7 +17,6 @@ import json
 import random
 import sqlite3
 import tempfile
-import timeit
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from bench.machine import describe
 from bench.payloads import encode, transcription_ready
 from bench.processes import start_transcriptd, stop
 from bench.rawhttp import Connection, closed_loop
-from daemon.cache import PrefixTTLCache
 
 
 async def load(port: int, conversations: int) -> None:
@@ -53,30 +51,6 @@ def serve_and_read(db: Path, urls: list[str], concurrency: int, ttl_s: float) ->
         stop(process)
 
 
-def eviction(others: int, pages: int = 20) -> dict[str, float]:
-    """Seconds to evict one conversation's ``pages`` keys, with ``others`` other entries cached."""
-    cache = PrefixTTLCache(others + pages + 1, ttl=3600)
-    for i in range(others):
-        cache[("conv", f"other-{i}", "messages", i)] = b"page"
-    keys = [("conv", "target", "messages", p) for p in range(pages)]
-
-    def refill() -> None:
-        for key in keys:
-            cache[key] = b"page"
-
-    def evict() -> None:
-        cache.evict_prefix(("conv", "target"))
-
-    def scan() -> None:  # the write-up's way: look at every key, delete the matching ones
-        for key in [k for k in list(cache.keys()) if k[:2] == ("conv", "target")]:
-            del cache[key]
-
-    rounds = 200 if others <= 1000 else 5
-    indexed = min(timeit.repeat(evict, setup=refill, number=1, repeat=rounds))
-    scanned = min(timeit.repeat(scan, setup=refill, number=1, repeat=rounds))
-    return {"others": others, "evict_prefix_us": indexed * 1e6, "full_scan_us": scanned * 1e6}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=200)
@@ -101,14 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         uncached = serve_and_read(db, urls, args.concurrency, ttl_s=1e-6)
         with sqlite3.connect(db) as conn:
             stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-    evictions = [eviction(100), eviction(100_000)]
     report = {
         "machine": describe(),
         "settings": {k: str(v) for k, v in vars(args).items() if k != "output"},  # no local paths in results
         "messages_stored": stored,
         "cached": cached,
         "uncached": uncached,
-        "eviction": evictions,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -117,11 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"GET messages, {name:8s}: {run['requests_per_s']:8,.0f} req/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms "
             f"({args.concurrency} readers; statuses {run['statuses']})"
-        )
-    for ev in evictions:
-        print(
-            f"evict one conversation (20 keys) with {ev['others']:>7,} others cached: evict_prefix "
-            f"{ev['evict_prefix_us']:8.1f} us, full scan {ev['full_scan_us']:10.1f} us"
         )
     return 0
 

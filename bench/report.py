@@ -482,10 +482,6 @@ def reads_section(reads: dict[str, Any]) -> list[str]:
         run = reads[key]
         lat = run["latency_ms"]
         rows.append([label, f"{run['requests_per_s']:,.0f}", f"{lat['p50']} ms", f"{lat['p99']} ms"])
-    evictions = [
-        [f"{e['others']:,}", f"{e['evict_prefix_us']:,.1f} µs", f"{e['full_scan_us']:,.1f} µs"]
-        for e in reads["eviction"]
-    ]
     return [
         "## Reads",
         "",
@@ -493,10 +489,6 @@ def reads_section(reads: dict[str, Any]) -> list[str]:
         f"{settings['concurrency']} readers over {settings['conversations']} stored conversations.",
         "",
         *table(["GET /conversations/{id}/messages", "requests/s", "p50", "p99"], rows),
-        "",
-        *table(
-            ["other entries cached", "evict_prefix (20 keys), best of runs", "scan every key, best of runs"], evictions
-        ),
     ]
 
 
