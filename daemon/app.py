@@ -99,13 +99,11 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             registry = ActorRegistry(
                 writer,
                 mailbox_size=ingest.mailbox_size,
-                idle_s=ingest.actor_idle_s,
                 max_rows=ingest.batch_max_rows,
                 retry_after_s=ingest.retry_after_s,
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
                 max_inflight_messages=ingest.max_inflight_messages,
             )
-            await tg.start(registry.run)
             janitor = Janitor(writer, cache, config.storage.retention_days)
             await tg.start(janitor.run)
             await reader.open()

@@ -51,7 +51,6 @@ class IngestConfig(_Section, frozen=True):
     mailbox_size: Count = 64
     max_inflight_mib: Count = 256
     max_inflight_messages: Count = 1_000_000
-    actor_idle_s: Positive = 30.0
     batch_max_rows: Count = 20_000
     batch_max_delay_ms: NonNegative = 0.0
     ack_timeout_s: Positive = 10.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,6 +76,8 @@ class Delivery:
     result: WriteResult | None = None
     error: StorageError | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    # Called once, on the event loop, when the delivery is resolved or failed: its actor moves on.
+    on_settled: Callable[[Delivery], None] | None = None
 
     @property
     def received(self) -> int:
@@ -91,8 +94,14 @@ class Delivery:
 
     def resolve(self, result: WriteResult) -> None:
         self.result = result
-        self.done.set()
+        self._settle()
 
     def fail(self, error: StorageError) -> None:
         self.error = error
+        self._settle()
+
+    def _settle(self) -> None:
         self.done.set()
+        settled, self.on_settled = self.on_settled, None
+        if settled is not None:
+            settled(self)

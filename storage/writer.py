@@ -44,7 +44,7 @@ class WriterSettings:
     busy_timeout_ms: int = 5000
     max_rows: int = 20_000
     max_delay_s: float = 0.0
-    # Rows queued or being committed; past it, submit() waits (and the actors' mailboxes fill up).
+    # Rows queued or being committed; past it, offer() refuses (and the actors' mailboxes fill up).
     max_pending_rows: int = 200_000
     # How long a failing storage is retried at shutdown for deliveries already acknowledged (enqueued).
     drain_deadline_s: float = 20.0
@@ -62,7 +62,7 @@ class _Job:
 
 
 class Writer:
-    """Owns the only write connection. Actors ``submit`` units; each commit resolves every delivery in it.
+    """Owns the only write connection. Actors ``offer`` units; each commit resolves every delivery in it.
 
     Batches form by themselves: whatever arrives while a commit is in progress goes into the next one,
     so one fsync serves every sender that was waiting. ``max_delay_s`` can hold a batch open longer.
@@ -139,19 +139,26 @@ class Writer:
             log.info("applied migrations %s to %s", applied, s.path)
         return conn
 
-    async def submit(self, unit: Unit) -> None:
-        """Queue a unit for the next commit; waits while too many rows are pending (backpressure)."""
-        rows = sum(d.size for d in unit)
-        while self._pending_rows and self._pending_rows + rows > self.settings.max_pending_rows:
-            if self._space.is_set():
-                self._space = anyio.Event()
-            await self._space.wait()
+    def offer(self, unit: Unit) -> bool:
+        """Queue a unit for the next commit now; False if too many rows are pending (try again once some
+        unit is resolved: the rows are released before the deliveries are)."""
         if self.state != "running":
             raise WriterClosed(f"the writer is {self.state}")
+        rows = sum(d.size for d in unit)
+        if self._pending_rows and self._pending_rows + rows > self.settings.max_pending_rows:
+            return False
         self._pending_rows += rows
         with self._cond:
             self._queue.append(unit)
             self._cond.notify()
+        return True
+
+    async def submit(self, unit: Unit) -> None:
+        """Queue a unit for the next commit, waiting while too many rows are pending (backpressure)."""
+        while not self.offer(unit):
+            if self._space.is_set():
+                self._space = anyio.Event()
+            await self._space.wait()
 
     async def run_job(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` in the writer's thread between two batches, and return its result."""
@@ -300,19 +307,20 @@ class Writer:
         if self._on_commit is not None:
             # Before any ack, so that a client reading after its answer sees its data.
             self._on_commit({d.conversation_id for d in batch})
+        # Released first: a delivery settling lets its actor offer the next unit, which needs the room.
+        self._release(sum(d.size for d in batch))
         for delivery, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StorageRejected):
                 delivery.fail(outcome)
             else:
                 delivery.resolve(outcome)
-        self._release(sum(d.size for d in batch))
 
     def _fail(self, awaited: list[Delivery], error: StorageError, message: str | None) -> None:
         if message is not None:
             self.last_error = message
+        self._release(sum(d.size for d in awaited))
         for delivery in awaited:
             delivery.fail(error)
-        self._release(sum(d.size for d in awaited))
 
     def _release(self, rows: int) -> None:
         self._pending_rows -= rows

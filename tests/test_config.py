@@ -45,12 +45,12 @@ def test_precedence_is_flags_over_env_over_file_over_defaults(tmp_path: Path) ->
 
 def test_environment_strings_become_typed_values(tmp_path: Path) -> None:
     env = {
-        "TRANSCRIPTD_INGEST_ACTOR_IDLE_S": "2.5",
+        "TRANSCRIPTD_INGEST_ACK_TIMEOUT_S": "2.5",
         "TRANSCRIPTD_STORAGE_SYNCHRONOUS": "normal",
         "TRANSCRIPTD_INGEST_MAILBOX_SIZE": "8",
     }
     config = load_config(Path("/dev/null"), environ=env)
-    assert config.ingest.actor_idle_s == 2.5
+    assert config.ingest.ack_timeout_s == 2.5
     assert config.storage.synchronous == "normal"
     assert config.ingest.mailbox_size == 8
 

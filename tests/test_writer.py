@@ -184,23 +184,32 @@ async def test_readiness_recovers_without_any_delivery(app_client: AppClient, db
     assert "storage_error" not in ready.json()
 
 
-async def test_the_registry_closes_even_when_its_task_group_is_cancelled() -> None:
+async def test_the_registry_closes_in_time_even_when_the_writer_never_commits() -> None:
     from daemon.actors import ActorRegistry
 
     class NeverCommits:
-        async def submit(self, unit: list[Delivery]) -> None:
-            return None  # the units are never resolved: each actor waits for ever
+        def __init__(self) -> None:
+            self.units: list[list[Delivery]] = []
 
-    registry = ActorRegistry(NeverCommits(), mailbox_size=4, idle_s=60, max_rows=100, retry_after_s=1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(registry.run)
-        registry.submit(delivery("stuck", ["x"]))
-        await anyio.sleep(0.01)
-        with anyio.fail_after(5):
-            finished = await registry.close(timeout_s=0.2)
+        def offer(self, unit: list[Delivery]) -> bool:
+            self.units.append(unit)
+            return True  # taken, and never resolved: the actor waits for ever
+
+    sink = NeverCommits()
+    registry = ActorRegistry(sink, mailbox_size=4, max_rows=100, retry_after_s=1)
+    held, waiting = delivery("stuck", ["x"]), delivery("stuck", ["y", "z"])
+    registry.submit(held)
+    registry.submit(waiting)  # behind the unit in flight, in the mailbox
+    with anyio.fail_after(5):
+        finished = await registry.close(timeout_s=0.2)
     assert finished is False
     assert registry.state == "closed"
     assert registry.inflight_bytes == 0
+    assert registry.live_actors == 0
+    assert sink.units == [[held]]
+    assert not held.done.is_set()  # the writer's to settle
+    assert waiting.done.is_set()
+    assert waiting.error is not None
 
 
 async def test_retention_inside_the_daemon_removes_exactly_the_old(
