@@ -80,6 +80,8 @@ class ActorRegistry:
         self._actors: dict[str, ConversationActor] = {}
         # Actors whose next unit the writer had no room for, in the order they asked.
         self._blocked: deque[ConversationActor] = deque()
+        # The line above is being worked through: a delivery settling meanwhile leaves it to that loop.
+        self._retrying = False
         self._drained = anyio.Event()
 
     @property
@@ -154,26 +156,27 @@ class ActorRegistry:
 
     def _flush(self, actor: ConversationActor) -> bool:
         """Hand everything in the mailbox (up to ``max_rows``) to the writer as one unit; False, with the
-        mailbox as it was, if the writer has no room for it now."""
+        mailbox untouched, if the writer has no room for it now."""
         mailbox, rows = actor.mailbox, 0
         unit: list[Delivery] = []
-        while mailbox and (not unit or rows < self._max_rows):
-            delivery = mailbox.popleft()
+        for delivery in mailbox:
+            if unit and rows >= self._max_rows:
+                break
             unit.append(delivery)
             rows += delivery.size
-        actor.in_flight = len(unit)
         try:
             taken = self._sink.offer(unit)
         except StorageError as exc:  # the writer is closed: nothing in this mailbox can be stored
-            unit.extend(mailbox)
+            unit = list(mailbox)
             mailbox.clear()
             actor.in_flight = len(unit)
             for delivery in unit:
                 delivery.fail(exc)
             return True
-        if not taken:
-            actor.in_flight = 0
-            mailbox.extendleft(reversed(unit))
+        if taken:
+            for _ in unit:
+                mailbox.popleft()
+            actor.in_flight = len(unit)
         return taken
 
     def _settled(self, delivery: Delivery) -> None:
@@ -190,16 +193,21 @@ class ActorRegistry:
                 del self._actors[actor.conversation_id]
                 if not self._actors and self.state != "running":
                     self._drained.set()
+        if self._retrying:
+            return  # settled from inside the loop below (a closed writer fails units at once): it goes on
         # The writer released this delivery's rows before settling it: maybe room for the line now.
-        while self._blocked:
-            waiting = self._blocked.popleft()
-            waiting.blocked = False
-            if not self._flush(waiting):
-                waiting.blocked = True
-                self._blocked.appendleft(waiting)  # still no room: it keeps its place
-                break
+        self._retrying = True
+        try:
+            while self._blocked:
+                if not self._flush(self._blocked[0]):
+                    break  # still no room: the head keeps its place
+                self._blocked.popleft().blocked = False
+        finally:
+            self._retrying = False
 
     def _abandon(self) -> None:
+        # What the writer holds stays the writer's: it may still commit it, and its answer (durable) or
+        # its log line (enqueued) says so; the registry simply stops counting it.
         left = [d for actor in self._actors.values() for d in actor.mailbox]
         self._pending.clear()  # first: what settles from here on is not ours to count
         self._actors.clear()

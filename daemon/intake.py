@@ -106,6 +106,8 @@ class Intake:
         durable = self.settings.durable
         delivery.awaited = durable
         self.registry.submit(delivery)
+        if delivery.error is not None:  # refused on the spot (the writer is closing): not even enqueued
+            raise delivery.error
         metrics = self.metrics
         if not durable:
             enqueued = Enqueued(received=delivery.received, rejected=delivery.rejected)

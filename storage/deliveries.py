@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -9,6 +10,8 @@ from typing import Literal
 import anyio
 
 from storage.errors import StorageError
+
+log = logging.getLogger("transcriptd.deliveries")
 
 # (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
 #  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
@@ -104,4 +107,9 @@ class Delivery:
         self.done.set()
         settled, self.on_settled = self.on_settled, None
         if settled is not None:
-            settled(self)
+            try:
+                settled(self)
+            except Exception:
+                # Called from the writer's resolution loop: one broken callback must not leave the other
+                # deliveries of the commit unanswered.
+                log.exception("settling delivery %s failed", self.key)

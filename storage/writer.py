@@ -147,10 +147,12 @@ class Writer:
         rows = sum(d.size for d in unit)
         if self._pending_rows and self._pending_rows + rows > self.settings.max_pending_rows:
             return False
-        self._pending_rows += rows
         with self._cond:
+            if self._closing:  # the thread is ending or gone: nobody would take it
+                raise WriterClosed("the writer is closing")
             self._queue.append(unit)
             self._cond.notify()
+        self._pending_rows += rows
         return True
 
     async def submit(self, unit: Unit) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from daemon.actors import ActorRegistry
 from daemon.errors import Overloaded
-from storage.deliveries import Delivery
+from storage.deliveries import Delivery, WriteResult
 from storage.errors import WriterClosed
 from storage.writer import Writer, WriterSettings
 from tests.test_writer import delivery
@@ -60,6 +60,7 @@ async def test_a_conversation_is_stored_in_order_and_what_waits_is_coalesced(db_
         assert registry.queued == 29
         await settle(sent)
         assert registry.live_actors == 0  # no actor outlives its deliveries
+        assert registry._sink.commits == 2  # type: ignore[attr-defined]
         assert registry.inflight_bytes == 0
         assert registry.oldest_pending_at is None
     assert all(d.result is not None and d.result.inserted == 1 for d in sent)
@@ -106,5 +107,38 @@ async def test_deliveries_for_a_closed_writer_fail_and_are_not_counted_as_in_fli
     refused = keyed("late", 0, ["x"])
     registry.submit(refused)
     assert isinstance(refused.error, WriterClosed)
+    assert registry.oldest_pending_at is None
     assert registry.inflight_bytes == 0
     assert registry.live_actors == 0
+
+
+async def test_a_writer_closing_under_a_long_line_fails_every_waiting_delivery_without_recursion() -> None:
+    class ClosingSink:
+        """Takes one unit, then has no room; then closes."""
+
+        def __init__(self) -> None:
+            self.taken: list[Delivery] = []
+            self.closed = False
+
+        def offer(self, unit: list[Delivery]) -> bool:
+            if self.closed:
+                raise WriterClosed("the writer is closed")
+            if self.taken:
+                return False
+            self.taken.extend(unit)
+            return True
+
+    sink = ClosingSink()
+    registry = ActorRegistry(sink, mailbox_size=4, max_rows=100, retry_after_s=1)
+    first = keyed("first", 0, ["x"])
+    registry.submit(first)
+    waiting = [keyed(f"c{i}", 0, ["y"]) for i in range(2_000)]  # deeper than the interpreter's stack
+    for d in waiting:
+        registry.submit(d)
+    assert len(registry._blocked) == len(waiting)
+    sink.closed = True
+    first.resolve(WriteResult(received=1, inserted=1, updated=0))  # settles: the line is retried, and refused
+    assert all(isinstance(d.error, WriterClosed) for d in waiting)
+    assert registry.live_actors == 0
+    assert registry.inflight_bytes == 0
+    assert not registry._blocked
