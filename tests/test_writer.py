@@ -230,3 +230,20 @@ async def test_retention_inside_the_daemon_removes_exactly_the_old(
         assert await janitor.sweep() == 0
     assert db("SELECT DISTINCT conversation_id FROM messages") == [("fresh",)]
     assert db("SELECT DISTINCT conversation_id FROM events") == [("fresh",)]
+
+
+def test_a_new_database_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    from storage.connection import PAGE_SIZE
+
+    fresh = open_writer(tmp_path / "new.db")
+    assert fresh.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
+    fresh.close()
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("PRAGMA page_size = 4096")
+    old.execute("CREATE TABLE t (x)")
+    old.close()
+    reopened = open_writer(tmp_path / "old.db")
+    assert reopened.execute("PRAGMA page_size").fetchone() == (4096,)
+    assert reopened.execute("PRAGMA wal_autocheckpoint").fetchone() == (64 * 1024 * 1024 // 4096,)
+    migrate(reopened)  # and it takes the schema like any other
+    reopened.close()
