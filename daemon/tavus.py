@@ -13,7 +13,7 @@ import msgspec
 
 from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
-from storage.deliveries import Delivery, MessageRow
+from storage.deliveries import NULL, Delivery, MessageRow
 
 SOURCE = "tavus"
 
@@ -187,6 +187,7 @@ def _parse_transcript_leniently(delivery: Delivery, properties: msgspec.Raw) -> 
 
 def _add_transcript(delivery: Delivery, entries: Any) -> None:
     cid, now = delivery.conversation_id, delivery.received_at
+    # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
     rows: list[MessageRow] = [
         (
             cid,
@@ -194,15 +195,16 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
             seq,
             entry.role,
             entry.content or "",
-            epoch_seconds(entry.timestamp),
-            entry.seconds_from_start,
-            entry.duration,
-            entry.inference_id,
-            None,
+            NULL if (at := epoch_seconds(entry.timestamp)) is None else at,
+            NULL if (offset := entry.seconds_from_start) is None else offset,
+            NULL if (duration := entry.duration) is None else duration,
+            NULL if (inference_id := entry.inference_id) is None else inference_id,
+            NULL,
             now,
         )
         for seq, entry in entries
     ]
     delivery.rows = rows
     if rows:
-        delivery.last_message_at = max((row[5] for row in rows if row[5] is not None), default=now)
+        # NaN is the one value not equal to itself.
+        delivery.last_message_at = max((at for row in rows if (at := row[5]) == at), default=now)  # type: ignore[type-var]

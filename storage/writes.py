@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from storage import statements as sql
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import NULL, Delivery, WriteResult
 from storage.errors import StorageRejected
 
 log = logging.getLogger("transcriptd.storage")
@@ -178,7 +178,7 @@ def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
         delivery.conversation_id,
         delivery.source,
         patch.status or "active",
-        *[getattr(patch, column) for column in sql.PATCH_COLUMNS],
+        *[NULL if (value := getattr(patch, column)) is None else value for column in sql.PATCH_COLUMNS],
         delivery.received_at,
         delivery.received_at,
     )
