@@ -92,6 +92,21 @@ class RecordingCopyFailed(msgspec.Struct, frozen=True):
     error_message: str | None = None
 
 
+class ReadyEnvelope(msgspec.Struct, frozen=True):
+    """``application.transcription_ready`` decoded in one pass: the common event, and the big one."""
+
+    conversation_id: ConversationId
+    event_type: str
+    properties: TranscriptionReady
+    message_type: str | None = None
+    timestamp: Timestamp = None
+
+
+READY = "application.transcription_ready"
+_READY_TOKEN = b'"application.transcription_ready"'
+_READY_DECODER = msgspec.json.Decoder(ReadyEnvelope, strict=False)
+
+
 PROPERTIES: dict[str, type[msgspec.Struct]] = {
     "system.replica_joined": Joined,
     "system.pal_joined": Joined,
@@ -112,20 +127,15 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     raises (nothing can be stored). Past that, the delivery always carries the raw event, and a
     transcript with bad entries still carries every good one.
     """
+    ready = _transcription_ready(body)
+    if ready is not None:
+        delivery = _delivery(body, headers, ready.conversation_id, ready.event_type, received_at)
+        return _apply(delivery, ready.properties, ready.timestamp), []
     envelope = decode(body, Envelope)
-    cid = envelope.conversation_id
-    delivery = Delivery(
-        key=delivery_key(SOURCE, body, headers, cid),
-        source=SOURCE,
-        event_type=envelope.event_type,
-        conversation_id=cid,
-        received_at=received_at,
-        body=body,
-    )
-    problems: list[Problem] = []
+    delivery = _delivery(body, headers, envelope.conversation_id, envelope.event_type, received_at)
     kind = PROPERTIES.get(envelope.event_type)
     if kind is None:
-        return delivery, problems  # an event we do not know yet: kept raw, answered 2xx
+        return delivery, []  # an event we do not know yet: kept raw, answered 2xx
     try:
         props = decode(envelope.properties, kind, path="$.properties")
     except InvalidPayload as exc:
@@ -134,12 +144,43 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
         if kind is TranscriptionReady:
             return delivery, _parse_transcript_leniently(delivery, envelope.properties)
         return delivery, exc.problems
-    if kind is Joined:
+    return _apply(delivery, props, envelope.timestamp), []
+
+
+def _transcription_ready(body: bytes) -> ReadyEnvelope | None:
+    """A well-formed transcript callback in one pass over the body (the envelope, then its properties,
+    takes two: ~15 us more of a 40 KB body's ~65); None sends the body down the general path, which
+    also names whatever is wrong. Tavus writes ``event_type`` after the properties, so it is looked
+    for at both ends of the body only."""
+    if _READY_TOKEN not in body[-512:] and _READY_TOKEN not in body[:512]:
+        return None
+    try:
+        ready = _READY_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return ready if ready.event_type == READY else None
+
+
+def _delivery(body: bytes, headers: Mapping[str, str], cid: str, event_type: str, received_at: float) -> Delivery:
+    return Delivery(
+        key=delivery_key(SOURCE, body, headers, cid),
+        source=SOURCE,
+        event_type=event_type,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+    )
+
+
+def _apply(delivery: Delivery, props: msgspec.Struct, timestamp: Timestamp) -> Delivery:
+    """What a decoded event changes: its conversation's columns, and its messages."""
+    cid, received_at = delivery.conversation_id, delivery.received_at
+    if isinstance(props, Joined):
         # Tavus sends both names for one join: one key, so the second is a duplicate delivery. Only
         # for a join that decoded: a malformed one must not shadow the good one that follows.
         delivery.key = f"{SOURCE}:joined:{cid}"
     # When the event happened, by the sender's clock if it said, else by ours.
-    at = epoch_seconds(envelope.timestamp) or received_at
+    at = epoch_seconds(timestamp) or received_at
     patch = delivery.patch
     match props:
         case Joined(replica_id=replica_id):
@@ -164,7 +205,7 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
             patch.recording_error = error_message or "recording copy failed"
         case _:
             pass  # post-call actions live in the events table, raw
-    return delivery, problems
+    return delivery
 
 
 def _parse_transcript_leniently(delivery: Delivery, properties: msgspec.Raw) -> list[Problem]:

@@ -280,3 +280,31 @@ async def test_live_messages_and_the_final_transcript_are_two_streams(
     assert [r[:2] for r in rows] == [("api", 0), ("api", 1), ("tavus", 0), ("tavus", 1), ("tavus", 2)]
     assert [r[2] for r in rows[:2]] == ["live hello", "live hi"]
     assert db("SELECT message_count FROM conversations WHERE id = 'c-both'") == [(5,)]
+
+
+@pytest.mark.parametrize("timestamps", ["epoch", "iso"])
+def test_a_transcript_decoded_in_one_pass_or_two_gives_the_same_delivery(timestamps: str) -> None:
+    import json
+    import math
+
+    from daemon import tavus
+
+    body = transcription_ready("c-pass", turns=30, timestamps=timestamps)
+    one_pass = encode(body)
+    # The event type buried mid-body (a key order Tavus does not use): only the general path finds it.
+    rest = {key: value for key, value in body.items() if key != "event_type"}
+    reordered = {"a": "x" * 1024, "event_type": body["event_type"], **rest, "z": "x" * 1024}
+    two_passes = json.dumps(reordered).encode()
+    assert tavus._transcription_ready(one_pass) is not None
+    assert tavus._transcription_ready(two_passes) is None
+    fast, fast_problems = tavus.parse(one_pass, {}, received_at=1.0)
+    slow, slow_problems = tavus.parse(two_passes, {}, received_at=1.0)
+    assert fast_problems == slow_problems == []
+    assert fast.patch == slow.patch
+    assert fast.last_message_at == slow.last_message_at
+
+    def same(a: object, b: object) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+    assert len(fast.rows) == len(slow.rows) == 31
+    assert all(same(a, b) for fr, sr in zip(fast.rows, slow.rows, strict=True) for a, b in zip(fr, sr, strict=True))
