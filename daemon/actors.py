@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from typing import Literal, Protocol
 
@@ -116,12 +117,23 @@ class ActorRegistry:
                 retry_after=self._retry_after_s,
             )
         actor.mailbox.append(delivery)
+        delivery.taken_at = time.monotonic()
         self.inflight_bytes += delivery.weight
         self.inflight_messages += delivery.received
         self._pending[delivery] = None
         delivery.on_settled = self._settled
         if not actor.in_flight and not actor.blocked:
             self._go(actor)
+
+    def give_up_waiting(self, taken_before: float) -> None:
+        """Wake whoever waits for a delivery taken before ``taken_before`` (``time.monotonic()``) and not
+        settled yet: intake answers 503 and its sender retries. The delivery itself stays queued, and
+        the retry is deduplicated."""
+        for delivery in self._pending:  # oldest first
+            if delivery.taken_at > taken_before:
+                break
+            if delivery.awaited:
+                delivery.done.set()
 
     def check_room(self, weight: int) -> None:
         """Refuse (503) a delivery of this weight if taking it now would go over the in-flight byte budget.

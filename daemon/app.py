@@ -122,6 +122,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 registry,
                 metrics,
             )
+            await tg.start(intake.expire_acks)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,
@@ -149,6 +150,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
                     janitor.stop()
+                    intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
                     checkpointer.stop()

@@ -81,6 +81,8 @@ class Delivery:
     append_rows: list[AppendRow] = field(default_factory=list)
     last_message_at: float | None = None
     rejected: int = 0
+    # When intake handed it over (time.monotonic()): how long its sender has been waiting.
+    taken_at: float = 0.0
     # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.
     # Nobody waits (enqueued ack): the delivery was acknowledged, so the writer keeps retrying it.
     awaited: bool = True

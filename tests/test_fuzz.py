@@ -29,6 +29,7 @@ from daemon.app import create_app
 from daemon.tavus import PROPERTIES
 from tests import contract
 from tests.conftest import make_config
+from tests.test_writer import locked
 
 TOKEN = "t0ken-Secret-1234"  # in TEST_SECRETS
 EVENT_TYPES = sorted(PROPERTIES)
@@ -372,12 +373,15 @@ def test_each_rejected_request_is_logged_once_without_token_or_body(
 
 def test_a_5xx_rejection_is_logged_as_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    # No ack can come within a nanosecond: a real 503 commit_timeout, without mocking anything.
-    config = make_config(tmp_path / "transcriptd.db", **{"ingest.ack_timeout_s": 1e-9})
+    # Another process holds the database: no commit can come within the ack timeout, a real 503
+    # commit_timeout without mocking anything.
+    db_path = tmp_path / "transcriptd.db"
+    config = make_config(db_path, **{"ingest.ack_timeout_s": 0.05})
     body = json.dumps({"conversation_id": "slow", "event_type": "system.shutdown", "properties": {}}).encode()
     with running(create_app(config)) as client:
         caplog.clear()
-        response = client.post("/webhooks/tavus", content=body)
+        with locked(db_path):
+            response = client.post("/webhooks/tavus", content=body)
         check_answer(response)
         assert response.status_code == 503
         (record,) = rejection_lines(caplog)

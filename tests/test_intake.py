@@ -281,3 +281,22 @@ async def test_message_budget_refuses_with_503(app_client: AppClient, db_path: P
     assert "messages are waiting" in answers[1].json()["error"]["message"]
     assert answers[1].headers["retry-after"]
     assert db("SELECT count(*) FROM messages") == [(100,)]
+
+
+async def test_a_commit_that_outlasts_the_ack_timeout_is_answered_503_and_still_stored(
+    app_client: AppClient, db_path: Path, db: Query
+) -> None:
+    from tests.test_writer import locked
+
+    body = encode(transcription_ready("c-late", turns=3))
+    async with app_client(**{"ingest.ack_timeout_s": 0.1, "ingest.retry_after_s": 3}) as client:
+        with locked(db_path):  # another process holds the database: the commit waits for it
+            late = await client.post("/webhooks/tavus", content=body)
+        retry = await client.post("/webhooks/tavus", content=body)
+    assert late.status_code == 503
+    assert late.headers["retry-after"] == "3"
+    assert late.json()["error"]["code"] == "commit_timeout"
+    # It stayed queued and was committed once the lock went: the sender's retry is a duplicate.
+    assert retry.status_code == 200
+    assert retry.json()["inserted"] == 0
+    assert db("SELECT count(*) FROM messages WHERE conversation_id = 'c-late'") == [(4,)]
