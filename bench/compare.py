@@ -1,10 +1,12 @@
 """The load comparison: transcriptd and the write-up's handler, served alike, driven alike, in one run.
 
-    python -m bench.compare [--concurrency 1,16,64] [--scale 1.0] [--round-trip-ms 1] [--output PATH]
+    python -m bench.compare [--concurrency 1,16,64] [--scale 1.0] [--round-trip-ms 1] [--rounds 3] [--output PATH]
 
 Each system runs as its own server process on a fresh database and takes the same closed-loop load from
 ``bench.load`` (100-message Tavus transcripts, one conversation each) at each concurrency; every
-acknowledged message is then looked for in the database. The systems:
+acknowledged message is then looked for in the database. Each system runs ``--rounds`` times at each
+concurrency, each round on a fresh process and database, and the run with the median ack p99 is kept
+(every round is summarised in the JSON, and a loss in any round is counted). The systems:
 
 - transcriptd, ``ingest.ack = "durable"`` (200 once committed with ``synchronous = full``) and
   ``"enqueued"`` (202 once in memory);
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,9 @@ from bench.serve_naive import start_naive
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCIES = (1, 16, 64)
+# The machine is shared and noisy: a tail percentile from one run moves by several ms from run to run.
+# Each system runs this many times per concurrency; the table keeps the run with the median ack p99.
+ROUNDS = 3
 TURNS = 100
 CONTENT_CHARS = 200
 # Per-request cost differs 100-fold between the systems; each run is sized to last a few seconds.
@@ -96,8 +102,8 @@ def request_count(system: System, concurrency: int, scale: float) -> int:
     return max(concurrency, round(wanted * scale))
 
 
-def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[str, Any]:
-    db = tmp / f"{system.key}-{concurrency}.db"
+def run_one(system: System, concurrency: int, scale: float, tmp: Path, round_: int = 0) -> dict[str, Any]:
+    db = tmp / f"{system.key}-{concurrency}-{round_}.db"
     process, port = system.start(db)
     try:
         report = load(
@@ -108,7 +114,7 @@ def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[s
             content_chars=CONTENT_CHARS,
             verify_db=db,
             verify_timeout_s=120.0,
-            id_prefix=f"{system.key}-c{concurrency}",
+            id_prefix=f"{system.key}-c{concurrency}-r{round_}",
             warmup=concurrency,
         )
     finally:
@@ -124,6 +130,25 @@ def run_one(system: System, concurrency: int, scale: float, tmp: Path) -> dict[s
         "settings": settings,
         "results": results,
     }
+
+
+def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median ack p99 (a run that got no answer counts as the slowest), with every
+    round summarised beside it: the table shows one whole run, not figures picked from several, and a
+    message lost in any round is counted (``lost_all_rounds``)."""
+    p99s = [((r["results"]["latency_ms"] or {}).get("p99", math.inf), i) for i, r in enumerate(rounds)]
+    chosen = dict(rounds[sorted(p99s)[len(p99s) // 2][1]])
+    chosen["rounds"] = [
+        {
+            "stored_messages_per_s": (r["results"]["throughput"]["stored"] or {}).get("messages_per_s"),
+            "latency_ms": r["results"]["latency_ms"],
+            "statuses": r["results"]["statuses"],
+            "lost": r["results"]["lost"],
+        }
+        for r in rounds
+    ]
+    chosen["lost_all_rounds"] = sum(r["results"]["lost"] or 0 for r in rounds)
+    return chosen
 
 
 def storage_limit(tmp: Path, per_commit: int) -> dict[str, float]:
@@ -148,9 +173,11 @@ def run(
     round_trip_ms: float,
     redis_url: str,
     limit: dict[str, float] | None = None,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     """``limit``: the executemany limit already measured in this run (``bench.ingest_limit``), or None to
-    measure it here."""
+    measure it here. ``rounds``: runs per system and concurrency (a system behind a simulated round trip
+    runs once: tens of seconds a run)."""
     check_redis_url(redis_url)  # the runs empty it: never database 0
     redis_skipped = anyio.run(redis_available, redis_url)
     cache = "memory" if redis_skipped else "redis"
@@ -166,19 +193,21 @@ def run(
             for concurrency in concurrencies:
                 if system.highest_concurrency_only and concurrency != max(concurrencies):
                     continue
-                if not redis_skipped:
-                    anyio.run(flush, redis_url)
-                run = run_one(system, concurrency, scale, tmp)
-                runs.append(run)
-                r = run["results"]
-                stored = (r["throughput"]["stored"] or {}).get("messages_per_s")
-                latency = r["latency_ms"] or {}
-                print(
-                    f"{system.label:>34} c={concurrency:<3} stored {stored or 0:>9,.0f} msgs/s  "
-                    f"ack p50 {latency.get('p50', '-'):>8} p99 {latency.get('p99', '-'):>8} ms  "
-                    f"statuses {r['statuses']} lost {r['lost']}",
-                    file=sys.stderr,
-                )
+                attempts = []
+                for round_ in range(1 if system.round_trip_ms else rounds):
+                    if not redis_skipped:
+                        anyio.run(flush, redis_url)
+                    attempts.append(run_one(system, concurrency, scale, tmp, round_))
+                    r = attempts[-1]["results"]
+                    stored = (r["throughput"]["stored"] or {}).get("messages_per_s")
+                    latency = r["latency_ms"] or {}
+                    print(
+                        f"{system.label:>34} c={concurrency:<3} stored {stored or 0:>9,.0f} msgs/s  "
+                        f"ack p50 {latency.get('p50', '-'):>8} p99 {latency.get('p99', '-'):>8} ms  "
+                        f"statuses {r['statuses']} lost {r['lost']}",
+                        file=sys.stderr,
+                    )
+                runs.append(median_run(attempts))
     return {
         "machine": describe(),
         "settings": {
@@ -189,6 +218,7 @@ def run(
             "content_chars": CONTENT_CHARS,
             "naive_cache": cache,
             "redis_skipped": redis_skipped,
+            "rounds": rounds,
         },
         "executemany_limit": limit,
         "runs": runs,
@@ -201,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's request count")
     parser.add_argument("--round-trip-ms", type=float, default=DEFAULT_ROUND_TRIP_MS)
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="runs per system and concurrency; the median is kept"
+    )
     parser.add_argument("--redis-url", default=DEFAULT_URL)
     parser.add_argument("--output", type=Path, default=RESULTS / "load.json")
     parser.add_argument(
@@ -212,11 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     limit = json.loads(args.limit_from.read_text())["executemany_limit"] if args.limit_from else None
-    report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url, limit)
+    report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url, limit, args.rounds)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.output} in {report['seconds']} s", file=sys.stderr)
-    lost = sum(run["results"]["lost"] or 0 for run in report["runs"])
+    lost = sum(run["lost_all_rounds"] for run in report["runs"])
     return 1 if lost else 0
 
 

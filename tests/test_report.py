@@ -124,3 +124,28 @@ def test_runs_that_got_no_answer_or_stored_nothing_do_not_break_the_report(tmp_p
     text = render(tmp_path)
     assert "| write-up before | 64 | — | — |  | — | — | — | — |" in text
     assert "the bar of 10x" not in text  # no multiple of nothing
+
+
+def test_the_load_table_keeps_the_median_round_and_counts_every_loss(tmp_path: Path) -> None:
+    from bench.compare import median_run
+
+    rounds = [
+        run("transcriptd-durable", "transcriptd durable", 64, ms, p99)
+        for ms, p99 in ((1e5, 62.0), (2e5, 48.0), (1.5e5, 51.0))
+    ]
+    rounds[1]["results"]["lost"] = 2  # a loss in a round that is not the median one still shows
+    kept = median_run(rounds)
+    assert kept["results"]["latency_ms"]["p99"] == 51.0
+    assert kept["lost_all_rounds"] == 2
+    assert [r["latency_ms"]["p99"] for r in kept["rounds"]] == [62.0, 48.0, 51.0]
+    results = load_results(150_000.0, 5_000.0, 51.0)
+    results["settings"]["rounds"] = 3
+    results["runs"][0] = kept
+    write(tmp_path, "load.json", results)
+    text = render(tmp_path)
+    assert "Each system ran 3 times at each concurrency" in text
+    assert (
+        "| transcriptd durable | 64 | 150,000 | 75% | 30x | 25.5 ms | 45.9 ms | 51.0 ms | 56.1 ms | 10 x 200 | 2 |"
+        in text
+    )
+    assert "ack p99: 51.0 ms (the median of 3 runs: 48.0, 51.0, 62.0 ms), over the write-up's 50 ms promise" in text
