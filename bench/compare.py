@@ -243,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="take the executemany limit from bench.ingest_limit's results of this run instead of measuring it again",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     limit = json.loads(args.limit_from.read_text())["executemany_limit"] if args.limit_from else None
     report = run(concurrencies, args.scale, args.round_trip_ms, args.redis_url, limit, args.rounds)

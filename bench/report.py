@@ -372,9 +372,8 @@ def bars(load: dict[str, Any]) -> list[str]:
     if "p99" in lat:
         p99, mean = lat["p99"], lat.get("mean")
         p99s = sorted((r["latency_ms"] or {}).get("p99", math.inf) for r in ours.get("rounds", []))
-        spread = (
-            f" (the median of {len(p99s)} runs: {', '.join(f'{x:,.1f}' for x in p99s)} ms)" if len(p99s) > 1 else ""
-        )
+        shown = ", ".join(f"{x:,.1f}" if x != math.inf else "no answer" for x in p99s)
+        spread = f" (the median of {len(p99s)} runs: {shown} ms)" if len(p99s) > 1 else ""
         if p99 < ANSWER_PROMISE_MS:
             lines.append(f"- ack p99: {p99:,.1f} ms{spread}, under the write-up's {ANSWER_PROMISE_MS:g} ms promise;")
         else:

@@ -122,7 +122,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 registry,
                 metrics,
             )
-            await tg.start(intake.expire_acks)
+            if intake.settings.durable:  # nobody waits for an enqueued delivery
+                await tg.start(intake.expire_acks)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,

@@ -18,6 +18,7 @@ from storage.deliveries import NULL, Delivery, MessageRow
 SOURCE = "tavus"
 
 ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Timestamp = float | str | None
 
@@ -28,7 +29,7 @@ class Envelope(msgspec.Struct, frozen=True):
     and so on (see the README). Other keys are ignored."""
 
     conversation_id: ConversationId
-    event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    event_type: EventType
     properties: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
     message_type: str | None = None
     timestamp: Timestamp = None
@@ -96,7 +97,7 @@ class ReadyEnvelope(msgspec.Struct, frozen=True):
     """``application.transcription_ready`` decoded in one pass: the common event, and the big one."""
 
     conversation_id: ConversationId
-    event_type: str
+    event_type: EventType  # as in Envelope: a body one path refuses, the other must refuse too
     properties: TranscriptionReady
     message_type: str | None = None
     timestamp: Timestamp = None

@@ -308,3 +308,17 @@ def test_a_transcript_decoded_in_one_pass_or_two_gives_the_same_delivery(timesta
 
     assert len(fast.rows) == len(slow.rows) == 31
     assert all(same(a, b) for fr, sr in zip(fast.rows, slow.rows, strict=True) for a, b in zip(fr, sr, strict=True))
+
+
+@pytest.mark.parametrize("first", ["", "x" * 129])
+def test_a_transcript_with_a_bad_event_type_before_the_good_one_is_refused_by_either_path(first: str) -> None:
+    from daemon import tavus
+    from daemon.errors import InvalidPayload
+
+    entries = '[{"role": "user", "content": "hi"}]'
+    body = (
+        f'{{"conversation_id": "c", "event_type": "{first}", "properties": {{"transcript": {entries}}},'
+        ' "event_type": "application.transcription_ready"}'
+    ).encode()
+    with pytest.raises(InvalidPayload):
+        tavus.parse(body, {}, received_at=1.0)
