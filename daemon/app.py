@@ -1,4 +1,5 @@
-"""The Starlette app. Its lifespan owns one task group: the writer and the actor registry run in it."""
+"""The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor and the
+ack-timeout task run in it; it closes the actor registry, then the writer."""
 
 from __future__ import annotations
 
