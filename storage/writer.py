@@ -87,7 +87,6 @@ class Writer:
         self._closing = False
         # Event-loop side only.
         self._pending_rows = 0
-        self._space = anyio.Event()
         self._closed = anyio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -154,13 +153,6 @@ class Writer:
             self._cond.notify()
         self._pending_rows += rows
         return True
-
-    async def submit(self, unit: Unit) -> None:
-        """Queue a unit for the next commit, waiting while too many rows are pending (backpressure)."""
-        while not self.offer(unit):
-            if self._space.is_set():
-                self._space = anyio.Event()
-            await self._space.wait()
 
     async def run_job(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(connection)`` in the writer's thread between two batches, and return its result."""
@@ -326,7 +318,6 @@ class Writer:
 
     def _release(self, rows: int) -> None:
         self._pending_rows -= rows
-        self._space.set()
 
 
 def _probe(conn: sqlite3.Connection) -> str | None:

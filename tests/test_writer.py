@@ -61,7 +61,7 @@ async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Pat
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
         for unit in units:
-            await writer.submit(unit)
+            assert writer.offer(unit)
         for unit in units:
             await unit[-1].done.wait()
         await writer.close()
@@ -77,7 +77,7 @@ async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Qu
     poison = delivery("poison", ["ok", "\ud800 a lone surrogate cannot be stored as UTF-8"])
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
-        await writer.submit([good_before, poison, good_after])
+        assert writer.offer([good_before, poison, good_after])
         await good_after.done.wait()
         await writer.close()
     assert isinstance(poison.error, StorageRejected)
@@ -96,7 +96,7 @@ async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged
         with locked(db_path):
             waited = delivery("durable", ["x"], awaited=True)
             acked = delivery("enqueued", ["y"], awaited=False)
-            await writer.submit([waited, acked])
+            assert writer.offer([waited, acked])
             await waited.done.wait()
             assert isinstance(waited.error, StorageUnavailable)
             assert not acked.done.is_set()
@@ -166,7 +166,7 @@ async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> No
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
         for unit in units:
-            await writer.submit(unit)
+            assert writer.offer(unit)
         await units[-1][-1].done.wait()
         await writer.close()
     assert writer.commits == 3
