@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -135,31 +135,26 @@ def _params(rows: Sequence[Sequence[object]], start: int, size: int, width: int)
     return values
 
 
+def _executed(
+    conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str
+) -> Iterator[sqlite3.Cursor]:
+    """``head VALUES ... tail`` run over ``rows``, one padded statement per chunk: each chunk's cursor."""
+    width = len(rows[0]) if rows else 0
+    for start, size in chunks(len(rows)):
+        yield conn.execute(multi_row(head, width, padded(size), tail), _params(rows, start, size, width))
+
+
 def select_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str) -> list[Any]:
     """Run a query whose ``VALUES`` list holds ``rows`` (e.g. ``x IN (VALUES ...)``), chunk by chunk.
     Padding rows must match nothing: the query compares them with text."""
-    if not rows:
-        return []
-    width = len(rows[0])
-    found: list[Any] = []
-    for start, size in chunks(len(rows)):
-        statement = multi_row(head, width, padded(size), tail)
-        found.extend(conn.execute(statement, _params(rows, start, size, width)).fetchall())
-    return found
+    return [found for cursor in _executed(conn, head, rows, tail) for found in cursor.fetchall()]
 
 
 def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str = "") -> int:
     """Run ``head`` (an INSERT's column list, or an UPDATE's ``FROM (``) over ``rows``, chunk by chunk,
     with the padding rows filtered out; the number of rows the statements changed."""
-    if not rows:
-        return 0
-    width = len(rows[0])
-    changed = 0
     filtered_head, filtered_tail = _filtering(head, tail)
-    for start, size in chunks(len(rows)):
-        statement = multi_row(filtered_head, width, padded(size), filtered_tail)
-        changed += conn.execute(statement, _params(rows, start, size, width)).rowcount
-    return changed
+    return sum(cursor.rowcount for cursor in _executed(conn, filtered_head, rows, filtered_tail))
 
 
 @functools.cache
