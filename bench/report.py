@@ -295,7 +295,7 @@ def invalidation_section(sweep: dict[str, Any]) -> list[str]:
 # --- load comparison ------------------------------------------------------------------------------------
 
 
-def load_section(load: dict[str, Any], chart: str | None) -> list[str]:
+def load_section(load: dict[str, Any], chart: str | None, ingest: dict[str, Any] | None = None) -> list[str]:
     limit = load["executemany_limit"]["rows_per_s"]
     settings = load["settings"]
     cache = "a real Redis" if settings["naive_cache"] == "redis" else "an in-process dict (no Redis answered)"
@@ -347,11 +347,11 @@ def load_section(load: dict[str, Any], chart: str | None) -> list[str]:
     lines += table(header, rows)
     if chart:
         lines += ["", f"![ack latency and messages/s per system](bench/results/{chart})"]
-    lines += ["", *bars(load)]
+    lines += ["", *bars(load, ingest)]
     return lines
 
 
-def bars(load: dict[str, Any]) -> list[str]:
+def bars(load: dict[str, Any], ingest: dict[str, Any] | None = None) -> list[str]:
     """The issue's bars for transcriptd durable at the highest concurrency, checked, not asserted."""
     runs = load["runs"]
     top = max(load["settings"]["concurrencies"])
@@ -396,6 +396,38 @@ def bars(load: dict[str, Any]) -> list[str]:
             )
     if stored is not None and limit:
         lines.append(f"- of the storage limit: {stored / limit:.0%}.")
+    over = "p99" in lat and lat["p99"] >= ANSWER_PROMISE_MS
+    if over and (context := _what_bounds_the_p99(load, ingest, top)):
+        lines += ["", "What bounds that p99 on this machine, from the same run:", "", *context]
+    return lines
+
+
+def _what_bounds_the_p99(load: dict[str, Any], ingest: dict[str, Any] | None, top: int) -> list[str]:
+    """Measured context for a p99 over the promise: what the promise's own mode did at the same concurrency,
+    and the mean latency that storage alone allows before HTTP or decoding costs anything."""
+    lines = []
+    after = next(
+        (r for r in load["runs"] if r["system"] == "naive-after" and r["concurrency"] == top),
+        None,
+    )
+    if after is not None and "p99" in latency(after):
+        p99 = latency(after)["p99"]
+        lines.append(
+            f"- the write-up's after handler, which answers before storing anything (where its {ANSWER_PROMISE_MS:g} ms"
+            f" promise came from), had an ack p99 of {p99:,.1f} ms at {top} senders in the same run"
+            f" ({'under' if p99 < ANSWER_PROMISE_MS else 'over'} the promise itself);"
+        )
+    ours = next(r for r in load["runs"] if r["system"] == "transcriptd-durable" and r["concurrency"] == top)
+    per_webhook = ours["settings"]["messages_per_request"]
+    if ingest is not None and per_webhook:
+        alone, batch = ingest["writer_alone"]["rows_per_s"], ingest["settings"]["concurrency"]
+        ceiling = alone / per_webhook
+        lines.append(
+            f"- storage alone bounds it: with no HTTP at all, the writer stored {alone:,.0f} rows/s with raw bodies"
+            f" in batches of {batch} webhooks here, at most {ceiling:,.0f} webhooks/s of {per_webhook} messages,"
+            f" so {top} senders wait {top / ceiling * 1000:,.1f} ms on average before any HTTP, decoding or spread"
+            " is counted."
+        )
     return lines
 
 
@@ -567,7 +599,7 @@ def render(results: Path) -> str:
     measured = claims and claims.get("benchmarks")  # --benchmark-disable leaves the list empty
     lines += [*claims_summary(claims), ""] if measured else [missing.format("claims.json"), ""]
     lines += [*invalidation_section(sweep), ""] if sweep else [missing.format("invalidation.json"), ""]
-    lines += [*load_section(load, CHART if drawn else None), ""] if load else [missing.format("load.json"), ""]
+    lines += [*load_section(load, CHART if drawn else None, ingest), ""] if load else [missing.format("load.json"), ""]
     lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
     lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -149,3 +149,36 @@ def test_the_load_table_keeps_the_median_round_and_counts_every_loss(tmp_path: P
         in text
     )
     assert "ack p99: 51.0 ms (the median of 3 runs: 48.0, 51.0, 62.0 ms), over the write-up's 50 ms promise" in text
+
+
+def ingest_results(writer_alone_rows_per_s: float) -> dict[str, Any]:
+    daemon = {"rows_per_s": 120_000.0, "latency_ms": {"p50": 10.0, "p99": 20.0}}
+    return {
+        "settings": {"webhooks": 1600, "turns": 100, "ack": "durable", "synchronous": "full", "concurrency": 16},
+        "body_bytes_mean": 40_000,
+        "executemany_limit": {"rows_per_s": 200_000.0},
+        "daemon": daemon,
+        "daemon_single_sender": daemon,
+        "writer_alone": {"rows_per_s": writer_alone_rows_per_s},
+        "writer_alone_without_raw_bodies": {"rows_per_s": 300_000.0},
+    }
+
+
+@pytest.mark.parametrize(("p99", "explained"), [(95.0, True), (45.0, False)])
+def test_a_p99_over_the_promise_is_set_beside_what_bounds_it(tmp_path: Path, p99: float, explained: bool) -> None:
+    load = load_results(120_000.0, 5_000.0, p99)
+    load["runs"].append(run("naive-after", "write-up after", 64, 40_000.0, 53.0))
+    write(tmp_path, "load.json", load)
+    write(tmp_path, "ingest_limit.json", ingest_results(202_000.0))
+    text = render(tmp_path)
+    after = "the write-up's after handler, which answers before storing anything"
+    # 202,000 rows/s / 101 messages = 2,000 webhooks/s at most: 64 senders wait 32 ms on average.
+    storage = "the writer stored 202,000 rows/s with raw bodies in batches of 16 webhooks here, at most 2,000 webhooks"
+    if explained:
+        assert f"{after} (where its 50 ms promise came from), had an ack p99 of 53.0 ms at 64 senders" in text
+        assert "(over the promise itself)" in text
+        assert storage in text
+        assert "so 64 senders wait 32.0 ms on average" in text
+    else:
+        assert after not in text
+        assert storage not in text
