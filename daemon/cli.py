@@ -31,6 +31,7 @@ from storage import dead_letters, retention
 from storage import export as exports
 from storage.connection import StorageVersionError, open_reader, open_writer
 from storage.deliveries import Delivery
+from storage.migrations import migrate
 from storage.replay import Parse, ReplayStats, StoredEvent, replay
 
 log = logging.getLogger("transcriptd")
@@ -224,6 +225,27 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def storage_problem(config: Config) -> str | None:
+    """Open and migrate the database as the writer will, before the server starts: a file that is not
+    SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
+    than a traceback out of the server's start-up. None when the database is usable."""
+    storage = config.storage
+    try:
+        with closing(
+            open_writer(
+                storage.path,
+                synchronous=storage.synchronous,
+                cache_size_mib=storage.cache_size_mib,
+                busy_timeout_ms=storage.busy_timeout_ms,
+            )
+        ) as conn:
+            if applied := migrate(conn):
+                log.info("applied migrations %s to %s", applied, storage.path)
+    except (sqlite3.Error, OSError, StorageVersionError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
 def serve(config: Config) -> int:
 
     # Every request allocates thousands of short-lived objects (decoded entries, row tuples); the default
@@ -233,6 +255,9 @@ def serve(config: Config) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 1_000)
     configure(config)
+    if (problem := storage_problem(config)) is not None:
+        log.error("cannot use the database at %s: %s", config.storage.path, problem)
+        return 3
     server = DrainingServer(
         uvicorn.Config(
             create_app(config),

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,55 @@ def test_a_bad_setting_exits_2_naming_it_without_listening(
     assert "Started server process" not in output
     assert "Uvicorn running" not in output
     assert not db_path.exists()
+
+
+def _not_sqlite(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.db"
+    path.write_text("these are someone's notes, not a database\n")
+    return path
+
+
+def _a_directory(tmp_path: Path) -> Path:
+    path = tmp_path / "data.db"
+    path.mkdir()
+    return path
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "data").write_text("a file where the database's directory should be\n")
+    return tmp_path / "data" / "transcriptd.db"
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        pytest.param(_not_sqlite, "file is not a database", id="not-sqlite"),
+        pytest.param(_a_directory, "unable to open database file", id="a-directory"),
+        pytest.param(_under_a_file, "FileExistsError", id="under-a-file"),
+    ],
+)
+def test_an_unusable_database_exits_3_naming_it_in_one_line_without_listening(
+    tmp_path: Path, make: Callable[[Path], Path], cause: str
+) -> None:
+    db_path = make(tmp_path)
+    before = db_path.read_bytes() if db_path.is_file() else None
+    done = subprocess.run(
+        serve_argv("--db", str(db_path), "--port", str(free_port())),
+        cwd=tmp_path,
+        env=daemon_env({}),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 3, output
+    assert f"cannot use the database at {db_path}: " in done.stderr, output
+    assert cause in done.stderr, output
+    assert "Traceback" not in output
+    assert "Started server process" not in output
+    if before is not None:
+        assert db_path.read_bytes() == before  # refused, not overwritten
 
 
 def test_a_restart_applies_no_migration_twice_and_keeps_the_data(tmp_path: Path) -> None:
