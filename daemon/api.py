@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
@@ -29,6 +29,7 @@ Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
 
 MAX_PAGE = 500
+Source = Literal["tavus", "api"]  # the streams intake writes (daemon.tavus.SOURCE, daemon.generic.SOURCE)
 
 
 class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -45,7 +46,7 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Annotated[Role | None, msgspec.Meta(description="only messages of this role")] = None
     include_system: Annotated[bool, msgspec.Meta(description="include system entries (prompts)")] = False
     source: Annotated[
-        str | None, msgspec.Meta(description="which stream: `tavus` or `api` (default: the conversation's own)")
+        Source | None, msgspec.Meta(description="which stream: `tavus` or `api` (default: the conversation's own)")
     ] = None
 
 

@@ -104,6 +104,8 @@ async def test_conversations_newest_activity_first_with_a_cursor(app_client: App
         ("/conversations/c-q/messages?page=2&after=3", 422, "query.after"),
         ("/conversations/c-q/messages?colour=red", 422, "query"),
         ("/conversations/c-q/messages?include_system=maybe", 422, "query.include_system"),
+        ("/conversations/c-q/messages?source=foo", 422, "query.source"),
+        ("/conversations/c-q/messages?source=API", 422, "query.source"),
         ("/conversations?cursor=%%%", 422, "query.cursor"),
         ("/conversations?limit=-1", 422, "query.limit"),
     ],
