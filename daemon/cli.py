@@ -417,12 +417,12 @@ def _replayed(stats: ReplayStats) -> str:
 
 
 def prune_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)  # first: a mistyped path fails even when nothing would be deleted
     flag: float | None = args.older_than_days
     days = flag if flag is not None else float(config.storage.retention_days)
     if days <= 0:
         print("no retention configured (storage.retention_days is 0: keep everything); nothing deleted")
         return 0
-    path = _database(config)
     cutoff = time.time() - days * DAY_S
     when = f"last updated before {_iso(cutoff)} (older than {days:g} days)"
     if args.dry_run:

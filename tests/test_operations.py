@@ -305,6 +305,10 @@ def test_prune_dry_run_counts_and_deletes_nothing(tmp_path: Path) -> None:
     assert unset.returncode == 0, unset.stderr
     assert "no retention configured" in unset.stdout
     assert {name: table(db_path, name) for name in everything} == everything
+    # A mistyped path is named even when nothing would be deleted, so a cron job does not pass silently.
+    mistyped = transcriptd("prune", "--db", str(tmp_path / "transcripd.db"), cwd=tmp_path)
+    assert mistyped.returncode == 1, mistyped.stdout
+    assert "no database at" in mistyped.stderr
 
     # storage.retention_days from the config file, as the daemon reads it.
     config = tmp_path / "retention.toml"
