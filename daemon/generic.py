@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
+from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
 from daemon.errors import InvalidPayload, Problem
 from daemon.tavus import ConversationId, Role
 from storage.deliveries import AppendRow, Delivery
@@ -47,17 +47,9 @@ def parse(
     rows: list[AppendRow] = [
         (cid, SOURCE, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items
     ]
-    delivery = Delivery(
-        # Without a client id, the same body to the same conversation is a retry, not new messages.
-        key=delivery_key(SOURCE, body, headers, cid),
-        source=SOURCE,
-        event_type=EVENT_TYPE,
-        conversation_id=cid,
-        received_at=received_at,
-        body=body,
-        append_rows=rows,
-        rejected=len(problems),
-    )
+    # Without a client id, the same body to the same conversation is a retry, not new messages.
+    delivery = new_delivery(SOURCE, EVENT_TYPE, cid, body, headers, received_at)
+    delivery.append_rows, delivery.rejected = rows, len(problems)
     if rows:
         delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=received_at)
     return delivery, problems

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
+from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
 from daemon.errors import InvalidPayload, Problem
 from storage.deliveries import NULL, Delivery, MessageRow
 
@@ -130,10 +130,10 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     """
     ready = _transcription_ready(body)
     if ready is not None:
-        delivery = _delivery(body, headers, ready.conversation_id, ready.event_type, received_at)
+        delivery = new_delivery(SOURCE, ready.event_type, ready.conversation_id, body, headers, received_at)
         return _apply(delivery, ready.properties, ready.timestamp), []
     envelope = decode(body, Envelope)
-    delivery = _delivery(body, headers, envelope.conversation_id, envelope.event_type, received_at)
+    delivery = new_delivery(SOURCE, envelope.event_type, envelope.conversation_id, body, headers, received_at)
     kind = PROPERTIES.get(envelope.event_type)
     if kind is None:
         return delivery, []  # an event we do not know yet: kept raw, answered 2xx
@@ -160,17 +160,6 @@ def _transcription_ready(body: bytes) -> ReadyEnvelope | None:
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return ready if ready.event_type == READY else None
-
-
-def _delivery(body: bytes, headers: Mapping[str, str], cid: str, event_type: str, received_at: float) -> Delivery:
-    return Delivery(
-        key=delivery_key(SOURCE, body, headers, cid),
-        source=SOURCE,
-        event_type=event_type,
-        conversation_id=cid,
-        received_at=received_at,
-        body=body,
-    )
 
 
 def _apply(delivery: Delivery, props: msgspec.Struct, timestamp: Timestamp) -> Delivery:
