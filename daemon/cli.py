@@ -229,18 +229,10 @@ def storage_problem(config: Config) -> str | None:
     """Open and migrate the database as the writer will, before the server starts: a file that is not
     SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
     than a traceback out of the server's start-up. None when the database is usable."""
-    storage = config.storage
     try:
-        with closing(
-            open_writer(
-                storage.path,
-                synchronous=storage.synchronous,
-                cache_size_mib=storage.cache_size_mib,
-                busy_timeout_ms=storage.busy_timeout_ms,
-            )
-        ) as conn:
+        with closing(_writer(Path(config.storage.path), config)) as conn:
             if applied := migrate(conn):
-                log.info("applied migrations %s to %s", applied, storage.path)
+                log.info("applied migrations %s to %s", applied, config.storage.path)
     except (sqlite3.Error, OSError, StorageVersionError) as exc:
         return f"{exc.__class__.__name__}: {exc}"
     return None
