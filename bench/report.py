@@ -397,27 +397,25 @@ def bars(load: dict[str, Any], ingest: dict[str, Any] | None = None) -> list[str
     if stored is not None and limit:
         lines.append(f"- of the storage limit: {stored / limit:.0%}.")
     over = "p99" in lat and lat["p99"] >= ANSWER_PROMISE_MS
-    if over and (context := _what_bounds_the_p99(load, ingest, top)):
+    if over and (context := _what_bounds_the_p99(load, ingest, ours)):
         lines += ["", "What bounds that p99 on this machine, from the same run:", "", *context]
     return lines
 
 
-def _what_bounds_the_p99(load: dict[str, Any], ingest: dict[str, Any] | None, top: int) -> list[str]:
-    """Measured context for a p99 over the promise: what the promise's own mode did at the same concurrency,
-    and the mean latency that storage alone allows before HTTP or decoding costs anything."""
+def _what_bounds_the_p99(load: dict[str, Any], ingest: dict[str, Any] | None, ours: dict[str, Any]) -> list[str]:
+    """Measured context for ``ours`` (transcriptd durable at the top concurrency) over the promise: what the
+    promise's own mode did at that concurrency, and the mean latency that storage alone allows before HTTP
+    or decoding costs anything."""
     lines = []
-    after = next(
-        (r for r in load["runs"] if r["system"] == "naive-after" and r["concurrency"] == top),
-        None,
-    )
-    if after is not None and "p99" in latency(after):
-        p99 = latency(after)["p99"]
+    top = ours["concurrency"]
+    after = next((r for r in load["runs"] if r["system"] == "naive-after" and r["concurrency"] == top), None)
+    if after is not None and "p99" in (after_latency := latency(after)):
+        p99 = after_latency["p99"]
         lines.append(
             f"- the write-up's after handler, which answers before storing anything (where its {ANSWER_PROMISE_MS:g} ms"
             f" promise came from), had an ack p99 of {p99:,.1f} ms at {top} senders in the same run"
             f" ({'under' if p99 < ANSWER_PROMISE_MS else 'over'} the promise itself);"
         )
-    ours = next(r for r in load["runs"] if r["system"] == "transcriptd-durable" and r["concurrency"] == top)
     per_webhook = ours["settings"]["messages_per_request"]
     if ingest is not None and per_webhook:
         alone, batch = ingest["writer_alone"]["rows_per_s"], ingest["settings"]["concurrency"]
