@@ -53,7 +53,10 @@ class Endpoint:
 
 
 def routes(endpoints: list[Endpoint]) -> list[Route]:
-    """One route per path, whatever its methods, so a 405 lists every method the path allows."""
+    """One route per path, whatever its methods, so a 405 lists every method the path allows; and the same
+    again with a trailing slash. The app turns Starlette's slash redirects off (``redirect_slashes=False``):
+    a redirect would echo the path, and ``/webhooks/tavus/<token>/`` holds a secret, into ``Location``, and
+    a sender that does not follow it would lose the delivery."""
     by_path: dict[str, dict[str, Handler]] = {}
     for endpoint in endpoints:
         by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint.handler()
