@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import uvicorn
 
-from daemon import __version__, generic, tavus
+from daemon import __version__, exposure, generic, tavus
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -206,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"transcriptd: {exc}", file=sys.stderr)
         return 2
+    if (refused := exposure.refusal(config)) is not None:
+        # Before anything listens, and as a bad setting: exit 2, which the systemd unit does not restart.
+        print(f"transcriptd: {refused}", file=sys.stderr)
+        return 2
     return serve(config)
 
 
@@ -247,6 +251,8 @@ def serve(config: Config) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 1_000)
     configure(config)
+    if (warning := exposure.open_reads_warning(config)) is not None:
+        log.warning("%s", warning)
     if (problem := storage_problem(config)) is not None:
         log.error("cannot use the database at %s: %s", config.storage.path, problem)
         return 3
