@@ -84,7 +84,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             for cid in conversation_ids:
                 cache.evict_prefix(("conv", cid))
 
-        metrics = Metrics()
+        metrics = Metrics(scrape_tokens=(config.api.token, config.api.metrics_token))
         checkpointer = Checkpointer(config.storage.path)
 
         def committed(rows: int, seconds: float) -> None:

@@ -67,6 +67,7 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
             return await handlers[request.method if request.method != "HEAD" else "GET"](request)
 
         built.append(Route(path, dispatch, methods=list(handlers)))
+        built.append(Route(f"{path}/", dispatch, methods=list(handlers)))
     return built
 
 
@@ -151,6 +152,8 @@ ENDPOINTS = [
         "Prometheus metrics (text format)",
         "health",
         responses={200: ("the metrics", None)},
+        errors={401: "missing or wrong bearer token (when `api.token` or `api.metrics_token` is set)"},
+        bearer=True,
     ),
     Endpoint(
         "/openapi.json",
