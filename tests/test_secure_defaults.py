@@ -3,6 +3,7 @@ meant to be open to everyone), and warns at start-up whenever reads need no toke
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from daemon.exposure import is_loopback, open_reads_warning, refusal
 from tests.conftest import make_config
-from tests.daemon_process import daemon_env, free_port, managed, serve_argv, start_daemon
+from tests.daemon_process import REPO, daemon_env, free_port, managed, serve_argv, start_daemon
 from tests.payloads import encode, transcription_ready
 
 API_TOKEN = "read-s3cret"
@@ -126,3 +127,38 @@ def test_serve_on_loopback_without_token_starts_and_warns(tmp_path: Path) -> Non
     assert len(warnings) == 1, log
     assert "anyone on this host" in warnings[0]
     assert "api.token" in warnings[0]
+
+
+# --- the deployment guide's proxies ----------------------------------------------------------------------
+
+
+def active_lines(block: str) -> str:
+    """The block without its comment lines: what the proxy runs if pasted as it is."""
+    return "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#"))
+
+
+def guide_block(language: str) -> str:
+    guide = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
+    (block,) = re.findall(rf"```{language}\n(.*?)```", guide, re.DOTALL)
+    return block
+
+
+def test_the_nginx_example_forwards_only_the_webhooks_and_the_reads_are_an_opt_in_needing_the_token() -> None:
+    block = guide_block("nginx")
+    locations = re.findall(r"location\s+([^{]+?)\s*\{([^}]*)\}", active_lines(block))
+    assert [path for path, body in locations if "proxy_pass" in body] == ["/webhooks/"]
+    assert ("/", "\n        return 404;\n    ") in locations
+    opt_in = block[block.index("OPT-IN") : block.index("end of the opt-in")]
+    assert "api.token" in opt_in
+    assert "conversations" in opt_in
+
+
+def test_the_caddy_example_forwards_only_the_webhooks_and_the_reads_are_an_opt_in_needing_the_token() -> None:
+    block = guide_block("caddy")
+    active = active_lines(block)
+    handles = re.findall(r"handle\s*([^{]*?)\s*\{([^}]*)\}", active)
+    assert [matcher for matcher, body in handles if "reverse_proxy" in body] == ["/webhooks/*"]
+    assert active.count("reverse_proxy") == 1  # none outside a handle, which would forward everything
+    opt_in = block[block.index("OPT-IN") : block.index("end of the opt-in")]
+    assert "api.token" in opt_in
+    assert "/conversations" in opt_in
