@@ -206,10 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"transcriptd: {exc}", file=sys.stderr)
         return 2
-    if (refused := exposure.refusal(config)) is not None:
-        # Before anything listens, and as a bad setting: exit 2, which the systemd unit does not restart.
-        print(f"transcriptd: {refused}", file=sys.stderr)
-        return 2
     return serve(config)
 
 
@@ -243,6 +239,10 @@ def storage_problem(config: Config) -> str | None:
 
 
 def serve(config: Config) -> int:
+    if (refused := exposure.refusal(config)) is not None:
+        # Before anything opens or listens, and as a bad setting: exit 2, which the systemd unit does not restart.
+        print(f"transcriptd: {refused}", file=sys.stderr)
+        return 2
 
     # Every request allocates thousands of short-lived objects (decoded entries, row tuples); the default
     # thresholds run a collection every few requests and a full one often enough to show in the ack p99
