@@ -139,8 +139,9 @@ def active_lines(block: str) -> str:
 
 def guide_block(language: str) -> str:
     guide = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
-    (block,) = re.findall(rf"```{language}\n(.*?)```", guide, re.DOTALL)
-    return block
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", guide, re.DOTALL)
+    assert len(blocks) == 1, f"{len(blocks)} {language} blocks in docs/deployment.md"
+    return blocks[0]
 
 
 def test_the_nginx_example_forwards_only_the_webhooks_and_the_reads_are_an_opt_in_needing_the_token() -> None:
