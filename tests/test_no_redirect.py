@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ TAVUS_TOKEN = "t0ken-Secret-1234"
 
 @pytest.mark.anyio
 async def test_a_trailing_slash_is_served_not_redirected_and_no_answer_has_a_location(
-    app_client: AppClient, db_path: Path
+    app_client: AppClient, db: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
 ) -> None:
     answers: list[httpx.Response] = []
     async with app_client(**{"webhooks.tavus.token": TAVUS_TOKEN}) as client:
@@ -40,6 +41,8 @@ async def test_a_trailing_slash_is_served_not_redirected_and_no_answer_has_a_loc
                 for method in ("GET", "POST", "HEAD", "PUT"):
                     answers.append(await client.request(method, variant, content=body))
         by_slash = {path: (await client.get(path)).status_code for path in ("/livez", "/livez/", "/readyz", "/readyz/")}
+    # Stored, in the database file: the slash form is the same callback as the one without.
+    assert db("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", ("c-slash",)) == [(3,)]
     assert by_slash == {"/livez": 200, "/livez/": 200, "/readyz": 200, "/readyz/": 200}
     assert len(answers) > 50
     for answer in answers:
