@@ -84,7 +84,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             for cid in conversation_ids:
                 cache.evict_prefix(("conv", cid))
 
-        metrics = Metrics()
+        metrics = Metrics(scrape_tokens=(config.api.token, config.api.metrics_token))
         checkpointer = Checkpointer(config.storage.path)
 
         def committed(rows: int, seconds: float) -> None:
@@ -161,8 +161,12 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 else:
                     log.error("transcriptd stopped after %.0f s with deliveries not drained", budget.mailboxes_s)
 
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    # Every route also answers with a trailing slash (see daemon.routes), so nothing is ever redirected: a
+    # redirect would put the webhook token into a Location header.
+    app.router.redirect_slashes = False
+    return app

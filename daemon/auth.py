@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from starlette.requests import Request
 
@@ -15,10 +16,19 @@ def same_secret(given: str, expected: str) -> bool:
 
 def check_bearer(request: Request, token: str) -> None:
     """``Authorization: Bearer <token>`` when ``token`` is set; nothing to check otherwise."""
-    if not token:
+    check_bearer_any(request, (token,))
+
+
+def check_bearer_any(request: Request, tokens: Sequence[str]) -> None:
+    """``Authorization: Bearer <one of tokens>`` when any of ``tokens`` is set; nothing to check otherwise."""
+    expected = [token for token in tokens if token]
+    if not expected:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
+    given = given.strip()
+    # Every token is compared, matching or not, so the time taken does not say which one was close.
+    matches = [same_secret(given, token) for token in expected]
+    if scheme.lower() != "bearer" or not any(matches):
         error = Unauthorized("missing or wrong bearer token")
         error.headers = {"WWW-Authenticate": "Bearer"}
         raise error

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import uvicorn
 
-from daemon import __version__, generic, tavus
+from daemon import __version__, exposure, generic, tavus
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -239,6 +239,10 @@ def storage_problem(config: Config) -> str | None:
 
 
 def serve(config: Config) -> int:
+    if (refused := exposure.refusal(config)) is not None:
+        # Before anything opens or listens, and as a bad setting: exit 2, which the systemd unit does not restart.
+        print(f"transcriptd: {refused}", file=sys.stderr)
+        return 2
 
     # Every request allocates thousands of short-lived objects (decoded entries, row tuples); the default
     # thresholds run a collection every few requests and a full one often enough to show in the ack p99
@@ -247,6 +251,8 @@ def serve(config: Config) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 1_000)
     configure(config)
+    if (warning := exposure.open_reads_warning(config)) is not None:
+        log.warning("%s", warning)
     if (problem := storage_problem(config)) is not None:
         log.error("cannot use the database at %s: %s", config.storage.path, problem)
         return 3

@@ -73,6 +73,10 @@ class WebhooksConfig(_Section, frozen=True):
 
 class ApiConfig(_Section, frozen=True):
     token: str = ""
+    # A token that opens /metrics only: the scraper then holds no key to the transcripts.
+    metrics_token: str = ""
+    # Without api.token, serve refuses a non-loopback address unless this says reads are meant to be public.
+    reads_open_to_everyone: bool = False
 
 
 class CacheConfig(_Section, frozen=True):

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from daemon.auth import check_bearer_any
 from daemon.cache import PrefixTTLCache
 from daemon.tavus import PROPERTIES
 from storage.deliveries import WriteResult
@@ -41,7 +42,10 @@ class _CacheCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, scrape_tokens: tuple[str, ...] = ()) -> None:
+        """``scrape_tokens``: a scrape needs ``Authorization: Bearer`` with one of them when any is set
+        (``api.token`` and ``api.metrics_token``); /metrics is open when none is."""
+        self.scrape_tokens = scrape_tokens
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.deliveries = Counter(
@@ -141,4 +145,5 @@ class Metrics:
         self.commit_rows.observe(rows)
 
     async def serve(self, request: Request) -> Response:
+        check_bearer_any(request, self.scrape_tokens)
         return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8")

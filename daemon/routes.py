@@ -53,7 +53,10 @@ class Endpoint:
 
 
 def routes(endpoints: list[Endpoint]) -> list[Route]:
-    """One route per path, whatever its methods, so a 405 lists every method the path allows."""
+    """One route per path, whatever its methods, so a 405 lists every method the path allows; and the same
+    again with a trailing slash. The app turns Starlette's slash redirects off (``redirect_slashes=False``):
+    a redirect would echo the path, and ``/webhooks/tavus/<token>/`` holds a secret, into ``Location``, and
+    a sender that does not follow it would lose the delivery."""
     by_path: dict[str, dict[str, Handler]] = {}
     for endpoint in endpoints:
         by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint.handler()
@@ -64,6 +67,7 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
             return await handlers[request.method if request.method != "HEAD" else "GET"](request)
 
         built.append(Route(path, dispatch, methods=list(handlers)))
+        built.append(Route(f"{path}/", dispatch, methods=list(handlers)))
     return built
 
 
@@ -148,6 +152,8 @@ ENDPOINTS = [
         "Prometheus metrics (text format)",
         "health",
         responses={200: ("the metrics", None)},
+        errors={401: "missing or wrong bearer token (when `api.token` or `api.metrics_token` is set)"},
+        bearer=True,
     ),
     Endpoint(
         "/openapi.json",

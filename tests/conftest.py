@@ -20,6 +20,7 @@ from daemon.config import Config, load_config
 TEST_SECRETS: tuple[str, ...] = (
     "t0ken-Secret-1234",  # webhooks.tavus.token (tests/test_intake.py)
     "read-s3cret",  # api.token (tests/test_api.py)
+    "metr1cs-s3cret",  # api.metrics_token (tests/test_secure_defaults.py)
     "s3cr3t-callback-token",  # the token in the webhook_url every Tavus body echoes (bench/payloads.py)
     "from-env",  # TRANSCRIPTD_WEBHOOKS_TAVUS_TOKEN (tests/test_config.py)
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0x",  # webhooks.tavus.signing_secret (tests/test_signatures.py)
