@@ -118,6 +118,13 @@ class RedactSecrets(logging.Filter):
             message = record.getMessage()
         except Exception:
             message = f"{record.msg} (the arguments of this message could not be formatted)"
+        fields = getattr(record, "fields", None)
+        if fields is not None and isinstance(record.args, tuple) and "structured" not in record.__dict__:
+            # The arguments go below: keep them by name, masked, for the JSON format's keys.
+            record.structured = {
+                name: self.redact(value) if isinstance(value, str) else value
+                for name, value in zip(fields, record.args, strict=False)
+            }
         record.msg, record.args = self.redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = _EXCEPTIONS.formatException(record.exc_info)
@@ -134,15 +141,21 @@ def _mask_webhook_url(match: re.Match[str]) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ``ts`` (ISO-8601 UTC), ``level``, ``logger``, ``message``, and ``exc``."""
+    """One JSON object per record: ``ts`` (ISO-8601 UTC), ``level``, ``logger``, ``message``, and ``exc``.
+
+    A record logged with ``extra={"fields": names}`` also carries each %-argument under its name (the
+    delivery log's ``conversation``, ``outcome``, ``latency_ms``...), masked like the message.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name, value in _structured(record).items():
+            entry.setdefault(name, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -150,3 +163,14 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return msgspec.json.encode(entry).decode()
+
+
+def _structured(record: logging.LogRecord) -> dict[str, object]:
+    structured: dict[str, object] | None = getattr(record, "structured", None)
+    if structured is not None:
+        return structured
+    fields = getattr(record, "fields", None)
+    if fields is None or not isinstance(record.args, tuple):
+        return {}
+    # No mask filter saw this record (a handler of someone else's): the values as logged.
+    return dict(zip(fields, record.args, strict=False))
