@@ -50,6 +50,8 @@ EXTRA: Final = {"fields": FIELDS}
 
 def stored(delivery: Delivery, result: WriteResult, outcome: str, started: float) -> None:
     """A committed delivery (200): ``stored`` or ``duplicate``."""
+    if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
+        return
     log.info(
         FORMAT,
         outcome,
@@ -72,6 +74,8 @@ def stored(delivery: Delivery, result: WriteResult, outcome: str, started: float
 
 def enqueued(delivery: Delivery, started: float) -> None:
     """In the mailbox (202): what it will insert is known only at the commit."""
+    if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
+        return
     log.info(
         FORMAT,
         "enqueued",
@@ -108,6 +112,8 @@ def not_stored(
     started: float,
 ) -> None:
     """A delivery answered with an error: what was known of it when it failed. Off the hot path."""
+    if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
+        return
     status, reason, field = _described(error)
     event_type = None
     if delivery is not None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from daemon.app import create_app
 from daemon.ids import quoted
 from tests.conftest import AppClient, make_config
-from tests.daemon_process import transcriptd
+from tests.daemon_process import managed, start_daemon, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
 from tests.test_fuzz import fresh_id, fuzz, running
 from tests.test_writer import locked
@@ -240,3 +240,24 @@ def test_any_id_intake_accepts_reads_back_through_every_read(tmp_path: Path) -> 
             assert timeline.json()["conversation_id"] == cid
 
         round_trip()
+
+
+@pytest.mark.slow
+def test_a_real_server_routes_ids_on_the_raw_path_and_logs_each_delivery(tmp_path: Path) -> None:
+    # uvicorn fills raw_path from the request line itself: the in-process transport above only imitates it.
+    cid = "org/call?1#x 100%"
+    with managed(start_daemon(tmp_path, tmp_path / "transcriptd.db")) as daemon:
+        with httpx.Client(base_url=daemon.base_url, timeout=10) as client:
+            messages = [{"role": "user", "content": str(i)} for i in range(3)]
+            posted = client.post(f"/conversations/{quoted(cid)}/messages", json=messages)
+            record = client.get(f"/conversations/{quoted(cid)}")
+            first = client.get(f"/conversations/{quoted(cid)}/messages?limit=2").json()
+            second = client.get(first["next"]).json()
+            not_utf8 = client.get("/conversations/%FF/messages")
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert posted.status_code == 200, posted.text
+    assert record.json()["id"] == cid
+    assert [m["content"] for m in first["messages"] + second["messages"]] == ["0", "1", "2"]
+    assert not_utf8.status_code == 400
+    assert f"delivery stored: conversation={cid!r} source=api" in log
