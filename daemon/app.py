@@ -20,9 +20,11 @@ from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
+from daemon.logs import RedactSecrets, config_secrets
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.routes import ROUTES
+from daemon.timeline import Timeline
 from storage.checkpointer import Checkpointer
 from storage.queries import Reader
 from storage.writer import Writer, WriterSettings
@@ -119,6 +121,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     api_token=config.api.token,
                     tavus_signing_secret=config.webhooks.tavus.signing_secret,
                     tavus_signature_tolerance_s=config.webhooks.tavus.signature_tolerance_s,
+                    log_deliveries=config.logging.deliveries,
                 ),
                 registry,
                 metrics,
@@ -137,6 +140,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.intake = intake
             app.state.health = Health(writer, registry, ingest.retry_after_s)
             app.state.api = Api(reader, cache, config.api.token)
+            app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",

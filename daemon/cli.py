@@ -392,11 +392,21 @@ def replay_command(args: argparse.Namespace, config: Config) -> int:
             )
 
     with closing(_writer(path, config)) as conn:
+        if args.conversation is not None and not _has_events(conn, args.conversation):
+            # As export does: a mistyped id is named, not reported as "replayed 0 events" with exit 0.
+            raise Failed(f"no events of conversation {args.conversation!r} in {path}")
         stats = replay(conn, replay_parsers(), conversation_id=args.conversation, since=args.since, on_failure=report)
     if reported > MAX_REPORTED_FAILURES:
         print(f"transcriptd: ... and {reported - MAX_REPORTED_FAILURES} more not replayed", file=sys.stderr)
     print(_replayed(stats))
     return 1 if stats.failed else 0
+
+
+def _has_events(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM events WHERE conversation_id = ? LIMIT 1", (conversation_id,)).fetchone()
+        is not None
+    )
 
 
 def _replayed(stats: ReplayStats) -> str:

@@ -35,6 +35,7 @@ class ServerConfig(_Section, frozen=True):
 
 class LoggingConfig(_Section, frozen=True):
     format: Literal["text", "json"] = "text"
+    deliveries: bool = True
 
 
 class StorageConfig(_Section, frozen=True):

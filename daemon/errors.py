@@ -52,6 +52,12 @@ class MalformedJSON(TranscriptdError):
     status, code = 400, "malformed_json"
 
 
+class MalformedId(TranscriptdError):
+    """An id in the path that is not UTF-8 once percent-decoded: it cannot name anything stored."""
+
+    status, code = 400, "malformed_id"
+
+
 class Unauthorized(TranscriptdError):
     status, code = 401, "unauthorized"
 
@@ -156,12 +162,13 @@ async def handle_transcriptd_error(request: Request, exc: Exception) -> Response
     return _counted(request, exc)
 
 
-def from_storage(exc: StorageError) -> TranscriptdError:
-    """Storage failures are ours, never the sender's: 5xx, with a time to retry after."""
+def from_storage(exc: StorageError, *, retry_after_s: int = 1) -> TranscriptdError:
+    """Storage failures are ours, never the sender's: 5xx, with a time to retry after (a 503's is
+    ``ingest.retry_after_s``, as for every other 503)."""
     error: TranscriptdError
     match exc:
         case StorageUnavailable() | WriterClosed():
-            error = Unavailable(str(exc), retry_after=1)
+            error = Unavailable(str(exc), retry_after=retry_after_s)
             error.code = "storage_unavailable"
         case StorageRejected():
             # The database refused the rows: retrying soon will not help, retrying after a fix will.
@@ -175,7 +182,8 @@ def from_storage(exc: StorageError) -> TranscriptdError:
 
 async def handle_storage_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StorageError)
-    return _counted(request, from_storage(exc))
+    intake = getattr(request.app.state, "intake", None)  # absent only before the lifespan has started
+    return _counted(request, from_storage(exc, retry_after_s=intake.settings.retry_after_s if intake else 1))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

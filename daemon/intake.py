@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
 import msgspec
@@ -16,10 +16,11 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon import generic, tavus
+from daemon import delivery_log, generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.ids import path_id
 from daemon.metrics import Metrics
 from daemon.signatures import SignatureVerifier
 from storage.deliveries import Delivery, WriteResult, weight_of
@@ -34,6 +35,10 @@ class Stored(msgspec.Struct, kw_only=True):
     updated: int
     duplicates: int
     rejected: int
+    # A delivery without messages (system.shutdown) counts all zeros either way: this tells a repeat apart.
+    duplicate: Annotated[
+        bool, msgspec.Meta(description="this delivery (its idempotency key) was stored before: nothing changed")
+    ] = False
 
 
 class Enqueued(msgspec.Struct, kw_only=True):
@@ -54,6 +59,7 @@ class IntakeSettings:
     api_token: str
     tavus_signing_secret: str = ""  # "" = deliveries are not signed
     tavus_signature_tolerance_s: float = 300.0
+    log_deliveries: bool = True  # logging.deliveries: one line per delivery (daemon.delivery_log)
 
 
 class Intake:
@@ -84,22 +90,39 @@ class Intake:
 
     async def tavus_webhook(self, request: Request) -> Response:
         started = time.perf_counter()
-        check_path_token(request.path_params.get("token"), self.settings.tavus_token)
-        body = await self._read_body(request)
-        if self.tavus_signatures is not None:
-            # Over the bytes as received, before anything decodes or stores them.
-            self.tavus_signatures.verify(body, request.headers)
-        delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
-        return await self._accept(delivery, problems, started)
+        body, delivery = b"", None
+        try:
+            check_path_token(request.path_params.get("token"), self.settings.tavus_token)
+            body = await self._read_body(request)
+            if self.tavus_signatures is not None:
+                # Over the bytes as received, before anything decodes or stores them.
+                self.tavus_signatures.verify(body, request.headers)
+            delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
+            return await self._accept(delivery, problems, started)
+        except Exception as exc:
+            if self.settings.log_deliveries:
+                delivery_log.not_stored(
+                    exc, source=tavus.SOURCE, conversation=None, body=body, delivery=delivery, started=started
+                )
+            raise
 
     async def post_messages(self, request: Request) -> Response:
         started = time.perf_counter()
-        check_bearer(request, self.settings.api_token)
-        body = await self._read_body(request)
-        delivery, problems = generic.parse(
-            request.path_params["conversation_id"], body, request.headers, received_at=time.time()
-        )
-        return await self._accept(delivery, problems, started)
+        body, delivery, cid = b"", None, None
+        try:
+            check_bearer(request, self.settings.api_token)
+            cid = path_id(request)
+            body = await self._read_body(request)
+            delivery, problems = generic.parse(cid, body, request.headers, received_at=time.time())
+            return await self._accept(delivery, problems, started)
+        except Exception as exc:
+            if self.settings.log_deliveries:
+                # An id that is not UTF-8 is named as it came, percent-encoded.
+                conversation = cid if cid is not None else request.path_params.get("conversation_id")
+                delivery_log.not_stored(
+                    exc, source=generic.SOURCE, conversation=conversation, body=body, delivery=delivery, started=started
+                )
+            raise
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -121,6 +144,7 @@ class Intake:
     async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
         durable = self.settings.durable
         delivery.awaited = durable
+        delivery.problems = len(problems)
         self.registry.submit(delivery)
         if delivery.error is not None:  # refused on the spot (the writer is closing): not even enqueued
             raise delivery.error
@@ -131,6 +155,8 @@ class Intake:
             metrics.ack_enqueued.observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
+            if self.settings.log_deliveries:
+                delivery_log.enqueued(delivery, started)
             return _json(enqueued, 202)
         await delivery.done.wait()  # set by the commit, or by expire_acks when it takes too long
         if delivery.error is not None:
@@ -147,6 +173,8 @@ class Intake:
         metrics.ack_durable.observe(time.perf_counter() - started)
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
+        if self.settings.log_deliveries:
+            delivery_log.stored(delivery, delivery.result, outcome, started)
         return _json(stored, 200)
 
 
@@ -157,6 +185,7 @@ def _stored(result: WriteResult) -> Stored:
         updated=result.updated,
         duplicates=result.duplicates,
         rejected=result.rejected,
+        duplicate=result.duplicate_delivery,
     )
 
 

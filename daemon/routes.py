@@ -13,20 +13,23 @@ from starlette.routing import Route
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
 from daemon.generic import IncomingMessage
 from daemon.health import Readiness
+from daemon.ids import PARAM, RawPathRoute
 from daemon.intake import Enqueued, Stored
 from daemon.tavus import Envelope
+from daemon.timeline import EventPage, EventsQuery
 from storage.queries import Conversation
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 INTAKE_ERRORS = {
-    400: "the body is not JSON",
+    400: "the body is not JSON, or the id in the path is not UTF-8 once percent-decoded",
     401: "missing or wrong token",
     413: "the body is over `ingest.max_body_bytes`",
     422: "valid JSON of the wrong shape; the valid part was stored (see `accepted`)",
     503: "overloaded, shutting down or storage unavailable: retry after `Retry-After` seconds",
 }
 READ_ERRORS = {401: "missing or wrong bearer token (when `api.token` is set)", 422: "a bad query parameter"}
+ID_READ_ERRORS = {400: "the id in the path is not UTF-8 once percent-decoded", **READ_ERRORS}
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         async def dispatch(request: Request, handlers: dict[str, Handler] = handlers) -> Response:
             return await handlers[request.method if request.method != "HEAD" else "GET"](request)
 
-        built.append(Route(path, dispatch, methods=list(handlers)))
-        built.append(Route(f"{path}/", dispatch, methods=list(handlers)))
+        # A path with a conversation id matches on the raw path, so that an id holding "/" (%2F) still fits.
+        kind = RawPathRoute if "{" + PARAM + "}" in path else Route
+        built.append(kind(path, dispatch, methods=list(handlers)))
+        # The same with a trailing slash: nothing redirects, so no token ever lands in a Location header.
+        built.append(kind(f"{path}/", dispatch, methods=list(handlers)))
     return built
 
 
@@ -121,7 +127,7 @@ ENDPOINTS = [
         "One conversation: status, replica, times, recording, analysis, post-call actions",
         "read",
         responses={200: ("the conversation", Conversation)},
-        errors={**READ_ERRORS, 404: "no such conversation"},
+        errors={**ID_READ_ERRORS, 404: "no such conversation"},
         bearer=True,
     ),
     Endpoint(
@@ -132,7 +138,19 @@ ENDPOINTS = [
         "read",
         query=MessagesQuery,
         responses={200: ("a page of messages", MessagePage)},
-        errors={**READ_ERRORS, 404: "no such conversation"},
+        errors={**ID_READ_ERRORS, 404: "no such conversation"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/conversations/{conversation_id}/events",
+        "GET",
+        ("timeline", "list_events"),
+        "A conversation's delivery timeline: each event stored (stored or partial) or refused by the database "
+        "(failed), in arrival order, with its raw body (masked) on request",
+        "read",
+        query=EventsQuery,
+        responses={200: ("a page of the timeline", EventPage)},
+        errors={**ID_READ_ERRORS, 404: "nothing received for this id"},
         bearer=True,
     ),
     Endpoint("/livez", "GET", ("health", "livez"), "The process is up", "health", responses={200: ("alive", None)}),

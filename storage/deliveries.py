@@ -81,6 +81,8 @@ class Delivery:
     append_rows: list[AppendRow] = field(default_factory=list)
     last_message_at: float | None = None
     rejected: int = 0
+    # Problems its answer names (a 422 whose valid part is stored): kept with the event, for its timeline.
+    problems: int = 0
     # When intake handed it over (time.monotonic()): how long its sender has been waiting.
     taken_at: float = 0.0
     # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.

@@ -41,6 +41,8 @@ EXISTING_KEYS = "SELECT delivery_key FROM events WHERE delivery_key IN ("
 EXISTING_KEYS_TAIL = ")"
 
 INSERT_EVENTS = "INSERT INTO events (delivery_key, source, event_type, conversation_id, received_at, body)"
+# Only for the few deliveries stored in part (a 422 with `accepted`): the common insert above stays as it is.
+MARK_PARTIAL_EVENTS = "UPDATE events SET problems = ? WHERE delivery_key = ?"
 
 # An event changes only the columns it knows; 'ended' is sticky because events arrive in any order.
 # Built from the constant column list above, never from input.

@@ -143,6 +143,9 @@ def write_deliveries(
             sql.INSERT_EVENTS,
             [(d.key, d.source, d.event_type, d.conversation_id, d.received_at, d.body) for d in fresh],
         )
+        partial = [(d.problems, d.key) for d in fresh if d.problems]
+        if partial:
+            conn.executemany(sql.MARK_PARTIAL_EVENTS, partial)
     sql.insert_rows(
         conn, sql.UPSERT_CONVERSATIONS, [_conversation_row(d) for d in fresh], sql.UPSERT_CONVERSATIONS_TAIL
     )
