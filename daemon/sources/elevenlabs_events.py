@@ -11,7 +11,6 @@ with ``data.failure_reason``. Any other type is kept raw. ElevenLabs documents d
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import re
 from collections.abc import Iterable
@@ -269,14 +268,12 @@ def _number(raw: msgspec.Raw) -> float | None:
     return value
 
 
-# Audio is hashed in slices of this many base64 characters (a multiple of 4): memory stays flat.
-_SLICE = 4 * 1024 * 1024
 _BACKSLASH = re.compile(rb"\\")  # re searches a buffer in place: no copy of the audio
 
 
 def _audio(event: Event, data: msgspec.Raw, *, keep_audio: bool) -> list[Problem]:
     """``post_call_audio``: unless ``keep_audio``, the raw event keeps the envelope with ``data.full_audio``
-    replaced by what identifies the audio (its length, and its size and SHA-256 once decoded)."""
+    replaced by what identifies the audio (:func:`audio_summary`)."""
     try:
         audio = decode(data, Audio, path="$.data")
     except InvalidPayload as exc:
@@ -289,21 +286,23 @@ def _audio(event: Event, data: msgspec.Raw, *, keep_audio: bool) -> list[Problem
 
 
 def audio_summary(full_audio: msgspec.Raw) -> dict[str, object]:
-    """What is kept of ``full_audio``: the base64 length, and the MP3's size and SHA-256 (None if the text
-    is not base64, as in the docs' example)."""
+    """What is kept of ``full_audio``: the length and SHA-256 of its base64 text (``base64 -w0 call.mp3 |
+    sha256sum`` gives the same), and the MP3's size that text decodes to (None if it cannot be base64, as
+    the docs' placeholder). The text is hashed, not decoded: Python decodes base64 at ~200 MB/s, and a
+    40 MB body would hold the event loop for a fifth of a second more."""
     view = memoryview(full_audio)  # msgspec's Raw spans exactly the JSON string, quotes included: no copy
     inner: bytes | memoryview = view[1:-1]
     if _BACKSLASH.search(view):  # an escaped string (a sender may write "\/"): unescape it; rare, so a copy is fine
         inner = msgspec.json.decode(view, type=str).encode()
-    digest, size = hashlib.sha256(), 0
-    try:
-        for start in range(0, len(inner), _SLICE):
-            chunk = binascii.a2b_base64(inner[start : start + _SLICE], strict_mode=True)
-            digest.update(chunk)
-            size += len(chunk)
-    except (binascii.Error, ValueError):
-        return {"dropped": True, "base64_length": len(inner), "mp3_bytes": None, "mp3_sha256": None}
-    return {"dropped": True, "base64_length": len(inner), "mp3_bytes": size, "mp3_sha256": digest.hexdigest()}
+    length = len(inner)
+    padding = bytes(inner[-2:]).count(b"=") if length >= 2 else 0
+    mp3_bytes = length // 4 * 3 - padding if length % 4 == 0 else None
+    return {
+        "dropped": True,
+        "base64_length": length,
+        "base64_sha256": hashlib.sha256(inner).hexdigest(),
+        "mp3_bytes": mp3_bytes,
+    }
 
 
 def _without_audio(body: bytes, full_audio: msgspec.Raw) -> bytes:
