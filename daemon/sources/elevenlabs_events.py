@@ -12,7 +12,6 @@ with ``data.failure_reason``. Any other type is kept raw. ElevenLabs documents d
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -139,12 +138,16 @@ def parse_event(body: bytes, *, keep_audio: bool = False) -> tuple[Event, list[P
     kind = envelope.type
     if kind not in EVENT_TYPES:
         return _unknown(envelope, body), []
+    if kind == AUDIO:  # one pass over tens of megabytes, not two
+        audio = decode(envelope.data, Audio, path="$.data")
+        event = Event(kind, audio.conversation_id, _key(envelope, audio.conversation_id, body), body)
+        if not keep_audio:
+            _drop_audio(event, audio.full_audio, escaped=b"\\" in body)
+        return event, []
     ids = decode(envelope.data, Ids, path="$.data")
     if ids.conversation_id is None:
         raise InvalidPayload([Problem("Object missing required field `conversation_id`", "$.data.conversation_id")])
     event = Event(kind, ids.conversation_id, _key(envelope, ids.conversation_id, body), body)
-    if kind == AUDIO:
-        return event, _audio(event, envelope.data, keep_audio=keep_audio)
     if kind == FAILURE:
         return event, _failure(event, envelope)
     return event, _transcription(event, envelope.data)
@@ -268,31 +271,22 @@ def _number(raw: msgspec.Raw) -> float | None:
     return value
 
 
-_BACKSLASH = re.compile(rb"\\")  # re searches a buffer in place: no copy of the audio
+def _drop_audio(event: Event, full_audio: msgspec.Raw, *, escaped: bool) -> None:
+    """The raw event keeps the envelope with ``data.full_audio`` replaced by :func:`audio_summary`. Only a
+    string is audio: a body already stripped (replayed from the event log) is left as it is."""
+    if bytes(memoryview(full_audio)[:1]) == b'"':
+        event.stored_body = _without_audio(event.stored_body, audio_summary(full_audio, escaped=escaped))
 
 
-def _audio(event: Event, data: msgspec.Raw, *, keep_audio: bool) -> list[Problem]:
-    """``post_call_audio``: unless ``keep_audio``, the raw event keeps the envelope with ``data.full_audio``
-    replaced by what identifies the audio (:func:`audio_summary`)."""
-    try:
-        audio = decode(data, Audio, path="$.data")
-    except InvalidPayload as exc:
-        return exc.problems
-    # Only a string is audio: a body already stripped (replayed from the event log) is left as it is.
-    if keep_audio or bytes(memoryview(audio.full_audio)[:1]) != b'"':
-        return []
-    event.stored_body = _without_audio(event.stored_body, audio.full_audio)
-    return []
-
-
-def audio_summary(full_audio: msgspec.Raw) -> dict[str, object]:
+def audio_summary(full_audio: msgspec.Raw, *, escaped: bool = True) -> dict[str, object]:
     """What is kept of ``full_audio``: the length and SHA-256 of its base64 text (``base64 -w0 call.mp3 |
     sha256sum`` gives the same), and the MP3's size that text decodes to (None if it cannot be base64, as
     the docs' placeholder). The text is hashed, not decoded: Python decodes base64 at ~200 MB/s, and a
     40 MB body would hold the event loop for a fifth of a second more."""
     view = memoryview(full_audio)  # msgspec's Raw spans exactly the JSON string, quotes included: no copy
     inner: bytes | memoryview = view[1:-1]
-    if _BACKSLASH.search(view):  # an escaped string (a sender may write "\/"): unescape it; rare, so a copy is fine
+    # ``escaped`` is False when the whole body has no backslash: the common case, checked without a copy.
+    if escaped and b"\\" in view.tobytes():  # a sender may write "\/": unescape it (rare, so a copy is fine)
         inner = msgspec.json.decode(view, type=str).encode()
     length = len(inner)
     padding = bytes(inner[-2:]).count(b"=") if length >= 2 else 0
@@ -305,11 +299,11 @@ def audio_summary(full_audio: msgspec.Raw) -> dict[str, object]:
     }
 
 
-def _without_audio(body: bytes, full_audio: msgspec.Raw) -> bytes:
-    """The body re-encoded with ``data.full_audio`` replaced by :func:`audio_summary`. Every other value is
+def _without_audio(body: bytes, summary: dict[str, object]) -> bytes:
+    """The body re-encoded with ``data.full_audio`` replaced by ``summary``. Every other value is
     written back as the exact JSON text received (``msgspec.Raw``); only whitespace between keys changes."""
     top = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
     data = msgspec.json.decode(top["data"], type=dict[str, msgspec.Raw])
-    data["full_audio"] = msgspec.Raw(msgspec.json.encode(audio_summary(full_audio)))
+    data["full_audio"] = msgspec.Raw(msgspec.json.encode(summary))
     top["data"] = msgspec.Raw(msgspec.json.encode(data))
     return msgspec.json.encode(top)
