@@ -26,8 +26,8 @@ from bench.machine import describe
 from bench.payloads import encode, transcription_ready
 from bench.processes import start_transcriptd, stop
 from bench.rawhttp import closed_loop
-from daemon import tavus
-from daemon.tavus import TranscriptionReady
+from daemon.sources import tavus
+from daemon.sources.tavus import TranscriptionReady
 from storage.connection import open_writer
 from storage.migrations import migrate
 from storage.statements import INSERT_MESSAGES, INSERT_MESSAGES_TAIL, multi_row
