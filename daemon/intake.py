@@ -21,7 +21,7 @@ from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
 from daemon.metrics import Metrics
 from daemon.sources import SOURCES, Source
-from daemon.sources.model import Verify
+from daemon.sources.model import Parse, Verify
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
@@ -60,6 +60,8 @@ class _Gate:
 
     token: str  # webhooks.<name>.token ("" = the bare path)
     verify: Verify | None
+    parse: Parse
+    max_body_bytes: int
 
 
 class Intake:
@@ -67,7 +69,7 @@ class Intake:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self._gates = {source.name: _gate(source, settings.webhooks) for source in SOURCES}
+        self._gates = {source.name: _gate(source, settings) for source in SOURCES}
         self._stopping = anyio.Event()
 
     async def expire_acks(self, *, task_status: TaskStatus[Intake] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -93,16 +95,15 @@ class Intake:
             check_bearer(request, self.settings.api_token)
         else:
             check_path_token(params.get("token"), gate.token, source.name)
-        body = await self._read_body(request)
+        body = await self._read_body(request, gate.max_body_bytes)
         if gate.verify is not None:
             # Over the bytes as received, before anything decodes or stores them.
             gate.verify(body, request.headers)
         path = {name: value for name, value in params.items() if name != "token"} if params else {}
-        delivery, problems = source.parse(body, request.headers, received_at=time.time(), **path)
+        delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
         return await self._accept(delivery, problems, started)
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit():
             length = int(declared)
@@ -150,9 +151,15 @@ class Intake:
         return _json(stored, 200)
 
 
-def _gate(source: Source[Any], webhooks: Any) -> _Gate:
+def _gate(source: Source[Any], intake: IntakeSettings) -> _Gate:
+    webhooks = intake.webhooks
     settings = source.settings_in(webhooks)
-    return _Gate(token=settings.token if settings is not None else "", verify=source.verifier(webhooks))
+    return _Gate(
+        token=settings.token if settings is not None else "",
+        verify=source.verifier(webhooks),
+        parse=source.parser(webhooks),
+        max_body_bytes=source.body_limit(webhooks, intake.max_body_bytes),
+    )
 
 
 def _stored(result: WriteResult) -> Stored:

@@ -71,6 +71,11 @@ class Source(Generic[S]):
     path: str | None = None
     bearer: bool = False  # guarded by api.token (Authorization: Bearer) instead of a path token
     operation: str = ""  # OpenAPI operationId; default "<name>_webhook"
+    # When parsing depends on settings (what the raw event keeps, say): the parser for them, built once at
+    # start-up; intake then uses it instead of ``parse`` (replay still uses ``replay``).
+    parse_with: Callable[[S], Parse] | None = None
+    # The largest body this source takes, from its settings, instead of ingest.max_body_bytes.
+    max_body_bytes: Callable[[S], int] | None = None
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -85,6 +90,18 @@ class Source(Generic[S]):
     def settings_in(self, webhooks: Any) -> S | None:
         """This source's section of the ``webhooks`` settings."""
         return None if self.settings is None else getattr(webhooks, self.name)
+
+    def parser(self, webhooks: Any) -> Parse:
+        settings = self.settings_in(webhooks)
+        if settings is None or self.parse_with is None:
+            return self.parse
+        return self.parse_with(settings)
+
+    def body_limit(self, webhooks: Any, default: int) -> int:
+        settings = self.settings_in(webhooks)
+        if settings is None or self.max_body_bytes is None:
+            return default
+        return self.max_body_bytes(settings)
 
     def verifier(self, webhooks: Any) -> Verify | None:
         settings = self.settings_in(webhooks)
