@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
 
 from daemon.decoding import body_key, decode, decode_items
 from daemon.errors import InvalidPayload, Problem
+from daemon.sources.model import ConversationId, EventType, Role
 
-SOURCE = "elevenlabs"
+NAME = "elevenlabs"
 TRANSCRIPTION = "post_call_transcription"
 AUDIO = "post_call_audio"
 FAILURE = "call_initiation_failure"
@@ -29,9 +30,6 @@ EVENT_TYPES = (TRANSCRIPTION, AUDIO, FAILURE)
 # The normalised role of each vendor role; tool calls and results become "tool" messages.
 ROLES = {"user": "user", "agent": "assistant"}
 
-ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-VendorRole = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Status = Literal["ended", "failed"]
 
 
@@ -52,7 +50,7 @@ class Ids(msgspec.Struct, frozen=True):
 class Entry(msgspec.Struct, frozen=True, gc=False):
     """One transcript turn. Other fields (``interrupted``, ``original_message``, metrics, ...) stay in the raw event."""
 
-    role: VendorRole
+    role: Role
     message: str | None = None
     time_in_call_secs: float | None = None
     tool_calls: list[msgspec.Raw] | None = None
@@ -157,8 +155,8 @@ def _key(envelope: Envelope, conversation_id: str, body: bytes) -> str:
     """type + event_timestamp + conversation_id, as ElevenLabs documents; a body hash without a timestamp."""
     stamp = bytes(envelope.event_timestamp).strip()
     if stamp in (b"", b"null") or len(stamp) > 64:
-        return body_key(SOURCE, body, conversation_id)
-    return f"{SOURCE}:{envelope.type}:{stamp.decode('utf-8', 'replace')}:{conversation_id}"
+        return body_key(NAME, body, conversation_id)
+    return f"{NAME}:{envelope.type}:{stamp.decode('utf-8', 'replace')}:{conversation_id}"
 
 
 def _unknown(envelope: Envelope, body: bytes) -> Event:
@@ -167,7 +165,7 @@ def _unknown(envelope: Envelope, body: bytes) -> Event:
         conversation_id = decode(envelope.data, Ids, path="$.data").conversation_id
     except InvalidPayload:
         conversation_id = None
-    cid = conversation_id or f"{SOURCE}:{envelope.type}"[:256]
+    cid = conversation_id or f"{NAME}:{envelope.type}"[:256]
     return Event(envelope.type, cid, _key(envelope, cid, body), body)
 
 
