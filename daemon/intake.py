@@ -101,7 +101,7 @@ class Intake:
             gate.verify(body, request.headers)
         path = {name: value for name, value in params.items() if name != "token"} if params else {}
         delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
-        return await self._accept(delivery, problems, started)
+        return await self._accept(delivery, problems, started, source.enqueued_status)
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
@@ -119,7 +119,9 @@ class Intake:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
+    async def _accept(
+        self, delivery: Delivery, problems: list[Problem], started: float, enqueued_status: int = 202
+    ) -> Response:
         durable = self.settings.durable
         delivery.awaited = durable
         self.registry.submit(delivery)
@@ -132,7 +134,7 @@ class Intake:
             metrics.ack_enqueued.observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
-            return _json(enqueued, 202)
+            return _json(enqueued, enqueued_status)
         await delivery.done.wait()  # set by the commit, or by expire_acks when it takes too long
         if delivery.error is not None:
             raise delivery.error

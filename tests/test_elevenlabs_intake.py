@@ -329,3 +329,15 @@ def test_any_transcript_reads_back_exactly(signed_client: Client) -> None:
         assert response.json()["inserted"] == len(expected)
 
     round_trip()
+
+
+async def test_enqueued_mode_still_answers_200(app_client: AppClient, db: Query) -> None:
+    body = fixture("post_call_transcription.json")
+    async with app_client(**SIGNED, **{"ingest.ack": "enqueued"}) as client:
+        response = await client.post(URL, content=body, headers=signed(body))
+        # Other sources keep 202 for "in the mailbox"; ElevenLabs would count a 202 as a failure.
+        tavus = await client.post("/webhooks/tavus", content=b'{"conversation_id": "t1", "event_type": "x"}')
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "enqueued", "received": 3, "rejected": 0}
+    assert tavus.status_code == 202
+    assert db("SELECT count(*) FROM messages WHERE conversation_id = 'abc'") == [(3,)]  # drained at shutdown

@@ -122,4 +122,5 @@ SOURCE = Source(
     authenticate=authenticate,
     parse_with=parse_with,
     max_body_bytes=lambda settings: settings.max_body_bytes,
+    enqueued_status=200,  # ElevenLabs counts only a 200 as delivered, in either ack mode
 )

@@ -76,6 +76,9 @@ class Source(Generic[S]):
     parse_with: Callable[[S], Parse] | None = None
     # The largest body this source takes, from its settings, instead of ingest.max_body_bytes.
     max_body_bytes: Callable[[S], int] | None = None
+    # The status of an enqueued answer (ingest.ack = "enqueued"): 202, unless the vendor counts only a 200
+    # as delivered (ElevenLabs), when the body still says "enqueued".
+    enqueued_status: Literal[200, 202] = 202
 
     @property
     def paths(self) -> tuple[str, ...]:
