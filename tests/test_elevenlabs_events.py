@@ -341,3 +341,22 @@ def test_only_bad_turns_count_as_rejected() -> None:
     event, problems = parse_event(transcription(turns, metadata={"start_time_unix_secs": "soon"}))
     assert len(problems) == 2
     assert event.rejected == 1
+
+
+def test_the_stored_audio_event_is_the_body_as_received_but_the_audio() -> None:
+    encoded = base64.b64encode(bytes(range(256)) * 100).decode()
+    payload = {"type": "post_call_audio", "event_timestamp": 9, "data": {"conversation_id": "c", "full_audio": encoded}}
+    body = json.dumps(payload, indent=3).encode()
+    event, _ = parse_event(body)
+    summary = json.loads(event.stored_body)["data"]["full_audio"]
+    assert event.stored_body == body.replace(f'"{encoded}"'.encode(), msgspec.json.encode(summary))
+
+
+def test_a_copy_of_the_audio_text_elsewhere_is_not_taken_for_it() -> None:
+    # Crafted: the same text under another key, first. data.full_audio is still the one replaced.
+    encoded = base64.b64encode(b"ID3" * 400).decode()
+    data = {"conversation_id": "c", "full_audio": encoded}
+    body = json.dumps({"type": "post_call_audio", "copy": encoded, "event_timestamp": 9, "data": data}).encode()
+    stored = json.loads(parse_event(body)[0].stored_body)
+    assert stored["data"]["full_audio"]["base64_sha256"] == hashlib.sha256(encoded.encode()).hexdigest()
+    assert stored["copy"] == encoded

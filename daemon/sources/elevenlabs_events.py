@@ -273,7 +273,10 @@ def _drop_audio(event: Event, full_audio: msgspec.Raw, *, escaped: bool) -> None
     """The raw event keeps the envelope with ``data.full_audio`` replaced by :func:`audio_summary`. Only a
     string is audio: a body already stripped (replayed from the event log) is left as it is."""
     if bytes(memoryview(full_audio)[:1]) == b'"':
-        event.stored_body = _without_audio(event.stored_body, audio_summary(full_audio, escaped=escaped))
+        summary = audio_summary(full_audio, escaped=escaped)
+        event.stored_body = _spliced(event.stored_body, full_audio, summary) or _without_audio(
+            event.stored_body, summary
+        )
 
 
 def audio_summary(full_audio: msgspec.Raw, *, escaped: bool = True) -> dict[str, object]:
@@ -295,6 +298,25 @@ def audio_summary(full_audio: msgspec.Raw, *, escaped: bool = True) -> dict[str,
         "base64_sha256": hashlib.sha256(inner).hexdigest(),
         "mp3_bytes": mp3_bytes,
     }
+
+
+def _spliced(body: bytes, full_audio: msgspec.Raw, summary: dict[str, object]) -> bytes | None:
+    """The body with the audio's JSON text replaced by ``summary``'s, every other byte as received; None if
+    that cannot be told apart from another copy of the same text. The audio's place is found by its first
+    bytes, and checked with one memcmp (``startswith``; comparing memoryviews goes byte by byte, 6x
+    slower): two fewer passes over tens of megabytes than :func:`_without_audio`."""
+    audio = memoryview(full_audio)
+    at = body.find(audio[:256])
+    if at < 0 or not body.startswith(audio, at):
+        return None
+    spliced = body[:at] + msgspec.json.encode(summary) + body[at + len(audio) :]
+    # The same text elsewhere in the body (a crafted one) would have been replaced instead: check.
+    kept = msgspec.json.decode(msgspec.json.decode(spliced, type=dict[str, msgspec.Raw])["data"], type=_Kept)
+    return spliced if kept.full_audio == summary else None
+
+
+class _Kept(msgspec.Struct):
+    full_audio: object = None
 
 
 def _without_audio(body: bytes, summary: dict[str, object]) -> bytes:
