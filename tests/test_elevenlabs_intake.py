@@ -246,6 +246,11 @@ async def test_audio_over_the_general_body_limit_is_taken_and_kept_without_its_a
         # Another source keeps the general limit.
         tavus = await client.post("/webhooks/tavus", content=chunked(body))
         assert tavus.status_code == 413
+        # A body this size is verified in a worker thread: a bad signature is refused all the same.
+        forged = await client.post(URL, content=chunked(body), headers=signed(body, secret=OTHER))
+        assert "does not match" in error_of(forged, 401)
+        stale = await client.post(URL, content=body, headers=signed(body, age_s=3600))
+        assert "too old" in error_of(stale, 401)
     ((stored,),) = db("SELECT body FROM events WHERE conversation_id = 'c-audio'")
     assert len(stored) < 400
     encoded = base64.b64encode(mp3)
