@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.app import create_app
+from daemon.logs import RedactSecrets, config_secrets
 from tests.conftest import TEST_SECRETS, AppClient, make_config
 from tests.test_fuzz import Client, check_answer, fresh_id, fuzz, running, text_content
 
@@ -346,3 +347,12 @@ async def test_enqueued_mode_still_answers_200(app_client: AppClient, db: Query)
     assert response.json() == {"status": "enqueued", "received": 3, "rejected": 0}
     assert tavus.status_code == 202
     assert db("SELECT count(*) FROM messages WHERE conversation_id = 'abc'") == [(3,)]  # drained at shutdown
+
+
+def test_each_rotated_signing_secret_is_masked_in_logs() -> None:
+    config = make_config(Path("/dev/null"), **{"webhooks.elevenlabs.signing_secret": f"{SECRET} {OTHER}"})
+    mask = RedactSecrets(config_secrets(config))
+    line = f"settings: signing_secret={SECRET} {OTHER}; one alone: {OTHER}"
+    redacted = mask.redact(line)
+    assert SECRET not in redacted
+    assert OTHER not in redacted
