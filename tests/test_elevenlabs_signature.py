@@ -88,6 +88,21 @@ def test_valid_signature() -> None:
     assert ours(header) is None
 
 
+def test_the_sdk_tests_fixed_vector() -> None:
+    """test_construct_event_mocked_time, as a fixed vector: its secret, payload and time, and the digest
+    they give (computed once, written here, so this does not depend on the signing helper above)."""
+    sdk_secret = "test_secret"  # the SDK test's own; configured in no daemon, so it never reaches a log
+    digest = "f8a0d1dc33ee963cb54d2f31514555995e93313c9d2042c030adbb82b87fae13"
+    header = f"t=1600000000,v0={digest}"
+    assert header == sdk_signature(BODY, sdk_secret, "1600000000")
+    assert sdk(header, secret=sdk_secret) is None
+    ElevenLabsSignature(sdk_secret, clock=lambda: 1_600_000_000).verify(BODY.encode(), {"elevenlabs-signature": header})
+    with pytest.raises(Unauthorized, match="does not match"):
+        ElevenLabsSignature(sdk_secret, clock=lambda: 1_600_000_000).verify(
+            BODY.encode(), {"elevenlabs-signature": header.replace("f8a0", "f8a1")}
+        )
+
+
 def test_valid_signature_at_the_current_time() -> None:
     # test_construct_event_valid_signature signs with time.time(): so does this, with the real clock.
     timestamp = str(int(time.time()))
