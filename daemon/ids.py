@@ -15,7 +15,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from daemon.errors import MalformedId
-from daemon.generic import check_conversation_id
+from daemon.sources.generic import check_conversation_id
 
 PARAM = "conversation_id"
 

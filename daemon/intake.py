@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -16,13 +16,14 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon import delivery_log, generic, tavus
+from daemon import delivery_log
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
-from daemon.ids import path_id
+from daemon.ids import PARAM, path_id
 from daemon.metrics import Metrics
-from daemon.signatures import SignatureVerifier
+from daemon.sources import SOURCES, Source
+from daemon.sources.model import Parse, Verify
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
@@ -49,17 +50,28 @@ class Enqueued(msgspec.Struct, kw_only=True):
     rejected: int
 
 
+VERIFY_IN_THREAD_BYTES = 1024 * 1024  # below this a signature takes under ~2 ms: a thread would cost more
+
+
 @dataclass(frozen=True, slots=True)
 class IntakeSettings:
     durable: bool
     max_body_bytes: int
     ack_timeout_s: float
     retry_after_s: int
-    tavus_token: str
     api_token: str
-    tavus_signing_secret: str = ""  # "" = deliveries are not signed
-    tavus_signature_tolerance_s: float = 300.0
+    webhooks: Any  # the webhooks.* settings: one section per source that has one (daemon.config)
     log_deliveries: bool = True  # logging.deliveries: one line per delivery (daemon.delivery_log)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """A source's checks, built once at start-up from its settings."""
+
+    token: str  # webhooks.<name>.token ("" = the bare path)
+    verify: Verify | None
+    parse: Parse
+    max_body_bytes: int
 
 
 class Intake:
@@ -67,11 +79,7 @@ class Intake:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.tavus_signatures = (
-            SignatureVerifier(settings.tavus_signing_secret, tolerance_s=settings.tavus_signature_tolerance_s)
-            if settings.tavus_signing_secret.strip()
-            else None
-        )
+        self._gates = {source.name: _gate(source, settings) for source in SOURCES}
         self._stopping = anyio.Event()
 
     async def expire_acks(self, *, task_status: TaskStatus[Intake] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -88,44 +96,42 @@ class Intake:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def tavus_webhook(self, request: Request) -> Response:
-        started = time.perf_counter()
-        body, delivery = b"", None
-        try:
-            check_path_token(request.path_params.get("token"), self.settings.tavus_token)
-            body = await self._read_body(request)
-            if self.tavus_signatures is not None:
-                # Over the bytes as received, before anything decodes or stores them.
-                self.tavus_signatures.verify(body, request.headers)
-            delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
-            return await self._accept(delivery, problems, started)
-        except Exception as exc:
-            if self.settings.log_deliveries:
-                delivery_log.not_stored(
-                    exc, source=tavus.SOURCE, conversation=None, body=body, delivery=delivery, started=started
-                )
-            raise
-
-    async def post_messages(self, request: Request) -> Response:
+    async def receive(self, request: Request, source: Source[Any]) -> Response:
+        """One delivery of ``source``: tokens, the body within its limit, its signature, parse, accept."""
         started = time.perf_counter()
         body, delivery, cid = b"", None, None
         try:
-            check_bearer(request, self.settings.api_token)
-            cid = path_id(request)
-            body = await self._read_body(request)
-            delivery, problems = generic.parse(cid, body, request.headers, received_at=time.time())
-            return await self._accept(delivery, problems, started)
+            gate = self._gates[source.name]
+            params = request.path_params
+            if source.bearer:
+                check_bearer(request, self.settings.api_token)
+            else:
+                check_path_token(params.get("token"), gate.token, source.name)
+            path: dict[str, str] = {}
+            if PARAM in params:
+                # Routed on the raw path: decoded strictly here (invalid UTF-8 is a 400, not U+FFFD).
+                cid = path[PARAM] = path_id(request)
+            body = await self._read_body(request, gate.max_body_bytes)
+            if gate.verify is not None:
+                # Over the bytes as received, before anything decodes or stores them. An HMAC over megabytes
+                # (ElevenLabs' audio: ~50-90 ms for 40 MiB here) releases the GIL: in a worker thread, it does
+                # not hold up every other request meanwhile.
+                if len(body) >= VERIFY_IN_THREAD_BYTES:
+                    await anyio.to_thread.run_sync(gate.verify, body, request.headers)
+                else:
+                    gate.verify(body, request.headers)
+            delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
+            return await self._accept(delivery, problems, started, source.enqueued_status)
         except Exception as exc:
             if self.settings.log_deliveries:
                 # An id that is not UTF-8 is named as it came, percent-encoded.
-                conversation = cid if cid is not None else request.path_params.get("conversation_id")
+                conversation = cid if cid is not None else request.path_params.get(PARAM)
                 delivery_log.not_stored(
-                    exc, source=generic.SOURCE, conversation=conversation, body=body, delivery=delivery, started=started
+                    exc, source=source.name, conversation=conversation, body=body, delivery=delivery, started=started
                 )
             raise
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit():
             length = int(declared)
@@ -141,7 +147,9 @@ class Intake:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
+    async def _accept(
+        self, delivery: Delivery, problems: list[Problem], started: float, enqueued_status: int = 202
+    ) -> Response:
         durable = self.settings.durable
         delivery.awaited = durable
         delivery.problems = len(problems)
@@ -157,7 +165,7 @@ class Intake:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
             if self.settings.log_deliveries:
                 delivery_log.enqueued(delivery, started)
-            return _json(enqueued, 202)
+            return _json(enqueued, enqueued_status)
         await delivery.done.wait()  # set by the commit, or by expire_acks when it takes too long
         if delivery.error is not None:
             raise delivery.error
@@ -176,6 +184,17 @@ class Intake:
         if self.settings.log_deliveries:
             delivery_log.stored(delivery, delivery.result, outcome, started)
         return _json(stored, 200)
+
+
+def _gate(source: Source[Any], intake: IntakeSettings) -> _Gate:
+    webhooks = intake.webhooks
+    settings = source.settings_in(webhooks)
+    return _Gate(
+        token=settings.token if settings is not None else "",
+        verify=source.verifier(webhooks),
+        parse=source.parser(webhooks),
+        max_body_bytes=source.body_limit(webhooks, intake.max_body_bytes),
+    )
 
 
 def _stored(result: WriteResult) -> Stored:

@@ -26,6 +26,7 @@ class Message(msgspec.Struct, omit_defaults=True):
     duration: float | None = None
     inference_id: str | None = None
     id: str | None = None  # the client's own id, on the generic endpoint
+    vendor_role: str | None = None  # the role as the vendor wrote it, where the normalised one differs
 
 
 class PostCallAction(msgspec.Struct):
@@ -76,6 +77,8 @@ class Conversation(msgspec.Struct):
     post_call_actions: list[PostCallAction]
     created_at: float
     updated_at: float
+    end_reason: str | None = None  # the vendor's reason the call ended (or failed to connect)
+    analysis: Any = None  # the vendor's analysis as it sent it: summary, success, structured data
 
 
 class _PostCallEvent(msgspec.Struct):
@@ -129,6 +132,7 @@ class Reader:
             return None
         record = dict(zip(CONVERSATION_COLUMNS, rows[0], strict=True))
         record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
+        record["analysis"] = _json_or_text(record["analysis"])
         record["post_call_actions"] = await self.post_call_actions(conversation_id)
         ((record["message_count_without_system"],),) = await self._all(
             "SELECT count(*) FROM messages WHERE conversation_id = ? AND role != 'system'", (conversation_id,)
@@ -199,7 +203,8 @@ class Reader:
         params += [limit, offset]
         # The WHERE clause is assembled from the constant fragments above; values are all parameters.
         rows = await self._all(
-            "SELECT seq, role, content, source, timestamp, seconds_from_start, duration, inference_id, external_id "  # noqa: S608
+            "SELECT seq, role, content, source, timestamp, seconds_from_start, duration, inference_id, external_id,"  # noqa: S608
+            " vendor_role "
             f"FROM messages WHERE {' AND '.join(where)} ORDER BY seq LIMIT ? OFFSET ?",
             tuple(params),
         )
@@ -230,6 +235,16 @@ SELECT kind, id, event_type, source, received_at, delivery_key, size, problems, 
 WHERE ?4 IS NULL OR (received_at, kind, id) > (?4, ?5, ?6)
 ORDER BY received_at, kind, id LIMIT ?2
 """
+
+
+def _json_or_text(stored: str | None) -> Any:
+    """The analysis column holds JSON written by a parser; text that is not JSON is shown as it is."""
+    if stored is None:
+        return None
+    try:
+        return msgspec.json.decode(stored)
+    except msgspec.DecodeError:
+        return stored
 
 
 def _str_or_none(value: Any) -> str | None:

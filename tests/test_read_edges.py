@@ -113,6 +113,17 @@ async def test_a_tavus_id_with_a_slash_is_readable(app_client: AppClient) -> Non
     assert events.json()["conversation_id"] == "org/call 1"
 
 
+async def test_an_id_ending_in_a_newline_is_that_id_not_the_list(app_client: AppClient) -> None:
+    # A route pattern ending in "$" also matches before a final newline: "/conversations/%0A" was the list.
+    async with app_client() as client:
+        missing = await client.get("/conversations/%0A")
+        stored = await client.post("/webhooks/tavus", content=encode(transcription_ready("call\n", turns=1)))
+        record = await client.get("/conversations/call%0A")
+    assert missing.status_code == 404, missing.text
+    assert stored.status_code == 200
+    assert record.json()["id"] == "call\n"
+
+
 async def test_role_takes_exactly_the_roles_intake_stores(app_client: AppClient) -> None:
     # Intake stores any role of 1 to 64 characters (Tavus and the generic endpoint alike: a vendor's new role
     # must not cost its messages), so the filter takes the same and refuses what intake refuses.
