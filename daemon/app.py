@@ -131,11 +131,13 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 oldest_pending_at=lambda: registry.oldest_pending_at,
                 inflight_bytes=lambda: registry.inflight_bytes,
                 cache=cache,
+                wal_bytes=checkpointer.wal_bytes,
+                wal_pinned_s=checkpointer.pinned_s,
             )
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.openapi = OpenAPI()
             log.info(
