@@ -353,6 +353,8 @@ def backup_command(args: argparse.Namespace, config: Config) -> int:
         f"backed up {path} to {done.path}: {done.conversations} conversations, {done.messages} messages, "
         f"{done.events} events, {_size(done.size_bytes)} ({done.pages} pages in {done.steps} steps; integrity ok)"
     )
+    if done.removed_leftovers:
+        print(f"removed {len(done.removed_leftovers)} temporary files left by killed backups to {done.path}")
     return 0
 
 
