@@ -20,6 +20,7 @@ from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
+from daemon.memory import Trimmer
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.routes import ROUTES
@@ -97,6 +98,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
             await tg.start(checkpointer.run)
+            trimmer = Trimmer()
+            await tg.start(trimmer.run)
             registry = ActorRegistry(
                 writer,
                 mailbox_size=ingest.mailbox_size,
@@ -104,6 +107,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 retry_after_s=ingest.retry_after_s,
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
                 max_inflight_messages=ingest.max_inflight_messages,
+                on_drained=trimmer.drained,
             )
             janitor = Janitor(writer, cache, config.storage.retention_days)
             await tg.start(janitor.run)
@@ -158,6 +162,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
                     checkpointer.stop()
+                    trimmer.stop()
                 if drained:
                     log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
                 else:
