@@ -20,8 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import httpx
+import pytest
 
+from daemon.memory import Trimmer, malloc_trim
 from tests.daemon_process import WEBHOOK, Daemon, managed, rows, start_daemon
 from tests.fault_tools import RssSampler, rss_kib
 from tests.payloads import encode, envelope, transcription_ready
@@ -170,3 +173,28 @@ def test_a_backlog_of_transcripts_gives_its_memory_back_once_stored(tmp_path: Pa
         after = rss_mib(daemon, settle_s=2.0) - baseline
         print(f"+{growth:.1f} MiB for {flood.accepted} transcripts held; +{after:.1f} MiB once stored")
         assert after <= KEPT_AFTER_DRAIN * BUDGET_MIB, f"+{after:.1f} MiB still held after the backlog was stored"
+
+
+@pytest.mark.anyio
+async def test_the_trimmer_trims_after_large_backlogs_only_and_not_too_often() -> None:
+    if not malloc_trim():
+        pytest.skip("no malloc_trim here (not glibc)")
+    trimmer = Trimmer(min_backlog_bytes=1_000, min_interval_s=0.3)
+
+    async def trims_become(count: int) -> None:
+        with anyio.fail_after(5):
+            while trimmer.trims < count:  # noqa: ASYNC110 (another task's state)
+                await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(trimmer.run)
+        trimmer.drained(999)  # a small backlog: not worth a trim
+        await anyio.sleep(0.1)
+        assert trimmer.trims == 0
+        trimmer.drained(1_000)
+        await trims_become(1)
+        trimmer.drained(50_000)
+        await anyio.sleep(0.1)
+        assert trimmer.trims == 1  # the next one waits for min_interval_s
+        await trims_become(2)
+        trimmer.stop()

@@ -9,6 +9,7 @@ past ``PIN_WARN_S`` for readiness to warn.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.checkpointer import PIN_WARN_S
+from storage.checkpointer import PIN_WARN_S, Checkpointer
 from storage.connection import WAL_KEEP_BYTES, open_writer
 from storage.migrations import migrate
 from tests.conftest import AppClient
@@ -206,3 +207,54 @@ def test_an_export_into_a_stalled_pipe_does_not_hold_the_wal(tmp_path: Path) -> 
         assert len((first + rest).splitlines()) == 3000
     finally:
         conn.close()
+
+
+@pytest.mark.anyio
+async def test_the_checkpointer_reports_a_pin_and_truncates_once_it_ends(tmp_path: Path) -> None:
+    """The same as the daemon test, on the checkpointer alone, with the time passed in and small sizes."""
+    path = tmp_path / "t.db"
+    writer = open_writer(path)
+    migrate(writer)
+    reader = sqlite3.connect(path, isolation_level=None)
+    now = [1000.0]
+    checkpointer = Checkpointer(path, interval_s=0.001, keep_bytes=2**20, recheck_s=0.01, clock=lambda: now[0])
+
+    def truncations() -> int:  # read through a call: another task changes it
+        return checkpointer.truncations
+
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM conversations").fetchone()
+        async with anyio.create_task_group() as tg:
+            await tg.start(checkpointer.run)
+            for batch in range(4):  # ~8 MiB of WAL, past keep_bytes
+                writer.execute("BEGIN IMMEDIATE")
+                writer.executemany(
+                    "INSERT INTO conversations (id, source, created_at, updated_at, perception_analysis) "
+                    "VALUES (?, 'api', 0, 0, ?)",
+                    [(f"c{batch}-{i}", "p" * 4000) for i in range(500)],
+                )
+                writer.execute("COMMIT")
+                checkpointer.notify()
+            with anyio.fail_after(10):
+                while checkpointer.pinned_since is None:  # noqa: ASYNC110 (another task's state)
+                    await anyio.sleep(0.01)
+            assert checkpointer.warning() is None  # pinned, but not for long yet
+            now[0] += PIN_WARN_S
+            assert checkpointer.pinned_s() == PIN_WARN_S
+            warning = checkpointer.warning()
+            assert warning is not None
+            assert "10 s" in warning
+            assert truncations() == 0  # nothing to truncate while the reader holds it
+
+            reader.execute("COMMIT")  # nothing is committed from here on: the recheck alone must see it
+            with anyio.fail_after(10):
+                while not truncations():  # noqa: ASYNC110 (another task's state)
+                    await anyio.sleep(0.01)
+            assert wal_size(path) == 0
+            assert checkpointer.pinned_s() == 0
+            assert checkpointer.warning() is None
+            checkpointer.stop()
+    finally:
+        reader.close()
+        writer.close()
