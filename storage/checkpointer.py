@@ -144,7 +144,10 @@ class Checkpointer:
                 self.pinned_since = now
             return
         if self.pinned_since is not None:
-            log.info("the WAL is checkpointed again after %.1f s held by a reader", now - self.pinned_since)
+            held_s = now - self.pinned_since
+            # Under intake our own reads hold it for moments: only a pin that was warned about is news.
+            level = logging.INFO if held_s >= self.pin_warn_s else logging.DEBUG
+            log.log(level, "the WAL is checkpointed again after %.1f s held by a reader", held_s)
             self.pinned_since = None
         if self.wal_bytes() > self.keep_bytes and now - self._last_truncate_at >= self.recheck_s:
             self._last_truncate_at = now
