@@ -326,7 +326,8 @@ def _database(config: Config) -> Path:
 def export_command(args: argparse.Namespace, config: Config) -> int:
     path = _database(config)
     with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as conn:
-        conn.execute("BEGIN")  # one snapshot: the heading and the messages agree
+        # No transaction around the whole export: it would hold the daemon's WAL for as long as the
+        # output takes to write. The messages are read in chunks, each a short snapshot of its own.
         head = exports.conversation(conn, args.conversation)
         if head is None:
             raise Failed(f"no conversation {args.conversation!r} in {path}")
@@ -336,7 +337,6 @@ def export_command(args: argparse.Namespace, config: Config) -> int:
         else:
             with args.output.open("wb") as out:
                 _write_all(out, exports.export(conn, head, args.format))
-        conn.execute("COMMIT")
     return 0
 
 
@@ -359,6 +359,8 @@ def backup_command(args: argparse.Namespace, config: Config) -> int:
         f"backed up {path} to {done.path}: {done.conversations} conversations, {done.messages} messages, "
         f"{done.events} events, {_size(done.size_bytes)} ({done.pages} pages in {done.steps} steps; integrity ok)"
     )
+    if done.removed_leftovers:
+        print(f"removed {len(done.removed_leftovers)} temporary files left by killed backups to {done.path}")
     return 0
 
 

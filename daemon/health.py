@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
+from storage.checkpointer import Checkpointer
 from storage.writer import Writer
 
 PROBE_TIMEOUT_S = 2.0
@@ -20,13 +21,18 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     live_actors: int
     queued_deliveries: int
     storage_error: str | None = None
+    # Conditions an operator should look at that do not stop intake (a reader pinning the WAL).
+    warnings: list[str] = []
 
 
 class Health:
-    def __init__(self, writer: Writer, registry: ActorRegistry, retry_after_s: int) -> None:
+    def __init__(
+        self, writer: Writer, registry: ActorRegistry, retry_after_s: int, checkpointer: Checkpointer | None = None
+    ) -> None:
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
+        self.checkpointer = checkpointer
 
     async def livez(self, request: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
@@ -44,6 +50,7 @@ class Health:
             live_actors=self.registry.live_actors,
             queued_deliveries=self.registry.queued,
             storage_error=error,
+            warnings=self._warnings(),
         )
         headers = None if ready else {"Retry-After": str(self.retry_after_s)}
         return Response(
@@ -52,3 +59,7 @@ class Health:
             media_type="application/json",
             headers=headers,
         )
+
+    def _warnings(self) -> list[str]:
+        warning = None if self.checkpointer is None else self.checkpointer.warning()
+        return [] if warning is None else [warning]

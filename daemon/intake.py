@@ -138,6 +138,7 @@ class Intake:
             if length > limit:
                 raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             # Refused before the body is read: reading it would take the memory the budget protects.
+            # Its rows are not known yet: the full weight is checked when the delivery is submitted.
             self.registry.check_room(weight_of(length))
         chunks, size = [], 0
         async for chunk in request.stream():

@@ -91,6 +91,12 @@ class Metrics:
         self.inflight_bytes = Gauge(
             "transcriptd_inflight_bytes", "Memory held by deliveries not yet stored", registry=r
         )
+        self.wal_bytes = Gauge("transcriptd_wal_bytes", "Size of the SQLite WAL file", registry=r)
+        self.wal_pinned = Gauge(
+            "transcriptd_wal_pinned_seconds",
+            "How long checkpoints have not been able to copy the whole WAL, held by a reader (0 when they can)",
+            registry=r,
+        )
         # Children of labelled metrics on the per-request path, so no label lookup is paid per request.
         self._deliveries: dict[tuple[str, str], Any] = {}
         self._messages = tuple(self.messages.labels(n) for n in ("inserted", "updated", "duplicate", "rejected"))
@@ -105,8 +111,14 @@ class Metrics:
         oldest_pending_at: Callable[[], float | None],
         inflight_bytes: Callable[[], float],
         cache: PrefixTTLCache,
+        wal_bytes: Callable[[], float] | None = None,
+        wal_pinned_s: Callable[[], float] | None = None,
     ) -> None:
         """Gauges computed at scrape time from the running parts."""
+        if wal_bytes is not None:
+            self.wal_bytes.set_function(wal_bytes)
+        if wal_pinned_s is not None:
+            self.wal_pinned.set_function(wal_pinned_s)
         self.live_actors.set_function(live_actors)
         self.mailbox_depth.set_function(mailbox_depth)
         self.inflight_bytes.set_function(inflight_bytes)
