@@ -35,10 +35,10 @@ class _StuckWriter:
 def _bodies(kind: str, n: int) -> tuple[Callable[[bytes, str], Delivery], bytes]:
     if kind == "generic-1":
         body = encode({"role": "user", "content": "x" * 80, "id": f"m{n}"})
-        return (lambda b, cid: generic.parse(cid, b, {}, received_at=time.time())[0]), body
+        return (lambda b, cid: generic.parse(b, {}, received_at=time.time(), conversation_id=cid)[0]), body
     if kind == "generic-10":
         body = json.dumps([{"role": "user", "content": "x" * 80, "id": f"m{n}-{i}"} for i in range(10)]).encode()
-        return (lambda b, cid: generic.parse(cid, b, {}, received_at=time.time())[0]), body
+        return (lambda b, cid: generic.parse(b, {}, received_at=time.time(), conversation_id=cid)[0]), body
     if kind == "tavus-event":
         body = encode(envelope(f"c{n}", "system.replica_joined", {}))
         return (lambda b, cid: tavus.parse(b, {}, received_at=time.time())[0]), body
