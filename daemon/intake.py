@@ -19,7 +19,14 @@ from starlette.responses import Response
 from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
-from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.errors import (
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidPayload,
+    PayloadTooLarge,
+    Problem,
+    StorageAckTimeout,
+)
 from daemon.metrics import Metrics
 from daemon.signatures import SignatureVerifier
 from storage.deliveries import Delivery, WriteResult, weight_of
@@ -54,6 +61,7 @@ class IntakeSettings:
     api_token: str
     tavus_signing_secret: str = ""  # "" = deliveries are not signed
     tavus_signature_tolerance_s: float = 300.0
+    body_timeout_s: float = 30.0
 
 
 class Intake:
@@ -110,13 +118,21 @@ class Intake:
                 raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             # Refused before the body is read: reading it would take the memory the budget protects.
             self.registry.check_room(weight_of(length))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks: list[bytes] = []
+        size, timeout = 0, self.settings.body_timeout_s
+        with anyio.move_on_after(timeout):
+            while True:
+                message = await request.receive()
+                if message["type"] != "http.request":
+                    raise ClientDisconnected("the sender went away before its body was all in")
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise BodyTimeout(f"the body did not all arrive within {timeout:g} s ({size} bytes came)")
 
     async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
         durable = self.settings.durable
