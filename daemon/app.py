@@ -119,7 +119,6 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     api_token=config.api.token,
                     tavus_signing_secret=config.webhooks.tavus.signing_secret,
                     tavus_signature_tolerance_s=config.webhooks.tavus.signature_tolerance_s,
-                    body_timeout_s=config.server.body_timeout_s,
                 ),
                 registry,
                 metrics,

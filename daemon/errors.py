@@ -64,12 +64,16 @@ class PayloadTooLarge(TranscriptdError):
     status, code = 413, "payload_too_large"
 
 
+# Set in a request's scope by the server (daemon/server.py) when its body did not come in time: the server
+# has answered 408 and ended the request, and the handler tells that end from a sender leaving.
+BODY_TIMED_OUT = "transcriptd.body_timed_out"
+
+
 class BodyTimeout(TranscriptdError):
     """The body did not all arrive in time (``server.body_timeout_s``): a Content-Length larger than what
-    is sent, or a sender too slow to wait for. The connection is closed with the answer."""
+    is sent, or a sender too slow to wait for. The server answered 408 and closes the connection."""
 
     status, code = 408, "body_timeout"
-    headers = {"Connection": "close"}  # noqa: RUF012 (read only)
 
 
 class ClientDisconnected(TranscriptdError):

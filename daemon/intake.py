@@ -20,6 +20,7 @@ from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import (
+    BODY_TIMED_OUT,
     BodyTimeout,
     ClientDisconnected,
     InvalidPayload,
@@ -61,7 +62,6 @@ class IntakeSettings:
     api_token: str
     tavus_signing_secret: str = ""  # "" = deliveries are not signed
     tavus_signature_tolerance_s: float = 300.0
-    body_timeout_s: float = 30.0
 
 
 class Intake:
@@ -119,20 +119,21 @@ class Intake:
             # Refused before the body is read: reading it would take the memory the budget protects.
             self.registry.check_room(weight_of(length))
         chunks: list[bytes] = []
-        size, timeout = 0, self.settings.body_timeout_s
-        with anyio.move_on_after(timeout):
-            while True:
-                message = await request.receive()
-                if message["type"] != "http.request":
-                    raise ClientDisconnected("the sender went away before its body was all in")
-                chunk: bytes = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        raise BodyTimeout(f"the body did not all arrive within {timeout:g} s ({size} bytes came)")
+        size = 0
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                timed_out = request.scope.get(BODY_TIMED_OUT)
+                if timed_out is not None:
+                    raise BodyTimeout(f"the body did not all arrive within {timed_out:g} s ({size} bytes came)")
+                raise ClientDisconnected("the sender went away before its body was all in")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
         durable = self.settings.durable

@@ -7,6 +7,9 @@ while the event loop was stalled. The protocol here puts a limit and a time on e
 
 - a request head over ``server.max_header_bytes`` gets 431, before the parser is fed more than that;
 - a head not complete ``server.header_timeout_s`` after its first byte (or the connection) is closed;
+- a body not all in ``server.body_timeout_s`` after its head gets 408 (the app sees the request end,
+  with :data:`~daemon.errors.BODY_TIMED_OUT` in its scope, and counts it): one timer per request whose
+  body is still coming, where a cancel scope in the handler cost every request ~10-30 us;
 - past ``server.max_connections`` a request gets 503 with ``Retry-After``; far past it, the connection
   is closed at once, so the process keeps the descriptors it needs (database, listening socket);
 - a keep-alive connection is closed for idleness only if no byte of a new request is waiting unread.
@@ -36,6 +39,7 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from daemon.config import Config
+from daemon.errors import BODY_TIMED_OUT
 
 log = logging.getLogger("transcriptd.server")
 
@@ -53,6 +57,7 @@ NOTICE_PERIOD_S = 10.0
 class HttpLimits:
     max_header_bytes: int
     header_timeout_s: float
+    body_timeout_s: float
     max_connections: int  # served; past it, 503 + Retry-After
     hard_connections: int  # past it, closed at once: below the open-file limit
     retry_after_s: int
@@ -114,6 +119,7 @@ class HardenedProtocol(HttpToolsProtocol):
         self._head_left: int | None = self.limits.max_header_bytes  # None: not in a request head
         self._heads = 0  # request heads completed, to tell whether a feed completed one
         self._head_timer: TimerHandle | None = None
+        self._body_timer: TimerHandle | None = None
         self._head_grace = False
         self._lingering = False
 
@@ -139,6 +145,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     async def _too_many_connections(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -163,6 +170,12 @@ class HardenedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # the answer is out; what the sender still sends is read and dropped
+        self._feed(data)
+        # Armed only when a chunk ends inside a body: a body that came with its head costs no timer.
+        if self._head_left is None and self._body_timer is None and not self._lingering:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timeout)
+
+    def _feed(self, data: bytes) -> None:
         left = self._head_left
         if left is None:
             super().data_received(data)
@@ -185,7 +198,7 @@ class HardenedProtocol(HttpToolsProtocol):
             self.notices.note("head", "refused a request head over %d bytes (server.max_header_bytes)", limit)
             self._refuse(431, "header_too_large", f"the request head is over {limit} bytes (the limit)")
             return
-        self.data_received(data[left:])
+        self._feed(data[left:])
 
     def on_headers_complete(self) -> None:
         self._head_left = None
@@ -196,6 +209,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._head_left = self.limits.max_header_bytes  # what follows is the next request's head
+        self._cancel_body_timer()
         super().on_message_complete()
 
     def _arm_head_timer(self) -> None:
@@ -224,6 +238,30 @@ class HardenedProtocol(HttpToolsProtocol):
         else:
             self.transport.close()  # not a byte of a request: nobody to answer
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or self._lingering or self._head_left is not None or cycle is None:
+            return
+        if not self._head_grace and pending_bytes(self.transport):
+            self._head_grace = True  # a stall, as for heads: read what is waiting first
+            self._body_timer = self.loop.call_later(HEAD_GRACE_S, self._body_timeout)
+            return
+        if cycle.response_started:
+            self.transport.close()  # answered already, and the body never came: nothing to add
+            return
+        timeout = self.limits.body_timeout_s
+        cycle.scope[BODY_TIMED_OUT] = timeout  # type: ignore[literal-required]
+        self._answer(408, "body_timeout", f"the body did not all arrive within {timeout:g} s")
+        # The handler's receive() now says the request is over; what it answers is dropped.
+        cycle.disconnected = True
+        cycle.message_event.set()
+
     # --- keep-alive and the end of a request --------------------------------------------------------
 
     def timeout_keep_alive_handler(self) -> None:
@@ -251,6 +289,9 @@ class HardenedProtocol(HttpToolsProtocol):
             # A response to an earlier, pipelined request is under way: no room for another.
             self.transport.close()
             return
+        self._answer(status, code, message)
+
+    def _answer(self, status: int, code: str, message: str) -> None:
         body = _error(status, code, message)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -263,6 +304,7 @@ class HardenedProtocol(HttpToolsProtocol):
         # sender reads it. Half-close instead, drop what still comes, and close at its end (or at a timeout).
         self._lingering = True
         self._unset_keepalive_if_required()
+        self._cancel_body_timer()
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -318,6 +360,7 @@ def http_limits(config: Config) -> HttpLimits:
     return HttpLimits(
         max_header_bytes=config.server.max_header_bytes,
         header_timeout_s=config.server.header_timeout_s,
+        body_timeout_s=config.server.body_timeout_s,
         max_connections=served,
         hard_connections=hard,
         retry_after_s=config.ingest.retry_after_s,

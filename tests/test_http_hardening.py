@@ -169,6 +169,15 @@ def test_a_short_content_length_lie_gets_408_and_is_closed(tmp_path: Path) -> No
         assert "reason=body_timeout status=408" in d.log()
 
 
+def test_an_answer_before_the_body_closes_the_connection_after_it(tmp_path: Path) -> None:
+    # /livez takes no POST: 405 goes out before the declared body came. The rest of the body is of no use,
+    # and a sender trickling it must not keep the connection: the server half-closes after its answer.
+    with daemon(tmp_path, keepalive_timeout_s="60") as d, connect(d) as sock:  # not closed for idleness
+        sock.sendall(head("POST", "/livez", "Content-Length: 5000") + b"x" * 10)
+        assert read_answer(sock).status == 405
+        assert closed_by_server(sock)
+
+
 def test_silent_connections_are_closed_and_readyz_answers_meanwhile(tmp_path: Path) -> None:
     with daemon(tmp_path, header_timeout_s="1") as d, ExitStack() as stack:
         silent = [stack.enter_context(connect(d)) for _ in range(64)]
