@@ -7,18 +7,14 @@ import gc
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
-
-import uvicorn
 
 from daemon import __version__, exposure
 from daemon.app import create_app, shutdown_budget
@@ -26,6 +22,7 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
 from daemon.janitor import DAY_S
 from daemon.logs import configure
+from daemon.server import build_server
 from daemon.sources import SOURCES
 from storage import backup as backups
 from storage import dead_letters, retention
@@ -209,22 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-class DrainingServer(uvicorn.Server):
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises the signal after its graceful shutdown, which turns a clean drain into death
-        # by SIGTERM (or a KeyboardInterrupt traceback). The drain is the whole point: exit 0 after it.
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
-
-
 def storage_problem(config: Config) -> str | None:
     """Open and migrate the database as the writer will, before the server starts: a file that is not
     SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
@@ -256,32 +237,12 @@ def serve(config: Config) -> int:
     if (problem := storage_problem(config)) is not None:
         log.error("cannot use the database at %s: %s", config.storage.path, problem)
         return 3
-    server = DrainingServer(
-        uvicorn.Config(
-            create_app(config),
-            host=config.server.host,
-            port=config.server.port,
-            loop=_event_loop(),
-            http="httptools",
-            lifespan="on",
-            # The access log would print the webhook path, and with it the token.
-            access_log=False,
-            log_config=None,
-            server_header=False,
-            timeout_graceful_shutdown=max(1, int(shutdown_budget(config).requests_s)),
-        )
+    server = build_server(
+        config, create_app(config), graceful_shutdown_s=max(1, int(shutdown_budget(config).requests_s))
     )
     server.run()
     # uvicorn returns normally on SIGTERM/SIGINT after the lifespan drained; a failed start-up sets started=False.
     return 0 if server.started else 3
-
-
-def _event_loop() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 # --- operator commands ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
@@ -68,6 +68,29 @@ class NotFound(TranscriptdError):
 
 class PayloadTooLarge(TranscriptdError):
     status, code = 413, "payload_too_large"
+
+
+# Set in a request's scope by the server (daemon/server.py) when its body did not come in time: the server
+# has answered 408 and ended the request, and the handler tells that end from a sender leaving.
+BODY_TIMED_OUT = "transcriptd.body_timed_out"
+
+
+class BodyTimeout(TranscriptdError):
+    """The body did not all arrive in time (``server.body_timeout_s``): a Content-Length larger than what
+    is sent, or a sender too slow to wait for. The server answered 408 and closes the connection."""
+
+    status, code = 408, "body_timeout"
+
+
+class ClientDisconnected(TranscriptdError):
+    """The sender closed the connection before its body was read: its doing, and nobody is left to answer.
+    Counted (``transcriptd_client_disconnected``) and logged in one line, never as an internal error."""
+
+    status, code = 499, "client_disconnected"
+
+
+class InvalidHeader(TranscriptdError):
+    status, code = 400, "invalid_header"
 
 
 class InvalidPayload(TranscriptdError):
@@ -159,7 +182,27 @@ def _counted(request: Request, error: TranscriptdError) -> Response:
 
 async def handle_transcriptd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TranscriptdError)
+    if isinstance(exc, ClientDisconnected):
+        return _disconnected(request, exc)
     return _counted(request, exc)
+
+
+def _disconnected(request: Request, error: TranscriptdError) -> Response:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.client_disconnected.inc()
+    rejections.info(
+        "sender of %s to %s disconnected before its body was read: %s",
+        request.method if request.method.isalpha() else "?",
+        request_source(request.scope.get("path", "")),
+        error.message,
+    )
+    return error_response(error)  # nobody reads it: the server drops what goes to a closed connection
+
+
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ClientDisconnect)
+    return _disconnected(request, ClientDisconnected("the sender went away before its body was read"))
 
 
 def from_storage(exc: StorageError, *, retry_after_s: int = 1) -> TranscriptdError:
@@ -208,5 +251,6 @@ EXCEPTION_HANDLERS = {
     TranscriptdError: handle_transcriptd_error,
     StorageError: handle_storage_error,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_disconnect,  # a handler reading the body with Starlette's own calls
     Exception: handle_unexpected,
 }

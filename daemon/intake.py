@@ -19,7 +19,15 @@ from starlette.responses import Response
 from daemon import delivery_log
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
-from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.errors import (
+    BODY_TIMED_OUT,
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidPayload,
+    PayloadTooLarge,
+    Problem,
+    StorageAckTimeout,
+)
 from daemon.ids import PARAM, path_id
 from daemon.metrics import Metrics
 from daemon.sources import SOURCES, Source
@@ -140,13 +148,22 @@ class Intake:
             # Refused before the body is read: reading it would take the memory the budget protects.
             # Its rows are not known yet: the full weight is checked when the delivery is submitted.
             self.registry.check_room(weight_of(length))
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                timed_out = request.scope.get(BODY_TIMED_OUT)
+                if timed_out is not None:
+                    raise BodyTimeout(f"the body did not all arrive within {timed_out:g} s ({size} bytes came)")
+                raise ClientDisconnected("the sender went away before its body was all in")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _accept(
         self, delivery: Delivery, problems: list[Problem], started: float, enqueued_status: int = 202

@@ -63,6 +63,11 @@ class Metrics:
         self.rejected = Counter(
             "transcriptd_rejected_requests", "Requests answered 4xx or 5xx, by reason", ["reason"], registry=r
         )
+        self.client_disconnected = Counter(
+            "transcriptd_client_disconnected",
+            "Requests whose sender closed the connection before its body was read",
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "transcriptd_ack_latency_seconds",
             "From the request's arrival to its answer, for deliveries taken",

@@ -24,8 +24,10 @@ from storage.queries import Conversation
 Handler = Callable[[Request], Awaitable[Response]]
 
 INTAKE_ERRORS = {
-    400: "the body is not JSON, or the id in the path is not UTF-8 once percent-decoded",
+    400: "the body is not JSON, the id in the path is not UTF-8 once percent-decoded, or a `webhook-id` or"
+    " `Idempotency-Key` header over 256 characters",
     401: "missing or wrong token",
+    408: "the body did not all arrive within `server.body_timeout_s`",
     413: "the body is over `ingest.max_body_bytes`",
     422: "valid JSON of the wrong shape; the valid part was stored (see `accepted`)",
     503: "overloaded, shutting down or storage unavailable: retry after `Retry-After` seconds",
