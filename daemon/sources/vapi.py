@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import msgspec
 
 from daemon.decoding import decode, decode_items, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
-from daemon.sources.model import ConversationId, EventType, NormalRole, Role, Source, replay_with
+from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
 from storage.deliveries import NULL, Delivery, MessageRow
 
@@ -52,6 +53,9 @@ def _given(raw: msgspec.Raw) -> msgspec.Raw | None:
     return None if bytes(raw) == b"null" else raw
 
 
+VapiRole = Literal["system", "user", "bot", "assistant", "tool_calls", "tool_call_result", "tool"]
+
+
 class CallRef(msgspec.Struct, frozen=True):
     id: ConversationId | None = None
 
@@ -65,10 +69,26 @@ class Recording(msgspec.Struct, frozen=True, rename="camel"):
     stereo_url: str | None = None
 
 
+class VapiMessage(msgspec.Struct, frozen=True, rename="camel", gc=False):
+    """One turn of ``artifact.messages`` (or of a snapshot's ``messages``): ``time`` in Unix ms;
+    ``toolCalls`` on a ``tool_calls`` turn; ``toolCallId``, ``name``, ``result`` on a ``tool_call_result``."""
+
+    role: VapiRole
+    message: str | None = None
+    time: float | None = None
+    end_time: float | None = None
+    seconds_from_start: float | None = None
+    duration: float | None = None  # stored as sent: Vapi's schema says seconds, its examples send ms
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    result: Any = None
+
+
 class Artifact(msgspec.Struct, frozen=True, rename="camel"):
     """``artifact``: what the call left behind. Presigned URLs are not read: they expire."""
 
-    messages: msgspec.Raw = msgspec.field(default_factory=_absent)
+    messages: msgspec.Raw = msgspec.field(default_factory=_absent)  # each entry is decoded on its own
     recording_url: str | None = None
     stereo_recording_url: str | None = None
     recording: Recording | None = None
@@ -79,28 +99,24 @@ class ServerMessage(msgspec.Struct, frozen=True, rename="camel"):
 
     type: EventType
     call: CallRef | None = None
-    chat: CallRef | None = None  # a chat's messages carry the chat instead of a call
     timestamp: float | None = None  # Unix milliseconds
     status: str | None = None
     ended_reason: str | None = None
     started_at: str | None = None
     ended_at: str | None = None
-    analysis: msgspec.Raw = msgspec.field(default_factory=_absent)
+    analysis: msgspec.Raw = msgspec.field(default_factory=_absent)  # kept as sent
     artifact: Artifact | None = None
-    messages: msgspec.Raw = msgspec.field(default_factory=_absent)  # conversation-update: the history so far
+    messages: msgspec.Raw = msgspec.field(default_factory=_absent)  # the history so far, each entry alone
     recording_url: str | None = None  # deprecated, in favour of artifact.recordingUrl
 
 
 class Envelope(msgspec.Struct, frozen=True):
-    """A Vapi server message, as POSTed to the server URL."""
-
     message: ServerMessage
 
 
 class _BareMessage(msgspec.Struct, frozen=True):
     type: EventType
     call: CallRef | None = None
-    chat: CallRef | None = None
 
 
 class _BareEnvelope(msgspec.Struct, frozen=True):
@@ -109,69 +125,103 @@ class _BareEnvelope(msgspec.Struct, frozen=True):
     message: _BareMessage
 
 
-class VapiMessage(msgspec.Struct, frozen=True, rename="camel", gc=False):
-    """One entry of ``artifact.messages`` (or of a snapshot's ``messages``)."""
-
-    role: Role
-    message: str | None = None
-    time: float | None = None  # Unix milliseconds
-    seconds_from_start: float | None = None
-    duration: float | None = None  # stored as sent: Vapi's schema says seconds, its examples send ms
-    tool_calls: msgspec.Raw = msgspec.field(default_factory=_absent)
-    tool_call_id: str | None = None
-    name: str | None = None
-    result: msgspec.Raw = msgspec.field(default_factory=_absent)
-
-
 class _ToolResult(msgspec.Struct, rename="camel"):
     tool_call_id: str | None
     name: str | None
-    result: msgspec.Raw
+    result: Any
+
+
+# --- The body as OpenAPI describes it: the models above with every raw field typed. parse() checks each
+# of them, whatever the message's type, so a body these allow is accepted and one they refuse is not
+# (tests/test_schemathesis.py sends both, generated from /openapi.json).
+
+
+class DocumentedCall(msgspec.Struct, frozen=True):
+    id: ConversationId
+
+
+class DocumentedArtifact(msgspec.Struct, frozen=True, rename="camel"):
+    messages: list[VapiMessage] | None = None
+    recording_url: str | None = None
+    stereo_recording_url: str | None = None
+    recording: Recording | None = None
+
+
+class DocumentedMessage(msgspec.Struct, frozen=True, rename="camel"):
+    """``end-of-call-report``, ``status-update`` and ``conversation-update`` are stored as the README
+    says; any other ``type`` is kept raw. Other fields are kept in the raw body, not read."""
+
+    type: EventType
+    call: DocumentedCall
+    timestamp: float | None = None
+    status: str | None = None
+    ended_reason: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    analysis: dict[str, Any] | None = None
+    artifact: DocumentedArtifact | None = None
+    messages: list[VapiMessage] | None = None
+    recording_url: str | None = None
+
+
+class VapiServerMessage(msgspec.Struct, frozen=True):
+    """A Vapi server message, as POSTed to the server URL."""
+
+    message: DocumentedMessage
+
+
+MESSAGES = "$.message.messages"
+ARTIFACT_MESSAGES = "$.message.artifact.messages"
 
 
 def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
     """Map one server message to a delivery, and list what is wrong with it.
 
-    Only a body that is not JSON, or a message without a type and a call (or chat) id, raises: nothing
-    can be stored. Past that, the raw message is always stored and every good transcript entry kept.
+    Only a body that is not JSON, or a message without a type and a call id, raises: nothing can be
+    stored. Past that, the raw message is always stored and every good transcript entry kept.
     """
     try:
         message = decode(body, Envelope).message
     except InvalidPayload as exc:
         bare = decode(body, _BareEnvelope).message  # raises if even the least is not there
         key = f"{bare.type}:malformed:{received_at!r}"
-        delivery = _delivery(body, bare.type, _conversation_id(bare), received_at, key)
-        return delivery, exc.problems
-    cid = _conversation_id(message)
+        return _delivery(body, bare.type, _conversation_id(bare), received_at, key), exc.problems
+    cid, kind = _conversation_id(message), message.type
     stamp = _seconds(message.timestamp)
-    match message.type:
+    # Its own time tells two snapshots (or two messages of another type) apart; never the body's hash.
+    when = repr(message.timestamp) if message.timestamp is not None else f"received:{received_at!r}"
+    snapshot = _given(message.messages)
+    transcript = None  # the list whose entries become the conversation's messages
+    match kind:
         case "end-of-call-report":
-            delivery = _delivery(body, message.type, cid, received_at, END_OF_CALL)
-            problems = _end_of_call(delivery, message, stamp)
+            delivery = _delivery(body, kind, cid, received_at, kind)
+            _end_of_call(delivery, message, stamp)
+            transcript = ARTIFACT_MESSAGES
         case "status-update":
-            delivery = _delivery(body, message.type, cid, received_at, f"{STATUS_UPDATE}:{message.status}")
-            problems = _status_update(delivery, message, stamp)
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{message.status}")
+            _status_update(delivery, message, stamp)
         case "conversation-update":
             # A snapshot each time: its rows update the positions an earlier one wrote.
-            when = repr(message.timestamp) if message.timestamp is not None else f"received:{received_at!r}"
-            delivery = _delivery(body, message.type, cid, received_at, f"{CONVERSATION_UPDATE}:{when}")
-            snapshot = _given(message.messages)
-            raw = snapshot if snapshot is not None else _artifact_messages(message)
-            path = "$.message.messages" if snapshot is not None else "$.message.artifact.messages"
-            problems = _add_messages(delivery, raw, path)
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")
+            transcript = MESSAGES if snapshot is not None else ARTIFACT_MESSAGES
         case _:
-            # Stored raw, answered 2xx. Its own time tells two messages of one type apart.
-            when = repr(message.timestamp) if message.timestamp is not None else f"received:{received_at!r}"
-            delivery = _delivery(body, message.type, cid, received_at, f"{message.type}:{when}")
-            problems = []
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")  # kept raw, answered 2xx
+    problems = []
+    if bytes(message.analysis)[:1] not in (b"{", b"n"):
+        problems.append(Problem("Expected `object | null`", "$.message.analysis"))
+    for path, raw in ((MESSAGES, snapshot), (ARTIFACT_MESSAGES, _artifact_messages(message))):
+        if raw is not None:
+            entries, bad = _entries(raw, path)
+            problems += bad
+            if path == transcript:
+                _add_rows(delivery, entries, rejected=len(bad))
     return delivery, problems
 
 
 def _conversation_id(message: ServerMessage | _BareMessage) -> str:
-    for ref in (message.call, message.chat):
-        if ref is not None and ref.id is not None:
-            return ref.id
-    raise InvalidPayload([Problem("a Vapi message needs message.call.id", "$.message.call.id")])
+    if message.call is None or message.call.id is None:
+        raise InvalidPayload([Problem("a Vapi message needs message.call.id", "$.message.call.id")])
+    return message.call.id
 
 
 def _delivery(body: bytes, event_type: str, cid: str, received_at: float, key: str) -> Delivery:
@@ -185,7 +235,7 @@ def _delivery(body: bytes, event_type: str, cid: str, received_at: float, key: s
     )
 
 
-def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None) -> list[Problem]:
+def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
     patch = delivery.patch
     patch.status = "ended"
     patch.started_at = epoch_seconds(message.started_at)
@@ -193,18 +243,16 @@ def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None
     patch.end_reason = message.ended_reason
     patch.recording_uri = _recording_url(message)
     analysis = bytes(message.analysis)
-    if analysis.strip() not in (b"null", b"{}"):
+    if analysis[:1] == b"{" and analysis.strip() != b"{}":
         patch.analysis = analysis.decode()
-    return _add_messages(delivery, _artifact_messages(message), "$.message.artifact.messages")
 
 
-def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | None) -> list[Problem]:
+def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
     patch = delivery.patch
     if message.status == "in-progress":
         patch.started_at = stamp
     elif message.status == "ended":
         patch.status, patch.ended_at, patch.end_reason = "ended", stamp, message.ended_reason
-    return []
 
 
 def _artifact_messages(message: ServerMessage) -> msgspec.Raw | None:
@@ -221,29 +269,22 @@ def _recording_url(message: ServerMessage) -> str | None:
     return artifact.recording_url or mono or message.recording_url or artifact.stereo_recording_url or stereo
 
 
-def _add_messages(delivery: Delivery, raw: msgspec.Raw | None, path: str) -> list[Problem]:
-    if raw is None:
-        return []
+def _entries(raw: msgspec.Raw, path: str) -> tuple[list[tuple[int, VapiMessage]], list[Problem]]:
+    """Each entry decoded on its own: one bad entry costs only itself."""
     try:
         items = decode(raw, list[msgspec.Raw], path=path)
     except InvalidPayload as exc:
-        return exc.problems
-    good, problems = decode_items(items, VapiMessage, path=path)
-    known = []
-    for index, entry in good:
-        if entry.role in ROLES:
-            known.append((index, entry))
-        else:
-            problems.append(
-                Problem(f"unknown role {entry.role!r} (known: {', '.join(ROLES)})", f"{path}[{index}].role")
-            )
-    delivery.rejected = len(problems)
-    delivery.rows = _rows(delivery, known)
+        return [], exc.problems
+    return decode_items(items, VapiMessage, path=path)
+
+
+def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *, rejected: int) -> None:
+    delivery.rejected = rejected
+    delivery.rows = _rows(delivery, entries)
     if delivery.rows:
         # NaN is the one value not equal to itself.
         stamps = [at for row in delivery.rows if (at := row[5]) == at]
         delivery.last_message_at = max(stamps) if stamps else delivery.received_at  # type: ignore[type-var]
-    return problems
 
 
 def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[MessageRow]:
@@ -270,8 +311,8 @@ def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> lis
 
 def _content(entry: VapiMessage) -> str:
     """What was said; for a tool call, the calls as JSON; for a tool's result, the result as JSON."""
-    if entry.role == "tool_calls" and _given(entry.tool_calls) is not None:
-        return bytes(entry.tool_calls).decode()
+    if entry.role == "tool_calls" and entry.tool_calls is not None:
+        return msgspec.json.encode(entry.tool_calls).decode()
     if entry.role == "tool_call_result":
         return msgspec.json.encode(_ToolResult(entry.tool_call_id, entry.name, entry.result)).decode()
     return entry.message or ""
@@ -290,7 +331,7 @@ SOURCE = Source(
     parse=parse,
     replay=replay_with(parse),
     events=EVENTS,
-    body=Envelope,
+    body=VapiServerMessage,
     settings=VapiSettings,
     authenticate=authenticate,
 )
