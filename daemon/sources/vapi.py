@@ -22,7 +22,7 @@ from daemon.decoding import decode, decode_items, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
 from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
-from storage.deliveries import NULL, Delivery, MessageRow
+from storage.deliveries import NULL, Delivery, VendorMessageRow
 
 NAME = "vapi"
 END_OF_CALL = "end-of-call-report"
@@ -287,7 +287,7 @@ def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *,
         delivery.last_message_at = max(stamps) if stamps else delivery.received_at  # type: ignore[type-var]
 
 
-def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[MessageRow]:
+def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[VendorMessageRow]:
     cid, now = delivery.conversation_id, delivery.received_at
     # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
     return [
@@ -301,9 +301,9 @@ def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> lis
             NULL if (offset := entry.seconds_from_start) is None else offset,
             NULL if (duration := entry.duration) is None else duration,
             NULL,
-            NULL if entry.role == role else entry.role,
             NULL,
             now,
+            NULL if entry.role == role else entry.role,
         )
         for seq, entry in entries
     ]
