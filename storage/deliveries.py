@@ -24,12 +24,14 @@ MaybeText = str | float | None  # text, or NULL as NaN
 # (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
 #  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
 MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float]
-# A MessageRow with the vendor's own role last (statements.INSERT_VENDOR_MESSAGES), from a source whose
-# roles are mapped to the normalised ones (Vapi's "bot" is "assistant"). Two shapes, so that a source
-# whose roles need no mapping (Tavus) binds no extra column: measured on the writer alone, a twelfth
-# column on every Tavus row cost ~4% of its CPU time. All rows of one delivery have one shape.
+# (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
+#  vendor_role, external_id, created_at): statements.INSERT_VENDOR_MESSAGES, for a source whose roles are
+# mapped to the normalised ones (Vapi's "bot" is "assistant"); vendor_role is NULL where they are equal.
+# Two shapes, so that a source whose roles need no mapping (Tavus) binds no extra column: measured on
+# the writer alone, a twelfth column on every Tavus row cost ~4% of its CPU time. All rows of one
+# delivery have one shape.
 VendorMessageRow = tuple[
-    str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float, MaybeText
+    str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float
 ]
 VENDOR_ROW_WIDTH = 12
 Row = MessageRow | VendorMessageRow

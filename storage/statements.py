@@ -66,8 +66,8 @@ INSERT_MESSAGES = (
     "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
     " inference_id, external_id, created_at)"
 )
-# The same with the vendor's own role last: for rows of storage.deliveries.VendorMessageRow.
-INSERT_VENDOR_MESSAGES = INSERT_MESSAGES.removesuffix(")") + ", vendor_role)"
+# The same with the vendor's own role: for rows of storage.deliveries.VendorMessageRow.
+INSERT_VENDOR_MESSAGES = INSERT_MESSAGES.replace(" inference_id,", " inference_id, vendor_role,")
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 
 # Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed

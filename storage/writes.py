@@ -203,7 +203,8 @@ def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_
     elif delivery.rows:
         inserted = sql.insert_rows(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(delivery.rows):
-            changed = [(*row[:9], row[-1] if len(row) == VENDOR_ROW_WIDTH else None) for row in delivery.rows]
+            vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
+            changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
             updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, changed).rowcount
     if delivery.append_rows:
         appended = conn.executemany(sql.APPEND_MESSAGE, delivery.append_rows).rowcount

@@ -41,7 +41,20 @@ def row(cid: str, seq: int, role: str, content: str) -> MessageRow:
 
 
 def vendor_row(cid: str, seq: int, role: str, content: str, vendor_role: str | None = None) -> VendorMessageRow:
-    return (*row(cid, seq, role, content), NULL if vendor_role is None else vendor_role)
+    return (
+        cid,
+        "test",
+        seq,
+        role,
+        content,
+        NULL,
+        NULL,
+        NULL,
+        NULL,
+        NULL if vendor_role is None else vendor_role,
+        NULL,
+        1.0,
+    )
 
 
 @pytest.fixture
@@ -153,7 +166,7 @@ async def test_the_read_model_shows_vendor_roles_end_reason_and_analysis(
 
 
 def test_one_commit_holds_rows_of_both_shapes(conn: sqlite3.Connection) -> None:
-    """A source without vendor roles binds eleven columns, one with them twelve; one batch can hold both."""
+    """A source without vendor roles binds eleven columns, one with them twelve; one commit can hold both."""
     results = write_batch(
         conn,
         [

@@ -28,7 +28,7 @@ def parsed(body: bytes, at: float = 1_800_000_000.0) -> tuple[Delivery, list[Any
 
 def rows(delivery: Delivery) -> list[tuple[Any, ...]]:
     """(seq, role, vendor_role, content) per row, NULL (NaN) as None."""
-    return [tuple(None if v != v else v for v in (r[2], r[3], r[-1], r[4])) for r in delivery.rows]
+    return [tuple(None if v != v else v for v in (r[2], r[3], r[9], r[4])) for r in delivery.rows]
 
 
 def test_the_docs_end_of_call_report() -> None:

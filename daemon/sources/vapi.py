@@ -301,9 +301,9 @@ def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> lis
             NULL if (offset := entry.seconds_from_start) is None else offset,
             NULL if (duration := entry.duration) is None else duration,
             NULL,
+            NULL if entry.role == role else entry.role,
             NULL,
             now,
-            NULL if entry.role == role else entry.role,
         )
         for seq, entry in entries
     ]
