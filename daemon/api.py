@@ -30,6 +30,10 @@ Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
 
 MAX_PAGE = 500
+# SQLite's integers are 64-bit: a larger position, or a page whose offset is larger, would fail the read
+# with OverflowError (a 500) instead of a 422.
+MAX_POSITION = 2**63 - 1
+MAX_PAGE_NUMBER = MAX_POSITION // MAX_PAGE
 # The streams intake writes: one per registered source.
 Source = Annotated[
     str,
@@ -44,9 +48,16 @@ class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
 class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="messages per page")] = 50
-    page: Annotated[int, msgspec.Meta(ge=1, description="1-based page number (not with `after`)")] | None = None
+    page: (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE_NUMBER, description="1-based page number (not with `after`)")]
+        | None
+    ) = None
     after: (
-        Annotated[int, msgspec.Meta(ge=-1, description="cursor: messages after this position (not with `page`)")] | None
+        Annotated[
+            int,
+            msgspec.Meta(ge=-1, le=MAX_POSITION, description="cursor: messages after this position (not with `page`)"),
+        ]
+        | None
     ) = None
     role: Annotated[Role | None, msgspec.Meta(description="only messages of this role")] = None
     include_system: Annotated[bool, msgspec.Meta(description="include system entries (prompts)")] = False
