@@ -66,11 +66,14 @@ ON CONFLICT (id) DO UPDATE SET
 
 INSERT_MESSAGES = (
     "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
-    " inference_id, vendor_role, external_id, created_at)"
+    " inference_id, external_id, created_at)"
 )
+# The same with the vendor's own role: for rows of storage.deliveries.VendorMessageRow.
+INSERT_VENDOR_MESSAGES = INSERT_MESSAGES.replace(" inference_id,", " inference_id, vendor_role,")
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 
-# Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed.
+# Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed
+# (?10: the vendor role, NULL for a row without one).
 UPDATE_CHANGED_MESSAGE = """
 UPDATE messages
 SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9,

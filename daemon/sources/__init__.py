@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.sources import elevenlabs, generic, tavus
+from daemon.sources import elevenlabs, generic, tavus, vapi
 from daemon.sources.model import Source
 
 SOURCES: tuple[Source[Any], ...] = (
     tavus.SOURCE,
     generic.SOURCE,
+    vapi.SOURCE,
     elevenlabs.SOURCE,
 )
 

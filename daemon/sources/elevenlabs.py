@@ -17,7 +17,7 @@ from daemon.errors import Problem, Unavailable
 from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
 from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
 from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, replay_with
-from storage.deliveries import NULL, Delivery, MessageRow
+from storage.deliveries import NULL, Delivery, VendorMessageRow
 
 # A 10-minute call at 128 kbit/s is ~13 MiB of base64 MP3, near ingest.max_body_bytes already; this takes
 # calls of about 50 minutes. The audio is not kept (see keep_audio): only the request holds it, while read.
@@ -89,7 +89,7 @@ def _parse(
 def _add_rows(delivery: Delivery, event: Event) -> None:
     cid, now = delivery.conversation_id, delivery.received_at
     # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
-    rows: list[MessageRow] = [
+    rows: list[VendorMessageRow] = [
         (
             cid,
             NAME,
