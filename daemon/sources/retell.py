@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -134,6 +134,50 @@ class Entry(msgspec.Struct, frozen=True):
     words: list[Word] | None = None
     digit: str | None = None  # dtmf
     time_sec: float | None = None  # sms, injected; seen on tool calls too
+
+
+class RetellWord(msgspec.Struct, frozen=True):
+    word: str | None = None
+    start: float | None = None  # seconds from the start of the call's audio
+    end: float | None = None
+
+
+class RetellTranscriptEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """An utterance (``agent``, ``user``, ``transfer_target``), a tool call (``tool_call_invocation``:
+    ``tool_call_id``, ``name``, ``arguments``) or its result (``tool_call_result``: ``tool_call_id``,
+    ``content``, ``successful``), or ``node_transition``, ``dtmf`` (``digit``), ``sms``, ``injected``."""
+
+    role: str
+    content: str | None = None
+    words: list[RetellWord] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    successful: bool | None = None
+    digit: str | None = None
+    time_sec: float | None = None
+
+
+class RetellCall(msgspec.Struct, frozen=True, kw_only=True):
+    """The fields of Retell's call object that transcriptd maps; the whole body is kept raw."""
+
+    call_id: str
+    call_status: str | None = None  # registered, not_connected, ongoing, ended, error
+    start_timestamp: int | None = None  # Unix milliseconds
+    end_timestamp: int | None = None
+    disconnection_reason: str | None = None
+    recording_url: str | None = None
+    call_analysis: dict[str, Any] | None = None  # on call_analyzed
+    transcript_object: list[RetellTranscriptEntry] | None = None
+    transcript_with_tool_calls: list[RetellTranscriptEntry] | None = None
+
+
+class RetellWebhook(msgspec.Struct, frozen=True):
+    """A Retell webhook, signed in ``X-Retell-Signature``: ``call_started``, ``call_ended``,
+    ``call_analyzed`` and ``transcript_updated`` are mapped; any other event is stored raw."""
+
+    event: str
+    call: RetellCall
 
 
 @dataclass(frozen=True, slots=True)
