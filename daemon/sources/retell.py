@@ -20,8 +20,20 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from daemon.decoding import body_key, decode, validation_problem
+from daemon.decoding import body_key, decode, new_delivery, validation_problem
 from daemon.errors import InvalidPayload, Problem, Unauthorized
+from daemon.sources.model import (
+    ConversationId,
+    EventType,
+    NormalRole,
+    Role,
+    Secret,
+    Source,
+    Verify,
+    WebhookSettings,
+    replay_with,
+)
+from storage.deliveries import NULL, Delivery, MessageRow
 
 NAME = "retell"
 
@@ -95,10 +107,6 @@ def _digest(key: bytes, body: bytes, suffix: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 # The body.
 
-CallId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-VendorRole = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-NormalRole = Literal["system", "user", "assistant", "tool"]
 
 CALL_STARTED = "call_started"
 CALL_ENDED = "call_ended"
@@ -129,7 +137,7 @@ class Entry(msgspec.Struct, frozen=True):
     """One entry of ``transcript_object`` or ``transcript_with_tool_calls``; which fields come depends on
     ``role`` (the SDK's ``TranscriptWithToolCall`` union), so all but ``role`` are optional here."""
 
-    role: VendorRole
+    role: Role
     content: str | None = None
     words: list[Word] | None = None
     digit: str | None = None  # dtmf
@@ -286,7 +294,7 @@ def _required_id(call: dict[str, msgspec.Raw], name: str, where: str) -> str:
     raw = call.get(name)
     if raw is None:
         raise InvalidPayload([Problem(f"Object missing required field `{name}`", where)])
-    return decode(raw, CallId, path=f"{where}.{name}")
+    return decode(raw, ConversationId, path=f"{where}.{name}")
 
 
 def _map_call(parsed: ParsedCall, call: dict[str, msgspec.Raw], where: str) -> None:
@@ -408,3 +416,73 @@ def _seconds(milliseconds: object) -> float | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The source: settings, authentication, and the delivery a body makes.
+
+
+class RetellSettings(WebhookSettings, frozen=True):
+    """``webhooks.retell.*``."""
+
+    # The Retell API key with the webhook badge (several, space-separated, while rotating): every delivery's
+    # X-Retell-Signature must verify with one. Unset, every Retell delivery is refused.
+    api_key: Secret = ""
+    signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_TOLERANCE_MS / 1000
+
+
+def authenticate(settings: RetellSettings) -> Verify:
+    if not settings.api_key.strip():
+        # Retell signs every delivery: without the key nothing can tell a forged call from a real one.
+        return _no_api_key
+    return RetellVerifier(settings.api_key, tolerance_ms=round(settings.signature_tolerance_s * 1000)).verify
+
+
+def _no_api_key(body: bytes, headers: Mapping[str, str]) -> None:
+    raise Unauthorized("webhooks.retell.api_key is not set: no Retell delivery can be verified, so none is accepted")
+
+
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
+    """One webhook as a delivery: its call's fields, and its transcript by position (see ``parse_call``)."""
+    parsed = parse_call(body)
+    cid = parsed.call_id
+    delivery = new_delivery(NAME, parsed.event, cid, body, headers, received_at)
+    delivery.key = parsed.key
+    fields, patch = parsed.fields, delivery.patch
+    patch.status, patch.started_at, patch.ended_at = fields.status, fields.started_at, fields.ended_at
+    patch.end_reason, patch.recording_uri, patch.analysis = fields.end_reason, fields.recording_url, fields.analysis
+    # Retell gives no wall-clock time per message, only offsets from the call's start: timestamp stays
+    # empty rather than guessed. The vendor role is kept where it says more than the normalised one.
+    rows: list[MessageRow] = [
+        (
+            cid,
+            NAME,
+            m.seq,
+            m.role,
+            m.content,
+            NULL,
+            NULL if m.seconds_from_start is None else m.seconds_from_start,
+            NULL if m.duration is None else m.duration,
+            NULL,
+            NULL if m.vendor_role == m.role else m.vendor_role,
+            NULL,
+            received_at,
+        )
+        for m in parsed.messages
+    ]
+    delivery.rows, delivery.rejected = rows, parsed.rejected
+    if rows:
+        delivery.last_message_at = fields.ended_at or received_at
+    return delivery, parsed.problems
+
+
+SOURCE: Source[RetellSettings] = Source(
+    name=NAME,
+    title="A Retell call event, signed in X-Retell-Signature",
+    parse=parse,
+    replay=replay_with(parse),
+    events=EVENTS,
+    body=RetellWebhook,
+    settings=RetellSettings,
+    authenticate=authenticate,
+)
