@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.logs import RedactSecrets, config_secrets
 from daemon.sources.retell import SIGNATURE_HEADER
-from tests.conftest import AppClient
+from tests.conftest import AppClient, make_config
 from tests.daemon_process import connect, transcriptd
 from tests.retell_signing import sign
 from tests.test_operations import table
@@ -316,3 +317,12 @@ async def test_a_body_that_is_not_utf8_is_a_400_after_its_signature(app_client: 
         )
     assert response.status_code == 400, response.text
     assert db("SELECT count(*) FROM events") == [(0,)]
+
+
+def test_each_configured_retell_key_is_masked_in_logs(db_path: Path) -> None:
+    rotated = "key_retell-rotated-9d2e"  # in TEST_SECRETS
+    config = make_config(db_path, **{"webhooks.retell.api_key": f"{rotated} {API_KEY}"})
+    mask = RedactSecrets(config_secrets(config))
+    line = mask.redact(f"verifying with {API_KEY} (was {rotated})")
+    assert API_KEY not in line
+    assert rotated not in line
