@@ -6,6 +6,7 @@ import copy
 import hashlib
 import hmac
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from daemon.logs import RedactSecrets, config_secrets
 from daemon.sources.retell import SIGNATURE_HEADER
 from tests.conftest import AppClient, make_config
-from tests.daemon_process import connect, transcriptd
+from tests.daemon_process import connect, managed, start_daemon, transcriptd
 from tests.retell_signing import sign
 from tests.test_operations import table
 
@@ -330,3 +331,21 @@ def test_each_configured_retell_key_is_masked_in_logs(db_path: Path) -> None:
     line = mask.redact(f"verifying with {API_KEY} (was {rotated})")
     assert API_KEY not in line
     assert rotated not in line
+
+
+def test_a_real_server_takes_the_key_from_its_environment_and_a_signed_call(tmp_path: Path) -> None:
+    # Real HTTP over loopback to `transcriptd serve`: the header as uvicorn hands it over, the key from
+    # TRANSCRIPTD_WEBHOOKS_RETELL_API_KEY (the session's log check then reads this daemon's log for it).
+    db_path = tmp_path / "transcriptd.db"
+    body = (FIXTURES / "call_ended.json").read_bytes()
+    env = {"TRANSCRIPTD_WEBHOOKS_RETELL_API_KEY": API_KEY}
+    with managed(start_daemon(tmp_path, db_path, env=env)) as daemon, httpx.Client(trust_env=False) as http:
+        url = f"{daemon.base_url}/webhooks/retell"
+        unsigned = http.post(url, content=body)
+        signed = http.post(url, content=body, headers={"X-Retell-Signature": sign(body, API_KEY)})
+        read = http.get(f"{daemon.base_url}/conversations/{CALL_ID}/messages").json()["messages"]
+        assert daemon.stop(signal.SIGTERM) == 0
+    assert (unsigned.status_code, signed.status_code) == (401, 200), signed.text
+    assert [m["content"] for m in read] == [
+        t["content"] for t in fixture("call_ended.json")["call"]["transcript_with_tool_calls"]
+    ]
