@@ -85,9 +85,9 @@ class RetellVerifier:
         stamp = int(match[1])
         skew = stamp - round(self.clock() * 1000)
         if skew < -self.tolerance_ms:
-            raise Unauthorized(f"{_SHOWN} timestamp is too old (more than {self.tolerance_ms} ms ago)")
+            raise Unauthorized(f"{_SHOWN} timestamp is too old (more than {self.tolerance_ms / 1000:g} s ago)")
         if skew > self.tolerance_ms:
-            raise Unauthorized(f"{_SHOWN} timestamp is in the future (more than {self.tolerance_ms} ms ahead)")
+            raise Unauthorized(f"{_SHOWN} timestamp is in the future (more than {self.tolerance_ms / 1000:g} s ahead)")
         given = match[2].encode()
         suffix = str(stamp).encode()
         matched = False
