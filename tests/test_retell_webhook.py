@@ -250,11 +250,13 @@ async def test_the_tolerance_is_a_setting(app_client: AppClient) -> None:
     assert (late.status_code, ok.status_code) == (401, 200)
 
 
-async def test_without_an_api_key_every_delivery_is_refused(app_client: AppClient, db: Query) -> None:
+async def test_without_an_api_key_every_delivery_is_a_503(app_client: AppClient, db: Query) -> None:
     body = encode("call_ended", {"call_id": "c-nokey"})
     async with app_client() as client:
         response = await post(client, body)
-    assert response.status_code == 401
+    # Our configuration is missing, not the sender's signature: never a 4xx.
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "60"
     assert "webhooks.retell.api_key is not set" in response.json()["error"]["message"]
     assert db("SELECT count(*) FROM events") == [(0,)]
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from daemon.decoding import body_key, decode, validation_problem
-from daemon.errors import InvalidPayload, Problem, Unauthorized
+from daemon.errors import InvalidPayload, Problem, Unauthorized, Unavailable
 from daemon.sources.model import (
     ConversationId,
     EventType,
@@ -434,7 +434,7 @@ class RetellSettings(WebhookSettings, frozen=True):
     """``webhooks.retell.*``."""
 
     # The Retell API key with the webhook badge (several, space-separated, while rotating): every delivery's
-    # X-Retell-Signature must verify with one. Unset, every Retell delivery is refused.
+    # X-Retell-Signature must verify with one. Unset, every Retell delivery is answered 503.
     api_key: Secret = ""
     signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_TOLERANCE_MS / 1000
 
@@ -447,7 +447,8 @@ def authenticate(settings: RetellSettings) -> Verify:
 
 
 def _no_api_key(body: bytes, headers: Mapping[str, str]) -> None:
-    raise Unauthorized("webhooks.retell.api_key is not set: no Retell delivery can be verified, so none is accepted")
+    # Our configuration is missing, not the sender's signature: a 503 (ours to fix), never a 401.
+    raise Unavailable("webhooks.retell.api_key is not set: no Retell delivery can be verified", retry_after=60)
 
 
 def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
