@@ -24,10 +24,13 @@ from tests.conftest import make_config
 from tests.contract import check_answer
 
 _DB_DIR = tempfile.TemporaryDirectory(prefix="transcriptd-schemathesis-")
-# Configured as an operator runs it: a source that requires a secret (ElevenLabs) answers 503 without one.
+# Configured as an operator runs it: a source that requires a secret (ElevenLabs, Retell) answers 503 without one.
 _CONFIG = make_config(
     Path(_DB_DIR.name) / "transcriptd.db",
-    **{"webhooks.elevenlabs.signing_secret": "wsec_transcriptd-test-elevenlabs-1"},
+    **{
+        "webhooks.elevenlabs.signing_secret": "wsec_transcriptd-test-elevenlabs-1",
+        "webhooks.retell.api_key": "key_retell-e2e-5a7c",
+    },
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_CONFIG))
 
