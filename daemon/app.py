@@ -16,6 +16,7 @@ from daemon.actors import ActorRegistry
 from daemon.api import Api
 from daemon.cache import PrefixTTLCache
 from daemon.config import Config
+from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
@@ -132,12 +133,14 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 inflight_bytes=lambda: registry.inflight_bytes,
                 cache=cache,
             )
+            metrics.watch_erasure(dropped=lambda: writer.dropped_erased)
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
             app.state.health = Health(writer, registry, ingest.retry_after_s)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.openapi = OpenAPI()
+            app.state.erasure = Eraser(writer, cache, config.api.token)
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
                 config.storage.path,

@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon import generic, tavus
+from daemon import generic, metadata, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
@@ -25,15 +25,21 @@ from daemon.signatures import SignatureVerifier
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
-class Stored(msgspec.Struct, kw_only=True):
+class Stored(msgspec.Struct, kw_only=True, tag_field="status", tag="stored"):
     """200: the delivery is committed. ``duplicates`` were already stored, unchanged."""
 
-    status: Literal["stored"] = "stored"
     received: int
     inserted: int
     updated: int
     duplicates: int
     rejected: int
+
+
+class Dropped(msgspec.Struct, kw_only=True, tag_field="status", tag="erased"):
+    """200: the conversation was erased, so nothing of the delivery was stored (and nothing will be, until
+    ``transcriptd delete --undo``). A 2xx, so that the sender does not retry."""
+
+    received: int
 
 
 class Enqueued(msgspec.Struct, kw_only=True):
@@ -90,7 +96,7 @@ class Intake:
             # Over the bytes as received, before anything decodes or stores them.
             self.tavus_signatures.verify(body, request.headers)
         delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
-        return await self._accept(delivery, problems, started)
+        return await self._accept(_with_metadata(delivery, problems, request), problems, started)
 
     async def post_messages(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -99,7 +105,7 @@ class Intake:
         delivery, problems = generic.parse(
             request.path_params["conversation_id"], body, request.headers, received_at=time.time()
         )
-        return await self._accept(delivery, problems, started)
+        return await self._accept(_with_metadata(delivery, problems, request), problems, started)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -141,6 +147,10 @@ class Intake:
                 f"the delivery was not committed within {self.settings.ack_timeout_s:g} s; retry",
                 retry_after=self.settings.retry_after_s,
             )
+        if delivery.result.erased:
+            metrics.delivery(delivery.event_type, "erased", None)
+            metrics.ack_durable.observe(time.perf_counter() - started)
+            return _json(Dropped(received=delivery.received), 200)
         stored = _stored(delivery.result)
         outcome = "partial" if problems else "duplicate" if delivery.result.duplicate_delivery else "stored"
         metrics.delivery(delivery.event_type, outcome, delivery.result)
@@ -148,6 +158,14 @@ class Intake:
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
         return _json(stored, 200)
+
+
+def _with_metadata(delivery: Delivery, problems: list[Problem], request: Request) -> Delivery:
+    """The URL's query parameters as the conversation's metadata; a refused one joins ``problems``."""
+    if request.url.query:  # most callback URLs carry none: nothing to do on the common path
+        delivery.metadata, refused = metadata.from_query(request.query_params.multi_items())
+        problems.extend(refused)
+    return delivery
 
 
 def _stored(result: WriteResult) -> Stored:

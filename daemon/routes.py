@@ -11,9 +11,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
+from daemon.erasing import ErasedAnswer
 from daemon.generic import IncomingMessage
 from daemon.health import Readiness
-from daemon.intake import Enqueued, Stored
+from daemon.intake import Dropped, Enqueued, Stored
 from daemon.tavus import Envelope
 from storage.queries import Conversation
 
@@ -25,6 +26,10 @@ INTAKE_ERRORS = {
     413: "the body is over `ingest.max_body_bytes`",
     422: "valid JSON of the wrong shape; the valid part was stored (see `accepted`)",
     503: "overloaded, shutting down or storage unavailable: retry after `Retry-After` seconds",
+}
+INTAKE_ANSWERS: dict[int, tuple[str, Any]] = {
+    200: ("stored (durable mode), or dropped because the conversation was erased", Stored | Dropped),
+    202: ("in the mailbox (enqueued mode)", Enqueued),
 }
 READ_ERRORS = {401: "missing or wrong bearer token (when `api.token` is set)", 422: "a bad query parameter"}
 
@@ -75,7 +80,7 @@ ENDPOINTS = [
         "A Tavus conversation callback (when `webhooks.tavus.token` is not set)",
         "intake",
         body=Envelope,
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
+        responses=INTAKE_ANSWERS,
         errors=INTAKE_ERRORS,
     ),
     Endpoint(
@@ -85,7 +90,7 @@ ENDPOINTS = [
         "A Tavus conversation callback, with the token of `webhooks.tavus.token` in the path",
         "intake",
         body=Envelope,
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
+        responses=INTAKE_ANSWERS,
         errors=INTAKE_ERRORS,
     ),
     Endpoint(
@@ -95,7 +100,7 @@ ENDPOINTS = [
         "Append one message or a list of them to a conversation",
         "intake",
         body=IncomingMessage | list[IncomingMessage],
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
+        responses=INTAKE_ANSWERS,
         errors=INTAKE_ERRORS,
         bearer=True,
     ),
@@ -118,6 +123,22 @@ ENDPOINTS = [
         "read",
         responses={200: ("the conversation", Conversation)},
         errors={**READ_ERRORS, 404: "no such conversation"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/conversations/{conversation_id}",
+        "DELETE",
+        ("erasure", "delete_conversation"),
+        "Erase a conversation: messages, raw events, dead letters, the record and its cached pages, in one "
+        "transaction; a tombstone drops its later deliveries (answered 2xx, stored nowhere)",
+        "erasure",
+        responses={200: ("erased: what was removed, by kind", ErasedAnswer)},
+        errors={
+            401: READ_ERRORS[401],
+            404: "no such conversation (nothing of it is stored)",
+            422: "a bad conversation id",
+            503: "storage unavailable: retry after `Retry-After` seconds",
+        },
         bearer=True,
     ),
     Endpoint(

@@ -60,6 +60,8 @@ class WriteResult:
     updated: int
     rejected: int = 0
     duplicate_delivery: bool = False
+    # The conversation was erased (it has a tombstone): nothing of the delivery was stored.
+    erased: bool = False
 
     @property
     def duplicates(self) -> int:
@@ -80,6 +82,8 @@ class Delivery:
     rows: list[MessageRow] = field(default_factory=list)
     append_rows: list[AppendRow] = field(default_factory=list)
     last_message_at: float | None = None
+    # The callback URL's query parameters, a JSON object of strings (daemon.metadata); None: leave as is.
+    metadata: str | None = None
     rejected: int = 0
     # When intake handed it over (time.monotonic()): how long its sender has been waiting.
     taken_at: float = 0.0
