@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.cli import build_parser
 from storage import erasure
 from storage.connection import open_writer
 from storage.deliveries import Delivery
@@ -19,7 +18,7 @@ from storage.writes import write_batch
 from tests.conftest import AppClient
 from tests.daemon_process import WEBHOOK, connect, managed, rows, start_daemon, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
-from tests.test_cli_help import expected_words, help_text
+from tests.test_cli_help import expected_words, help_text, subcommands
 from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
 
 TURNS = 4  # and the system entry: 5 messages per transcript
@@ -241,7 +240,7 @@ async def test_cli_delete_and_undo_against_a_real_file(app_client: AppClient, db
 
 
 def test_delete_help_shows_every_option(tmp_path: Path) -> None:
-    parser = dict(build_parser()._subparsers._group_actions[0].choices)["delete"]  # type: ignore[union-attr]
+    parser = subcommands()["delete"]
     text = help_text(tmp_path, "delete")
     for word in expected_words(parser):
         assert word in text
@@ -251,9 +250,10 @@ def test_delete_help_shows_every_option(tmp_path: Path) -> None:
 def test_delete_while_serve_runs(tmp_path: Path, db_path: Path) -> None:
     """The CLI erases under a serving daemon (busy timeout, not an error); the daemon then drops the
     conversation's deliveries; its own DELETE evicts at once; everything else stays served."""
-    with managed(start_daemon(tmp_path / "serve", db_path)) as daemon, httpx.Client(
-        base_url=daemon.base_url, trust_env=False, timeout=30
-    ) as client:
+    with (
+        managed(start_daemon(tmp_path / "serve", db_path)) as daemon,
+        httpx.Client(base_url=daemon.base_url, trust_env=False, timeout=30) as client,
+    ):
         for cid in ("c-live-a", "c-live-b", "c-live-c"):
             assert client.post(WEBHOOK, content=encode(transcription_ready(cid, turns=TURNS))).status_code == 200
             assert client.get(f"/conversations/{cid}/messages").status_code == 200  # cached
