@@ -14,8 +14,9 @@ from collections.abc import Iterable
 import msgspec
 
 from daemon.errors import Problem
-from storage.statements import MAX_METADATA_KEYS as MAX_KEYS  # per delivery, and per conversation merged
+from storage.statements import MAX_METADATA_KEYS
 
+MAX_KEYS = MAX_METADATA_KEYS  # per delivery, and per conversation once merged (the writer's SQL checks that)
 MAX_KEY_LENGTH = 64
 MAX_VALUE_LENGTH = 512
 # Letters, digits and _ . : -: safe in a JSON path, and in the read API's ``metadata.<key>=`` filter.
