@@ -69,12 +69,19 @@ def erase(conn: sqlite3.Connection, conversation_id: str, *, now: float | None =
     """Delete everything of ``conversation_id`` and leave its tombstone, in one transaction. None (and
     nothing changed) when the database holds nothing of it."""
     deleted_at = time.time() if now is None else now
-    with immediate(conn):
-        counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
-        erased = Erased(conversation_id, **counts, deleted_at=deleted_at)
-        if not erased.anything:
-            return None  # committed on the way out: nothing was changed
-        conn.execute(TOMBSTONE, (conversation_id, deleted_at))
+    # Deleted cells are overwritten with zeros, not just freed: otherwise the text stays in free pages of
+    # the file until they are reused. Only for this transaction: it costs writes the hot path should not pay.
+    (secure,) = conn.execute("PRAGMA secure_delete").fetchone()
+    conn.execute("PRAGMA secure_delete = ON")
+    try:
+        with immediate(conn):
+            counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
+            erased = Erased(conversation_id, **counts, deleted_at=deleted_at)
+            if not erased.anything:
+                return None  # committed on the way out: nothing was changed
+            conn.execute(TOMBSTONE, (conversation_id, deleted_at))
+    finally:
+        conn.execute(f"PRAGMA secure_delete = {int(secure)}")
     return erased
 
 

@@ -274,3 +274,25 @@ def test_delete_while_serve_runs(tmp_path: Path, db_path: Path) -> None:
         assert daemon.stop() == 0
     assert held(db_path, "c-live-c")["messages"] == TURNS + 1
     assert tombstone(db_path, "c-live-a")[1] == 1  # type: ignore[index]
+
+
+def test_erased_text_is_gone_from_the_file_once_checkpointed(db_path: Path) -> None:
+    """Freed pages would keep the erased text in the file until reused: erasure zeroes it."""
+    marker = "erase-me-" + "q" * 40
+    conn = open_writer(db_path)
+    try:
+        migrate(conn)
+        many = delivery("c-secret", "k-secret")
+        many.rows = [(*many.rows[0][:2], seq, "user", f"{marker} {seq}", *many.rows[0][5:]) for seq in range(300)]
+        write_batch(conn, [many, delivery("c-kept", "k-kept")])
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert marker.encode() in db_path.read_bytes()
+        # Some builds of SQLite zero deleted cells by default, most do not: erasure does, either way.
+        conn.execute("PRAGMA secure_delete = OFF")
+        assert erasure.erase(conn, "c-secret") is not None
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert conn.execute("PRAGMA secure_delete").fetchone() == (0,)  # the writer's own setting is back
+    finally:
+        conn.close()
+    assert marker.encode() not in db_path.read_bytes()
+    assert held(db_path, "c-kept")["messages"] == 1
