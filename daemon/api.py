@@ -34,6 +34,11 @@ Source = Literal["tavus", "api"]  # the streams intake writes (daemon.tavus.SOUR
 Status = Literal["active", "ended"]
 METADATA_PREFIX = "metadata."
 MAX_METADATA_FILTERS = 8
+# Unix seconds, or an ISO-8601 date and time: in the OpenAPI description too (epoch_seconds reads it).
+INSTANT = (
+    r"^-?[0-9]+(\.[0-9]+)?$"
+    r"|^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)?(Z|[+-][0-9]{2}:[0-9]{2})?$"
+)
 
 
 class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,9 +46,16 @@ class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     cursor: Annotated[str | None, msgspec.Meta(description="the `next` cursor of the previous page")] = None
     status: Annotated[Status | None, msgspec.Meta(description="only conversations `active` or `ended`")] = None
     source: Annotated[Source | None, msgspec.Meta(description="only conversations of this source")] = None
-    updated_since: Annotated[
-        str | None, msgspec.Meta(description="only conversations updated at or after this (Unix seconds or ISO-8601)")
-    ] = None
+    updated_since: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=INSTANT,
+                description="only conversations updated at or after this (Unix seconds or ISO-8601, naive is UTC)",
+            ),
+        ]
+        | None
+    ) = None
     # And any number (up to MAX_METADATA_FILTERS) of `metadata.<key>=<value>`: see conversation_filter.
 
 

@@ -162,7 +162,7 @@ class Intake:
 
 def _with_metadata(delivery: Delivery, problems: list[Problem], request: Request) -> Delivery:
     """The URL's query parameters as the conversation's metadata; a refused one joins ``problems``."""
-    if request.url.query:  # most callback URLs carry none: nothing to do on the common path
+    if request.scope.get("query_string"):  # most callback URLs carry none: nothing to do on the common path
         delivery.metadata, refused = metadata.from_query(request.query_params.multi_items())
         problems.extend(refused)
     return delivery
