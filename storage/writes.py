@@ -129,6 +129,9 @@ def write_deliveries(
 
     ``store_events=False`` (replay): the events are the ones already stored, re-parsed. They are neither
     looked up nor inserted: only their conversations and messages are written (idempotently).
+
+    A delivery whose conversation was erased (has a tombstone) stores nothing, not even its event: its
+    result says ``erased``, and its tombstone counts it.
     """
     # One query for the whole batch: deliveries for an erased conversation are dropped, stored nowhere.
     erased = erasure.tombstoned(conn, [d.conversation_id for d in batch])
