@@ -24,7 +24,7 @@ from daemon.decoding import epoch_seconds, validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.ids import path_id, quoted
 from daemon.sources import NAMES
-from daemon.sources.model import Role
+from daemon.sources.model import NORMAL_ROLES, Role
 from storage.queries import Conversation, ConversationFilter, ConversationSummary, Message, Reader
 
 Q = TypeVar("Q", bound=msgspec.Struct)
@@ -147,9 +147,20 @@ class Api:
         if query.page is not None and query.after is not None:
             raise InvalidPayload([Problem("give either `page` or `after`, not both", "query.after")])
         source = query.source or conversation.source
+        if query.role is not None and query.role not in NORMAL_ROLES:
+            await self._check_role(conversation.id, query.role)
         key = ("conv", conversation.id, "messages", source, query.page, query.after, query.limit, query.role)
         body = await self._cached((*key, query.include_system), lambda: self._message_page(conversation, source, query))
         return Response(body, media_type="application/json")
+
+    async def _check_role(self, cid: str, role: str) -> None:
+        """A role outside the normalised four filters only if some message of the conversation has it (the
+        generic endpoint and Tavus store a sender's own role as it came): a typo is a 422, not an empty page."""
+        if not await self._cached(("conv", cid, "has_role", role), lambda: self.reader.has_role(cid, role)):
+            roles = ", ".join(sorted(NORMAL_ROLES))
+            raise InvalidPayload(
+                [Problem(f"no message of this conversation has the role {role!r}; the roles are {roles}", "query.role")]
+            )
 
     async def _conversation(self, cid: str) -> Conversation:
         conversation = await self._cached(("conv", cid, "record"), lambda: self.reader.conversation(cid))

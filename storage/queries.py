@@ -208,6 +208,12 @@ class Reader:
         )
         return [_summary(row) for row in rows]
 
+    async def has_role(self, conversation_id: str, role: str) -> bool:
+        rows = await self._all(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND role = ? LIMIT 1", (conversation_id, role)
+        )
+        return bool(rows)
+
     async def messages(
         self,
         conversation_id: str,

@@ -124,22 +124,24 @@ async def test_an_id_ending_in_a_newline_is_that_id_not_the_list(app_client: App
     assert record.json()["id"] == "call\n"
 
 
-async def test_role_takes_exactly_the_roles_intake_stores(app_client: AppClient) -> None:
-    # Intake stores any role of 1 to 64 characters (Tavus and the generic endpoint alike: a vendor's new role
-    # must not cost its messages), so the filter takes the same and refuses what intake refuses.
+async def test_role_takes_the_normal_roles_and_those_stored_and_refuses_a_typo(app_client: AppClient) -> None:
+    # Intake stores a sender's own role of 1 to 64 characters (Tavus and the generic endpoint alike: a new role
+    # must not cost its messages): the filter takes the four normal roles and any role the conversation holds,
+    # and names anything else (a typo would otherwise be an empty page).
     async with app_client() as client:
         stored = await client.post("/conversations/c-role/messages", json={"role": "narrator", "content": "once"})
         too_long = await client.post("/conversations/c-role/messages", json={"role": "r" * 65, "content": "x"})
         narrator = await client.get("/conversations/c-role/messages?role=narrator")
         unused = await client.get("/conversations/c-role/messages?role=bogus")
+        normal = await client.get("/conversations/c-role/messages?role=assistant")
         empty = await client.get("/conversations/c-role/messages?role=")
         long_filter = await client.get(f"/conversations/c-role/messages?role={'r' * 65}")
     assert stored.status_code == 200
     assert too_long.status_code == 422
     assert [m["content"] for m in narrator.json()["messages"]] == ["once"]
-    assert unused.status_code == 200
-    assert unused.json()["messages"] == []
-    for refused in (empty, long_filter):
+    assert normal.status_code == 200
+    assert normal.json()["messages"] == []
+    for refused in (unused, empty, long_filter):
         assert refused.status_code == 422
         assert refused.json()["error"]["field"] == "query.role"
 
