@@ -68,17 +68,23 @@ def start_transcriptd(
     env: Mapping[str, str] | None = None,
     log: Log = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``transcriptd serve`` on its defaults but for these, on a free loopback port: the process and the port."""
+    """``transcriptd serve`` on its defaults but for these, on a free loopback port: the process and the port.
+
+    It logs at its default level, info: one line per delivery, as deployed, so that the figures include the
+    delivery log's cost. Unless ``log`` says otherwise, the lines go to ``transcriptd.log`` beside the
+    database (as a journal would keep them), not to the bench's terminal."""
     port = free_port()
     settings = {
         "TRANSCRIPTD_STORAGE_PATH": str(db),
         "TRANSCRIPTD_SERVER_PORT": str(port),
         "TRANSCRIPTD_INGEST_ACK": ack,
         "TRANSCRIPTD_STORAGE_SYNCHRONOUS": synchronous,
-        "TRANSCRIPTD_SERVER_LOG_LEVEL": "warning",
         **(env or {}),
     }
-    return start_server(["-m", "daemon", "serve", "--config", os.devnull], port, settings, log), port
+    if log is not None:
+        return start_server(["-m", "daemon", "serve", "--config", os.devnull], port, settings, log), port
+    with (db.parent / "transcriptd.log").open("ab") as file:  # the child keeps its own descriptor
+        return start_server(["-m", "daemon", "serve", "--config", os.devnull], port, settings, file), port
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int:
