@@ -26,8 +26,8 @@ from bench.machine import describe
 from bench.payloads import encode, transcription_ready
 from bench.processes import start_transcriptd, stop
 from bench.rawhttp import closed_loop
-from daemon import tavus
-from daemon.tavus import TranscriptionReady
+from daemon.sources import tavus
+from daemon.sources.tavus import TranscriptionReady
 from storage.connection import open_writer
 from storage.migrations import migrate
 from storage.statements import INSERT_MESSAGES, INSERT_MESSAGES_TAIL, multi_row
@@ -59,6 +59,7 @@ def rows_of(body: bytes) -> list[tuple[Any, ...]]:
             e.duration,
             e.inference_id,
             None,
+            None,
             now,
         )
         for i, e in enumerate(entries)
@@ -74,7 +75,7 @@ def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronou
         "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
         [(t[0][0],) for t in transcripts],
     )
-    insert = multi_row(INSERT_MESSAGES, 11, 1, INSERT_MESSAGES_TAIL)  # the daemon's columns and conflict rule, one row
+    insert = multi_row(INSERT_MESSAGES, 12, 1, INSERT_MESSAGES_TAIL)  # the daemon's columns and conflict rule, one row
     started = time.perf_counter()
     for i in range(0, len(transcripts), per_commit):
         conn.execute("BEGIN IMMEDIATE")

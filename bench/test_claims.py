@@ -67,10 +67,10 @@ from bench.naive import (
 from bench.payloads import encode, transcription_ready
 from bench.redis_cache import RedisCache
 from bench.roundtrip import round_trip_connection
-from daemon import tavus
 from daemon.app import create_app
 from daemon.cache import PrefixTTLCache
 from daemon.config import load_config
+from daemon.sources import tavus
 from storage.connection import Synchronous, open_reader, open_writer
 from storage.deliveries import Delivery, WriteResult
 from storage.migrations import migrate

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
@@ -21,15 +21,20 @@ from daemon.auth import check_bearer
 from daemon.cache import PrefixTTLCache
 from daemon.decoding import validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
-from daemon.generic import check_conversation_id
-from daemon.tavus import Role
+from daemon.sources import NAMES
+from daemon.sources.generic import check_conversation_id
+from daemon.sources.model import Role
 from storage.queries import Conversation, ConversationSummary, Message, Reader
 
 Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
 
 MAX_PAGE = 500
-Source = Literal["tavus", "api"]  # the streams intake writes (daemon.tavus.SOURCE, daemon.generic.SOURCE)
+# The streams intake writes: one per registered source.
+Source = Annotated[
+    str,
+    msgspec.Meta(pattern=f"^(?:{'|'.join(NAMES)})$", extra_json_schema={"enum": list(NAMES)}),
+]
 
 
 class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -46,7 +51,7 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Annotated[Role | None, msgspec.Meta(description="only messages of this role")] = None
     include_system: Annotated[bool, msgspec.Meta(description="include system entries (prompts)")] = False
     source: Annotated[
-        Source | None, msgspec.Meta(description="which stream: `tavus` or `api` (default: the conversation's own)")
+        Source | None, msgspec.Meta(description="which source's stream (default: the conversation's own)")
     ] = None
 
 

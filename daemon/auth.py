@@ -34,11 +34,11 @@ def check_bearer_any(request: Request, tokens: Sequence[str]) -> None:
         raise error
 
 
-def check_path_token(given: str | None, token: str) -> None:
+def check_path_token(given: str | None, token: str, source: str = "tavus") -> None:
     """The webhook's token, carried in its URL path (Tavus callbacks have no signature)."""
     if not token:
         if given is not None:
-            raise Unauthorized("no token is configured for this endpoint: post to /webhooks/tavus")
+            raise Unauthorized(f"no token is configured for this endpoint: post to /webhooks/{source}")
         return
     if given is None or not same_secret(given, token):
         raise Unauthorized("missing or wrong webhook token")

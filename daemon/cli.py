@@ -20,17 +20,17 @@ from typing import BinaryIO
 
 import uvicorn
 
-from daemon import __version__, exposure, generic, tavus
+from daemon import __version__, exposure
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
 from daemon.janitor import DAY_S
 from daemon.logs import configure
+from daemon.sources import SOURCES
 from storage import backup as backups
 from storage import dead_letters, retention
 from storage import export as exports
 from storage.connection import StorageVersionError, open_reader, open_writer
-from storage.deliveries import Delivery
 from storage.migrations import migrate
 from storage.replay import Parse, ReplayStats, StoredEvent, replay
 
@@ -363,15 +363,8 @@ def backup_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def replay_parsers() -> dict[str, Parse]:
-    """The parser intake uses for each source, on a stored event: no headers (the stored key is kept)."""
-
-    def parse_tavus(event: StoredEvent) -> Delivery:
-        return tavus.parse(event.body, {}, received_at=event.received_at)[0]
-
-    def parse_generic(event: StoredEvent) -> Delivery:
-        return generic.parse(event.conversation_id, event.body, {}, received_at=event.received_at)[0]
-
-    return {tavus.SOURCE: parse_tavus, generic.SOURCE: parse_generic}
+    """Each registered source's replay parser, by the source name its events are stored under."""
+    return {source.name: source.replay for source in SOURCES}
 
 
 MAX_REPORTED_FAILURES = 20

@@ -7,11 +7,12 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from daemon.signatures import parse_secrets
+from daemon.sources import WEBHOOK_SOURCES
+from daemon.sources.model import Secret, is_secret
 
 ENV_PREFIX = "TRANSCRIPTD_"
 DEFAULT_CONFIG_FILE = Path("config.toml")
@@ -57,24 +58,30 @@ class IngestConfig(_Section, frozen=True):
     retry_after_s: Count = 1
 
 
-class TavusConfig(_Section, frozen=True):
-    token: str = ""
-    signing_secret: str = ""
-    signature_tolerance_s: Positive = 300.0
+if TYPE_CHECKING:
 
-    def __post_init__(self) -> None:
-        # A secret that cannot be used stops start-up, rather than refusing every delivery.
-        parse_secrets(self.signing_secret)
+    class WebhooksConfig(_Section, frozen=True):
+        """``webhooks.<source>``: one section per source of the registry that has settings."""
 
+        def __getattr__(self, name: str) -> Any: ...
 
-class WebhooksConfig(_Section, frozen=True):
-    tavus: TavusConfig = msgspec.field(default_factory=TavusConfig)
+else:
+    # Built from the registry, so a new source's settings need no line here.
+    WebhooksConfig = msgspec.defstruct(
+        "WebhooksConfig",
+        [(s.name, s.settings, msgspec.field(default_factory=s.settings)) for s in WEBHOOK_SOURCES],
+        bases=(_Section,),
+        frozen=True,
+        forbid_unknown_fields=True,
+        kw_only=True,
+        module=__name__,
+    )
 
 
 class ApiConfig(_Section, frozen=True):
-    token: str = ""
+    token: Secret = ""
     # A token that opens /metrics only: the scraper then holds no key to the transcripts.
-    metrics_token: str = ""
+    metrics_token: Secret = ""
     # Without api.token, serve refuses a non-loopback address unless this says reads are meant to be public.
     reads_open_to_everyone: bool = False
 
@@ -105,6 +112,16 @@ def setting_paths(struct: type[msgspec.Struct] = Config, prefix: tuple[str, ...]
         if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
             yield from setting_paths(field.type, path)
         else:
+            yield path
+
+
+def secret_paths(struct: type[msgspec.Struct] = Config, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every setting marked ``Secret`` (``webhooks.tavus.token``, ``api.token``, ...)."""
+    for field in msgspec.structs.fields(struct):
+        path = (*prefix, field.name)
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            yield from secret_paths(field.type, path)
+        elif is_secret(field.type):
             yield path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -16,12 +16,12 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon import generic, tavus
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
 from daemon.metrics import Metrics
-from daemon.signatures import SignatureVerifier
+from daemon.sources import SOURCES, Source
+from daemon.sources.model import Verify
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
@@ -50,10 +50,16 @@ class IntakeSettings:
     max_body_bytes: int
     ack_timeout_s: float
     retry_after_s: int
-    tavus_token: str
     api_token: str
-    tavus_signing_secret: str = ""  # "" = deliveries are not signed
-    tavus_signature_tolerance_s: float = 300.0
+    webhooks: Any  # the webhooks.* settings: one section per source that has one (daemon.config)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """A source's checks, built once at start-up from its settings."""
+
+    token: str  # webhooks.<name>.token ("" = the bare path)
+    verify: Verify | None
 
 
 class Intake:
@@ -61,11 +67,7 @@ class Intake:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.tavus_signatures = (
-            SignatureVerifier(settings.tavus_signing_secret, tolerance_s=settings.tavus_signature_tolerance_s)
-            if settings.tavus_signing_secret.strip()
-            else None
-        )
+        self._gates = {source.name: _gate(source, settings.webhooks) for source in SOURCES}
         self._stopping = anyio.Event()
 
     async def expire_acks(self, *, task_status: TaskStatus[Intake] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -82,23 +84,21 @@ class Intake:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def tavus_webhook(self, request: Request) -> Response:
+    async def receive(self, request: Request, source: Source[Any]) -> Response:
+        """One delivery of ``source``: tokens, the body within its limit, its signature, parse, accept."""
         started = time.perf_counter()
-        check_path_token(request.path_params.get("token"), self.settings.tavus_token)
+        gate = self._gates[source.name]
+        params = request.path_params
+        if source.bearer:
+            check_bearer(request, self.settings.api_token)
+        else:
+            check_path_token(params.get("token"), gate.token, source.name)
         body = await self._read_body(request)
-        if self.tavus_signatures is not None:
+        if gate.verify is not None:
             # Over the bytes as received, before anything decodes or stores them.
-            self.tavus_signatures.verify(body, request.headers)
-        delivery, problems = tavus.parse(body, request.headers, received_at=time.time())
-        return await self._accept(delivery, problems, started)
-
-    async def post_messages(self, request: Request) -> Response:
-        started = time.perf_counter()
-        check_bearer(request, self.settings.api_token)
-        body = await self._read_body(request)
-        delivery, problems = generic.parse(
-            request.path_params["conversation_id"], body, request.headers, received_at=time.time()
-        )
+            gate.verify(body, request.headers)
+        path = {name: value for name, value in params.items() if name != "token"} if params else {}
+        delivery, problems = source.parse(body, request.headers, received_at=time.time(), **path)
         return await self._accept(delivery, problems, started)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -148,6 +148,11 @@ class Intake:
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
         return _json(stored, 200)
+
+
+def _gate(source: Source[Any], webhooks: Any) -> _Gate:
+    settings = source.settings_in(webhooks)
+    return _Gate(token=settings.token if settings is not None else "", verify=source.verifier(webhooks))
 
 
 def _stored(result: WriteResult) -> Stored:

@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 import msgspec
 
-from daemon.config import Config, setting_paths
+from daemon.config import Config, secret_paths, setting_paths
+from daemon.sources import WEBHOOK_SOURCES
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
@@ -27,10 +28,12 @@ HANDLER_NAME = "transcriptd"
 
 # A setting whose name says it is a secret: found by name, so a future signing secret is masked too.
 _SECRET_SETTING = re.compile(r"token|secret|password", re.IGNORECASE)
-# The token segment of a webhook URL, wherever it appears: a request line, a body echoing the callback URL
-# (slashes possibly JSON-escaped, or percent-encoded). A wrong or old token is masked as well as the right one.
+# The token segment of a webhook URL of any registered source, wherever it appears: a request line, a body
+# echoing the callback URL (slashes possibly JSON-escaped, or percent-encoded). A wrong or old token is masked
+# as well as the right one.
+_SOURCE_NAMES = "|".join(re.escape(source.name) for source in WEBHOOK_SOURCES)
 _WEBHOOK_TOKEN = re.compile(
-    rf"((?:\\?/|%2F)webhooks(?:\\?/|%2F)tavus(?:\\?/|%2F))(?!{re.escape(REDACTED)})[^/\s?#&\"'<>\\]+",
+    rf"((?:\\?/|%2F)webhooks(?:\\?/|%2F)(?:{_SOURCE_NAMES})(?:\\?/|%2F))(?!{re.escape(REDACTED)})[^/\s?#&\"'<>\\]+",
     re.IGNORECASE,
 )
 # The value of a webhook_url field, in JSON, a Python repr or a query string: Tavus echoes the callback URL,
@@ -74,10 +77,12 @@ def configure(config: Config, *, stream: TextIO | None = None) -> None:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """The value of every non-empty setting named like a secret (``webhooks.tavus.token``, ``api.token``...)."""
+    """The value of every non-empty setting marked ``Secret`` or named like one (``webhooks.tavus.token``,
+    ``api.token``, ``webhooks.<source>.api_key``...)."""
     secrets: list[str] = []
+    marked = set(secret_paths())
     for path in setting_paths():
-        if not _SECRET_SETTING.search(path[-1]):
+        if path not in marked and not _SECRET_SETTING.search(path[-1]):
             continue
         value: object = config
         for name in path:

@@ -18,10 +18,10 @@ from starlette.responses import Response
 
 from daemon.auth import check_bearer_any
 from daemon.cache import PrefixTTLCache
-from daemon.tavus import PROPERTIES
+from daemon.sources import EVENT_TYPES
 from storage.deliveries import WriteResult
 
-KNOWN_EVENT_TYPES = frozenset({*PROPERTIES, "api.messages"})
+KNOWN_EVENT_TYPES = EVENT_TYPES  # of every registered source
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 ROW_BUCKETS = (1, 10, 100, 500, 1_000, 2_500, 5_000, 10_000, 20_000)
 

@@ -56,7 +56,7 @@ def build_spec() -> dict[str, Any]:
 def _operation(endpoint: Endpoint, schema_of: dict[Any, Any]) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "summary": endpoint.summary,
-        "operationId": endpoint.target[1] + ("_with_token" if "{token}" in endpoint.path else ""),
+        "operationId": endpoint.operation_id,
         "tags": [endpoint.tag],
         "parameters": [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

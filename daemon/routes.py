@@ -1,4 +1,6 @@
-"""Every HTTP endpoint, once: the routes and the OpenAPI description are both built from this table."""
+"""Every HTTP endpoint, once: the routes and the OpenAPI description are both built from this table.
+
+The intake endpoints come from the source registry (daemon.sources): one per path of each source."""
 
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
-from daemon.generic import IncomingMessage
 from daemon.health import Readiness
 from daemon.intake import Enqueued, Stored
-from daemon.tavus import Envelope
+from daemon.sources import SOURCES, Source
 from storage.queries import Conversation
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -41,9 +42,22 @@ class Endpoint:
     responses: dict[int, tuple[str, Any]] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     bearer: bool = False
+    source: Source[Any] | None = None  # an intake endpoint: the handler receives this source's deliveries
+    operation: str = ""  # OpenAPI operationId (default: the target's method name)
+
+    @property
+    def operation_id(self) -> str:
+        return self.operation or self.target[1]
 
     def handler(self) -> Handler:
         holder, method = self.target
+        source = self.source
+        if source is not None:
+
+            async def receive(request: Request) -> Response:
+                return await getattr(request.app.state, holder).receive(request, source)  # type: ignore[no-any-return]
+
+            return receive
 
         async def handle(request: Request) -> Response:
             target: Handler = getattr(getattr(request.app.state, holder), method)
@@ -71,38 +85,44 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
     return built
 
 
+INTAKE_RESPONSES: dict[int, tuple[str, Any]] = {
+    200: ("stored (durable mode)", Stored),
+    202: ("in the mailbox (enqueued mode)", Enqueued),
+}
+
+
+def intake_endpoints(source: Source[Any]) -> list[Endpoint]:
+    """A source's POST endpoints: its own path, or /webhooks/<name> and the form with the path token."""
+    built = []
+    for path in source.paths:
+        with_token = "{token}" in path
+        summary = source.title
+        if source.path is None:
+            summary += (
+                f", with the token of `webhooks.{source.name}.token` in the path"
+                if with_token
+                else f" (when `webhooks.{source.name}.token` is not set)"
+            )
+        built.append(
+            Endpoint(
+                path,
+                "POST",
+                ("intake", "receive"),
+                summary,
+                "intake",
+                body=source.body,
+                responses=INTAKE_RESPONSES,
+                errors=INTAKE_ERRORS,
+                bearer=source.bearer,
+                source=source,
+                operation=source.operation_id + ("_with_token" if with_token else ""),
+            )
+        )
+    return built
+
+
 ENDPOINTS = [
-    Endpoint(
-        "/webhooks/tavus",
-        "POST",
-        ("intake", "tavus_webhook"),
-        "A Tavus conversation callback (when `webhooks.tavus.token` is not set)",
-        "intake",
-        body=Envelope,
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
-        errors=INTAKE_ERRORS,
-    ),
-    Endpoint(
-        "/webhooks/tavus/{token}",
-        "POST",
-        ("intake", "tavus_webhook"),
-        "A Tavus conversation callback, with the token of `webhooks.tavus.token` in the path",
-        "intake",
-        body=Envelope,
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
-        errors=INTAKE_ERRORS,
-    ),
-    Endpoint(
-        "/conversations/{conversation_id}/messages",
-        "POST",
-        ("intake", "post_messages"),
-        "Append one message or a list of them to a conversation",
-        "intake",
-        body=IncomingMessage | list[IncomingMessage],
-        responses={200: ("stored (durable mode)", Stored), 202: ("in the mailbox (enqueued mode)", Enqueued)},
-        errors=INTAKE_ERRORS,
-        bearer=True,
-    ),
+    *(endpoint for source in SOURCES for endpoint in intake_endpoints(source)),
     Endpoint(
         "/conversations",
         "GET",

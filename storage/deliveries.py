@@ -22,13 +22,14 @@ MaybeReal = float | None
 MaybeText = str | float | None  # text, or NULL as NaN
 
 # (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-#  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
-MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float]
+#  vendor_role, external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are
+# bound as they are. ``role`` is the normalised one; ``vendor_role`` the sender's own, where it differs.
+MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float]
 # (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint
 # appends, and the writer assigns the position.
 AppendRow = tuple[str, str, str, str, float | None, str | None, float]
 
-Status = Literal["active", "ended"]
+Status = Literal["active", "ended", "failed"]
 
 
 def weight_of(body_bytes: int) -> int:
@@ -51,6 +52,8 @@ class ConversationPatch:
     recording_error: str | None = None
     perception_analysis: str | None = None
     perception_unavailable_reason: str | None = None
+    end_reason: str | None = None  # the vendor's reason the call ended, or failed
+    analysis: str | None = None  # the vendor's analysis (summary, success, structured data) as JSON text
 
 
 @dataclass(slots=True, frozen=True)

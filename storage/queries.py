@@ -26,6 +26,7 @@ class Message(msgspec.Struct, omit_defaults=True):
     duration: float | None = None
     inference_id: str | None = None
     id: str | None = None  # the client's own id, on the generic endpoint
+    vendor_role: str | None = None  # the role as the vendor wrote it, where the normalised one differs
 
 
 class PostCallAction(msgspec.Struct):
@@ -70,6 +71,8 @@ class Conversation(msgspec.Struct):
     post_call_actions: list[PostCallAction]
     created_at: float
     updated_at: float
+    end_reason: str | None = None  # the vendor's reason the call ended (or failed to connect)
+    analysis: Any = None  # the vendor's analysis as it sent it: summary, success, structured data
 
 
 class _PostCallEvent(msgspec.Struct):
@@ -123,6 +126,7 @@ class Reader:
             return None
         record = dict(zip(CONVERSATION_COLUMNS, rows[0], strict=True))
         record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
+        record["analysis"] = _json_or_text(record["analysis"])
         record["post_call_actions"] = await self.post_call_actions(conversation_id)
         return msgspec.convert(record, Conversation, from_attributes=True)
 
@@ -190,11 +194,22 @@ class Reader:
         params += [limit, offset]
         # The WHERE clause is assembled from the constant fragments above; values are all parameters.
         rows = await self._all(
-            "SELECT seq, role, content, source, timestamp, seconds_from_start, duration, inference_id, external_id "  # noqa: S608
+            "SELECT seq, role, content, source, timestamp, seconds_from_start, duration, inference_id, external_id,"  # noqa: S608
+            " vendor_role "
             f"FROM messages WHERE {' AND '.join(where)} ORDER BY seq LIMIT ? OFFSET ?",
             tuple(params),
         )
         return [Message(*row) for row in rows]
+
+
+def _json_or_text(stored: str | None) -> Any:
+    """The analysis column holds JSON written by a parser; text that is not JSON is shown as it is."""
+    if stored is None:
+        return None
+    try:
+        return msgspec.json.decode(stored)
+    except msgspec.DecodeError:
+        return stored
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -35,6 +35,8 @@ PATCH_COLUMNS = (
     "recording_error",
     "perception_analysis",
     "perception_unavailable_reason",
+    "end_reason",
+    "analysis",
 )
 
 EXISTING_KEYS = "SELECT delivery_key FROM events WHERE delivery_key IN ("
@@ -42,14 +44,18 @@ EXISTING_KEYS_TAIL = ")"
 
 INSERT_EVENTS = "INSERT INTO events (delivery_key, source, event_type, conversation_id, received_at, body)"
 
-# An event changes only the columns it knows; 'ended' is sticky because events arrive in any order.
+# An event changes only the columns it knows; 'ended' and 'failed' are sticky because events arrive in
+# any order ('failed' wins: a call that never connected also gets its end-of-call event).
 # Built from the constant column list above, never from input.
 UPSERT_CONVERSATIONS = (
     f"INSERT INTO conversations (id, source, status, {', '.join(PATCH_COLUMNS)}, created_at, updated_at)"
 )
 UPSERT_CONVERSATIONS_TAIL = f"""
 ON CONFLICT (id) DO UPDATE SET
-    status = CASE WHEN conversations.status = 'ended' OR excluded.status = 'ended' THEN 'ended' ELSE 'active' END,
+    status = CASE
+        WHEN 'failed' IN (conversations.status, excluded.status) THEN 'failed'
+        WHEN 'ended' IN (conversations.status, excluded.status) THEN 'ended'
+        ELSE 'active' END,
     {", ".join(f"{c} = coalesce(excluded.{c}, conversations.{c})" for c in PATCH_COLUMNS)},
     -- Never back in time: a replayed or retried old event must not make a live conversation look old
     -- to retention.
@@ -58,17 +64,18 @@ ON CONFLICT (id) DO UPDATE SET
 
 INSERT_MESSAGES = (
     "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
-    " inference_id, external_id, created_at)"
+    " inference_id, vendor_role, external_id, created_at)"
 )
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 
 # Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed.
 UPDATE_CHANGED_MESSAGE = """
 UPDATE messages
-SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9
+SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9,
+    vendor_role = ?10
 WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3
   AND (role IS NOT ?4 OR content IS NOT ?5 OR timestamp IS NOT ?6 OR seconds_from_start IS NOT ?7
-       OR duration IS NOT ?8 OR inference_id IS NOT ?9)
+       OR duration IS NOT ?8 OR inference_id IS NOT ?9 OR vendor_role IS NOT ?10)
 """
 
 # The position is computed per row inside the statement, so rows still append in order; a client id

@@ -191,7 +191,7 @@ def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_
     elif delivery.rows:
         inserted = sql.insert_rows(conn, sql.INSERT_MESSAGES, delivery.rows, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(delivery.rows):
-            updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, [row[:9] for row in delivery.rows]).rowcount
+            updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, [row[:10] for row in delivery.rows]).rowcount
     if delivery.append_rows:
         appended = conn.executemany(sql.APPEND_MESSAGE, delivery.append_rows).rowcount
         if appended < len(delivery.append_rows):

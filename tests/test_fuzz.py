@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 
 from daemon.app import create_app
-from daemon.tavus import PROPERTIES
+from daemon.sources.tavus import PROPERTIES
 from tests import contract
 from tests.conftest import make_config
 from tests.test_writer import locked

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon import generic, tavus
+from daemon.sources import generic, tavus
 from storage.connection import open_writer
 from storage.deliveries import Delivery
 from storage.migrations import migrate
@@ -252,7 +252,7 @@ def conversation_deliveries(cid: str, at: float, *, generic_stream: bool) -> lis
             b'[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]',
             b'{"role": "user", "content": "bye", "id": "x"}',
         ]
-        return [generic.parse(cid, body, {}, received_at=at + i)[0] for i, body in enumerate(bodies)]
+        return [generic.parse(body, {}, received_at=at + i, conversation_id=cid)[0] for i, body in enumerate(bodies)]
     return [
         tavus.parse(encode(transcription_ready(cid, turns=4)), {}, received_at=at)[0],
         tavus.parse(encode(envelope(cid, "system.shutdown", {"shutdown_reason": "end"})), {}, received_at=at + 1)[0],

@@ -287,7 +287,7 @@ def test_a_transcript_decoded_in_one_pass_or_two_gives_the_same_delivery(timesta
     import json
     import math
 
-    from daemon import tavus
+    from daemon.sources import tavus
 
     body = transcription_ready("c-pass", turns=30, timestamps=timestamps)
     one_pass = encode(body)
@@ -312,8 +312,8 @@ def test_a_transcript_decoded_in_one_pass_or_two_gives_the_same_delivery(timesta
 
 @pytest.mark.parametrize("first", ["", "x" * 129])
 def test_a_transcript_with_a_bad_event_type_before_the_good_one_is_refused_by_either_path(first: str) -> None:
-    from daemon import tavus
     from daemon.errors import InvalidPayload
+    from daemon.sources import tavus
 
     entries = '[{"role": "user", "content": "hi"}]'
     body = (

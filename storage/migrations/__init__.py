@@ -45,7 +45,20 @@ def applied(conn: sqlite3.Connection) -> set[int]:
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
-    """Apply every migration not yet applied; each one and its ledger row commit together."""
+    """Apply every migration not yet applied; each one and its ledger row commit together.
+
+    Foreign keys are off while a migration runs (SQLite's procedure for rebuilding a table: with them on,
+    dropping the old table would cascade into its children), and checked before each commit.
+    """
+    (foreign_keys,) = conn.execute("PRAGMA foreign_keys").fetchone()
+    conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: so set before each BEGIN
+    try:
+        return _migrate(conn)
+    finally:
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+
+
+def _migrate(conn: sqlite3.Connection) -> list[int]:
     newly = []
     for migration in available():
         if migration.version in applied(conn):
@@ -59,6 +72,8 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
             # Statement by statement: executescript() would commit our open transaction first.
             for statement in _statements(migration.sql):
                 conn.execute(statement)
+            if broken := conn.execute("PRAGMA foreign_key_check").fetchall():
+                raise RuntimeError(f"migration {migration.version} leaves broken foreign keys: {broken[:3]}")
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, time.time()),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
 from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
 from daemon.errors import InvalidPayload, Problem
-from daemon.tavus import ConversationId, Role
+from daemon.sources.model import ConversationId, Role, Source
 from storage.deliveries import AppendRow, Delivery
+from storage.replay import StoredEvent
 
-SOURCE = "api"
+NAME = "api"
 EVENT_TYPE = "api.messages"
 ExternalId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -34,7 +35,7 @@ def check_conversation_id(conversation_id: str) -> str:
 
 
 def parse(
-    conversation_id: str, body: bytes, headers: Mapping[str, str], *, received_at: float
+    body: bytes, headers: Mapping[str, str], *, received_at: float, conversation_id: str
 ) -> tuple[Delivery, list[Problem]]:
     """Messages are appended after the conversation's last one; each bad item is named, the rest kept."""
     cid = check_conversation_id(conversation_id)
@@ -45,11 +46,29 @@ def parse(
     else:
         items = [(0, decode(body, IncomingMessage))]
     rows: list[AppendRow] = [
-        (cid, SOURCE, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items
+        (cid, NAME, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items
     ]
     # Without a client id, the same body to the same conversation is a retry, not new messages.
-    delivery = new_delivery(SOURCE, EVENT_TYPE, cid, body, headers, received_at)
+    delivery = new_delivery(NAME, EVENT_TYPE, cid, body, headers, received_at)
     delivery.append_rows, delivery.rejected = rows, len(problems)
     if rows:
         delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=received_at)
     return delivery, problems
+
+
+def replay(event: StoredEvent) -> Delivery:
+    return parse(event.body, {}, received_at=event.received_at, conversation_id=event.conversation_id)[0]
+
+
+SOURCE: Source[Any] = Source(
+    name=NAME,
+    title="Append one message or a list of them to a conversation",
+    parse=parse,
+    replay=replay,
+    events=frozenset({EVENT_TYPE}),
+    body=IncomingMessage | list[IncomingMessage],
+    settings=None,
+    path="/conversations/{conversation_id}/messages",
+    bearer=True,
+    operation="post_messages",
+)

@@ -13,13 +13,12 @@ import msgspec
 
 from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
 from daemon.errors import InvalidPayload, Problem
+from daemon.signatures import SignatureVerifier, parse_secrets
+from daemon.sources.model import ConversationId, EventType, Role, Secret, Source, Verify, WebhookSettings, replay_with
 from storage.deliveries import NULL, Delivery, MessageRow
 
-SOURCE = "tavus"
+NAME = "tavus"
 
-ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Timestamp = float | str | None
 
 
@@ -130,10 +129,10 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     """
     ready = _transcription_ready(body)
     if ready is not None:
-        delivery = new_delivery(SOURCE, ready.event_type, ready.conversation_id, body, headers, received_at)
+        delivery = new_delivery(NAME, ready.event_type, ready.conversation_id, body, headers, received_at)
         return _apply(delivery, ready.properties, ready.timestamp), []
     envelope = decode(body, Envelope)
-    delivery = new_delivery(SOURCE, envelope.event_type, envelope.conversation_id, body, headers, received_at)
+    delivery = new_delivery(NAME, envelope.event_type, envelope.conversation_id, body, headers, received_at)
     kind = PROPERTIES.get(envelope.event_type)
     if kind is None:
         return delivery, []  # an event we do not know yet: kept raw, answered 2xx
@@ -168,7 +167,7 @@ def _apply(delivery: Delivery, props: msgspec.Struct, timestamp: Timestamp) -> D
     if isinstance(props, Joined):
         # Tavus sends both names for one join: one key, so the second is a duplicate delivery. Only
         # for a join that decoded: a malformed one must not shadow the good one that follows.
-        delivery.key = f"{SOURCE}:joined:{cid}"
+        delivery.key = f"{NAME}:joined:{cid}"
     # When the event happened, by the sender's clock if it said, else by ours.
     at = epoch_seconds(timestamp) or received_at
     patch = delivery.patch
@@ -222,7 +221,7 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
     rows: list[MessageRow] = [
         (
             cid,
-            SOURCE,
+            NAME,
             seq,
             entry.role,
             entry.content or "",
@@ -230,6 +229,7 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
             NULL if (offset := entry.seconds_from_start) is None else offset,
             NULL if (duration := entry.duration) is None else duration,
             NULL if (inference_id := entry.inference_id) is None else inference_id,
+            NULL,  # vendor_role: Tavus's roles are the normalised ones already
             NULL,
             now,
         )
@@ -239,3 +239,35 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
     if rows:
         # NaN is the one value not equal to itself.
         delivery.last_message_at = max((at for row in rows if (at := row[5]) == at), default=now)  # type: ignore[type-var]
+
+
+class TavusSettings(WebhookSettings, frozen=True):
+    """``webhooks.tavus.*``."""
+
+    # If set: whsec_<base64> (several, space-separated, to rotate); deliveries need a valid Standard
+    # Webhooks signature (for callbacks relayed through a gateway: Tavus itself signs nothing).
+    signing_secret: Secret = ""
+    signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+    def __post_init__(self) -> None:
+        # A secret that cannot be used stops start-up, rather than refusing every delivery.
+        parse_secrets(self.signing_secret)
+
+
+def authenticate(settings: TavusSettings) -> Verify | None:
+    if not settings.signing_secret.strip():
+        return None
+    # Over the bytes as received, before anything decodes or stores them.
+    return SignatureVerifier(settings.signing_secret, tolerance_s=settings.signature_tolerance_s).verify
+
+
+SOURCE = Source(
+    name=NAME,
+    title="A Tavus conversation callback",
+    parse=parse,
+    replay=replay_with(parse),
+    events=frozenset(PROPERTIES),
+    body=Envelope,
+    settings=TavusSettings,
+    authenticate=authenticate,
+)

@@ -1,0 +1,102 @@
+"""What every source shares: the `Source` declaration, its settings' base, and the normalised message.
+
+A source is one kind of sender (a vendor's post-call webhooks, or the generic endpoint). Its module
+declares one ``SOURCE = Source(...)``; ``daemon.sources.SOURCES`` lists them, and routes, replay,
+metrics labels, the read API's ``?source=``, OpenAPI, settings and log masking are all built from that
+list. See docs/adding-a-source.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+
+import msgspec
+
+from daemon.errors import Problem
+from storage.deliveries import Delivery
+from storage.replay import StoredEvent
+
+ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# A role as the sender wrote it; `NormalRole` is what the read API speaks.
+Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+NormalRole = Literal["system", "user", "assistant", "tool"]
+NORMAL_ROLES: frozenset[str] = frozenset(get_args(NormalRole))
+
+# A setting holding a secret: masked in logs wherever it appears, and never echoed in an error.
+SECRET = msgspec.Meta(extra={"secret": True})
+Secret = Annotated[str, SECRET]
+
+
+def is_secret(annotation: Any) -> bool:
+    """Whether a settings field's type is marked ``Secret``."""
+    return any(isinstance(meta, msgspec.Meta) and (meta.extra or {}).get("secret") for meta in get_args(annotation))
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``webhooks.<source>.*``: every webhook source has a path token; its subclass adds the rest."""
+
+    # If set, the vendor must post to /webhooks/<source>/<token>; compared in constant time.
+    token: Secret = ""
+
+
+S = TypeVar("S", bound=WebhookSettings)
+
+# Checks a request's raw body and headers (before anything is decoded); raises `Unauthorized` naming
+# the failed check. Built once at start-up from the source's settings, or None when nothing is to check.
+Verify = Callable[[bytes, Mapping[str, str]], None]
+# parse(body, headers, *, received_at, **path parameters other than the token) -> (delivery, problems).
+# Only malformed JSON or an envelope without a usable conversation id raises; past that, problems are
+# listed and the good part of the body is still delivered.
+Parse = Callable[..., tuple[Delivery, list[Problem]]]
+# The delivery a stored event makes again (transcriptd replay, dead-letters retry): no headers then.
+Replay = Callable[[StoredEvent], Delivery]
+
+
+@dataclass(frozen=True, slots=True)
+class Source(Generic[S]):
+    """One source: everything the rest of the daemon needs to know about it."""
+
+    name: str  # stored in conversations.source and messages.source; also webhooks.<name> and the path
+    title: str  # what it receives, for OpenAPI ("A Tavus conversation callback")
+    parse: Parse
+    replay: Replay
+    events: frozenset[str]  # event types it knows: metrics label them, any other is "other"
+    body: Any  # the request body's type, for OpenAPI
+    settings: type[S] | None  # the webhooks.<name> section; None for a source without one
+    authenticate: Callable[[S], Verify | None] | None = None
+    # None: POST /webhooks/<name>, and /webhooks/<name>/{token} (used when webhooks.<name>.token is set).
+    path: str | None = None
+    bearer: bool = False  # guarded by api.token (Authorization: Bearer) instead of a path token
+    operation: str = ""  # OpenAPI operationId; default "<name>_webhook"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        if self.path is not None:
+            return (self.path,)
+        return (f"/webhooks/{self.name}", f"/webhooks/{self.name}/{{token}}")
+
+    @property
+    def operation_id(self) -> str:
+        return self.operation or f"{self.name}_webhook"
+
+    def settings_in(self, webhooks: Any) -> S | None:
+        """This source's section of the ``webhooks`` settings."""
+        return None if self.settings is None else getattr(webhooks, self.name)
+
+    def verifier(self, webhooks: Any) -> Verify | None:
+        settings = self.settings_in(webhooks)
+        if settings is None or self.authenticate is None:
+            return None
+        return self.authenticate(settings)
+
+
+def replay_with(parse: Parse) -> Replay:
+    """The replay parser of a source whose ``parse`` needs nothing but the body."""
+
+    def replay(event: StoredEvent) -> Delivery:
+        return parse(event.body, {}, received_at=event.received_at)[0]
+
+    return replay
