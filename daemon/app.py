@@ -1,5 +1,5 @@
-"""The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor and the
-ack-timeout task run in it; it closes the actor registry, then the writer."""
+"""The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor, the
+ack-timeout task and the reconciler run in it; it closes the actor registry, then the writer."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
+from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
 from storage.checkpointer import Checkpointer
 from storage.queries import Reader
@@ -123,6 +124,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             )
             if intake.settings.durable:  # nobody waits for an enqueued delivery
                 await tg.start(intake.expire_acks)
+            reconciler = Reconciler(config, registry, metrics)
+            await tg.start(reconciler.run)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,
@@ -133,7 +136,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, reconciler)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.openapi = OpenAPI()
             log.info(
@@ -149,6 +152,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 # every mailbox, then commit what is left, then close the database.
                 budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
+                    reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import uvicorn
 
-from daemon import __version__, exposure
+from daemon import __version__, exposure, reconcile_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this dead letter (repeat for several; default: every unresolved one)",
     )
     _add_storage_options(dead_retry)
+    reconcile_command.add_parser(commands, _add_storage_options)
     return parser
 
 
@@ -513,4 +514,5 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "replay": replay_command,
     "prune": prune_command,
     "dead-letters": dead_letters_command,
+    "reconcile": reconcile_command.run,
 }

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
+from daemon.reconciler import Reconciler, SourceState
 from storage.writer import Writer
 
 PROBE_TIMEOUT_S = 2.0
@@ -20,13 +21,18 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     live_actors: int
     queued_deliveries: int
     storage_error: str | None = None
+    # By source: the reconciler's passes and its last error. Detail only: a vendor's outage is not ours.
+    reconcile: dict[str, SourceState] | None = None
 
 
 class Health:
-    def __init__(self, writer: Writer, registry: ActorRegistry, retry_after_s: int) -> None:
+    def __init__(
+        self, writer: Writer, registry: ActorRegistry, retry_after_s: int, reconciler: Reconciler | None = None
+    ) -> None:
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
+        self.reconciler = reconciler
 
     async def livez(self, request: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
@@ -44,6 +50,7 @@ class Health:
             live_actors=self.registry.live_actors,
             queued_deliveries=self.registry.queued,
             storage_error=error,
+            reconcile=(self.reconciler.states or None) if self.reconciler is not None else None,
         )
         headers = None if ready else {"Retry-After": str(self.retry_after_s)}
         return Response(
