@@ -17,7 +17,7 @@ from starlette.responses import Response
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
 
 # One line per request answered with an error: what, where from and how big, never the body, the token or the
-# query string. The path is not logged either (``/webhooks/tavus/<token>`` holds a secret): only its source.
+# query string. The path is not logged either (``/webhooks/<source>/<token>`` holds a secret): only its source.
 rejections = logging.getLogger("transcriptd.intake")
 
 
@@ -122,9 +122,13 @@ def error_response(error: TranscriptdError) -> Response:
 
 
 def request_source(path: str) -> str:
-    """Which intake a path belongs to, by its first segment alone: the rest may be a secret or an id."""
-    if path == "/webhooks/tavus" or path.startswith("/webhooks/tavus/"):
-        return "tavus"
+    """Which intake a path belongs to, by its source's segment alone: the rest may be a secret or an id."""
+    # Imported here: every source module imports this one.
+    from daemon.sources import BY_NAME
+
+    if path.startswith("/webhooks/"):
+        name = path.split("/", 3)[2]
+        return name if name in BY_NAME else "other"
     if path == "/conversations" or path.startswith("/conversations/"):
         return "api"
     return "other"

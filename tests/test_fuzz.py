@@ -344,6 +344,9 @@ def test_each_rejected_request_is_logged_once_without_token_or_body(
         ("GET", "/conversations/nobody-here", b"", 404, "not_found", "api"),
         ("GET", f"/webhooks/tavus/{TOKEN}", b"", 405, "method_not_allowed", "tavus"),
         ("GET", "/nope", b"", 404, "not_found", "other"),
+        ("POST", f"/webhooks/vapi/{TOKEN}", b"{}", 401, "unauthorized", "vapi"),
+        ("POST", "/webhooks/vapi", b"{nope", 400, "malformed_json", "vapi"),
+        ("POST", f"/webhooks/nosuchsource/{TOKEN}", b"{}", 404, "not_found", "other"),
     ]
     with running(create_app(config)) as client:
         for method, path, body, status, reason, source in cases:
@@ -361,7 +364,7 @@ def test_each_rejected_request_is_logged_once_without_token_or_body(
             assert (f"size={len(body)}" if body else "size=-") in text
             assert TOKEN not in text
             assert "leak-me-not" not in text
-            assert "/webhooks/tavus/" not in text
+            assert "/webhooks/" not in text
             assert "cursor" not in text
 
         # Accepted requests are not logged as rejections.

@@ -44,6 +44,7 @@ from tests.payloads import encode, envelope, transcript, transcription_ready
 pytestmark = pytest.mark.slow
 
 DAY = 86_400.0
+FIXTURES = Path(__file__).parent / "fixtures"
 Row = tuple[Any, ...]
 
 
@@ -79,6 +80,9 @@ class Poster:
 
     def tavus(self, body: dict[str, Any], expect: int = 200) -> None:
         self._check(self.client.post(WEBHOOK, content=encode(body)), expect)
+
+    def vapi(self, body: dict[str, Any], expect: int = 200) -> None:
+        self._check(self.client.post("/webhooks/vapi", content=json.dumps(body)), expect)
 
     def messages(self, cid: str, body: Any, expect: int = 200, headers: dict[str, str] | None = None) -> None:
         response = self.client.post(f"/conversations/{cid}/messages", content=json.dumps(body), headers=headers)
@@ -148,6 +152,26 @@ def post_everything(daemon: Daemon) -> None:
         )
         post.messages("rp-t0", [{"role": "user", "content": "live utterance", "id": "u1"}])
         post.tavus(envelope("rp-g1", "system.shutdown", {"shutdown_reason": "done"}))
+
+        # Vapi: snapshots as the call goes, the end-of-call report (one entry bad: 422), a status, a raw type.
+        report = json.loads((FIXTURES / "vapi" / "schema-end-of-call-report-with-tools.json").read_bytes())
+        turns = report["message"]["artifact"]["messages"]
+        call = report["message"]["call"]
+        for stamp, count in ((1, 2), (2, 4)):
+            post.vapi(
+                {
+                    "message": {
+                        "type": "conversation-update",
+                        "timestamp": stamp,
+                        "call": call,
+                        "messages": turns[:count],
+                    }
+                }
+            )
+        turns.append({"role": "narrator", "message": "not a Vapi role"})
+        post.vapi(report, expect=422)
+        post.vapi({"message": {"type": "status-update", "status": "ended", "timestamp": 9, "call": call}})
+        post.vapi({"message": {"type": "hang", "call": {"id": "rp-v2"}}})
     finally:
         post.close()
 

@@ -1,0 +1,337 @@
+"""Vapi server messages (``POST /webhooks/vapi``): msgspec models, and their mapping to a delivery.
+
+Every message is ``{"message": {"type", "call": {"id", ...}, "timestamp", ...}}``. Three types change a
+conversation: ``end-of-call-report`` (the transcript at ``artifact.messages``, the analysis, the ended
+reason, start and end times, the recording), ``status-update`` and ``conversation-update`` (the history
+so far, a full snapshot each time). Any other type is stored raw and answered 2xx.
+
+Vapi sends a message once (no retries unless the customer sets a ``backoffPlan``) and its bodies carry
+presigned URLs that change on every delivery: the idempotency key is the call id and the message type
+(with the status, or the snapshot's timestamp), never a hash of the body.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from daemon.decoding import decode, decode_items, epoch_seconds
+from daemon.errors import InvalidPayload, Problem
+from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
+from daemon.sources.vapi_auth import VapiSettings, authenticate
+from storage.deliveries import NULL, Delivery, MessageRow
+
+NAME = "vapi"
+END_OF_CALL = "end-of-call-report"
+STATUS_UPDATE = "status-update"
+CONVERSATION_UPDATE = "conversation-update"
+EVENTS = frozenset({END_OF_CALL, STATUS_UPDATE, CONVERSATION_UPDATE})
+
+# Vapi's roles (BotMessage, UserMessage, SystemMessage, ToolCallMessage, ToolCallResultMessage in its
+# OpenAPI schema; its docs' examples also write "assistant") and the normalised role of each.
+ROLES: dict[str, NormalRole] = {
+    "system": "system",
+    "user": "user",
+    "bot": "assistant",
+    "assistant": "assistant",
+    "tool_calls": "tool",
+    "tool_call_result": "tool",
+    "tool": "tool",
+}
+
+
+def _absent() -> msgspec.Raw:
+    # msgspec.Raw takes any JSON value but cannot share a union with None: absent is JSON null.
+    return msgspec.Raw(b"null")
+
+
+def _given(raw: msgspec.Raw) -> msgspec.Raw | None:
+    """A raw field's value, or None if it was left out or null."""
+    return None if bytes(raw) == b"null" else raw
+
+
+VapiRole = Literal["system", "user", "bot", "assistant", "tool_calls", "tool_call_result", "tool"]
+
+
+class CallRef(msgspec.Struct, frozen=True):
+    id: ConversationId | None = None
+
+
+class Mono(msgspec.Struct, frozen=True, rename="camel"):
+    combined_url: str | None = None
+
+
+class Recording(msgspec.Struct, frozen=True, rename="camel"):
+    mono: Mono | None = None
+    stereo_url: str | None = None
+
+
+class VapiMessage(msgspec.Struct, frozen=True, rename="camel", gc=False):
+    """One turn of ``artifact.messages`` (or of a snapshot's ``messages``): ``time`` in Unix ms;
+    ``toolCalls`` on a ``tool_calls`` turn; ``toolCallId``, ``name``, ``result`` on a ``tool_call_result``."""
+
+    role: VapiRole
+    message: str | None = None
+    time: float | None = None
+    end_time: float | None = None
+    seconds_from_start: float | None = None
+    duration: float | None = None  # stored as sent: Vapi's schema says seconds, its examples send ms
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    result: Any = None
+
+
+class Artifact(msgspec.Struct, frozen=True, rename="camel"):
+    """``artifact``: what the call left behind. Presigned URLs are not read: they expire."""
+
+    messages: msgspec.Raw = msgspec.field(default_factory=_absent)  # each entry is decoded on its own
+    recording_url: str | None = None
+    stereo_recording_url: str | None = None
+    recording: Recording | None = None
+
+
+class ServerMessage(msgspec.Struct, frozen=True, rename="camel"):
+    """The ``message`` of a Vapi server message; fields other types carry are ignored."""
+
+    type: EventType
+    call: CallRef | None = None
+    timestamp: float | None = None  # Unix milliseconds
+    status: str | None = None
+    ended_reason: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    analysis: msgspec.Raw = msgspec.field(default_factory=_absent)  # kept as sent
+    artifact: Artifact | None = None
+    messages: msgspec.Raw = msgspec.field(default_factory=_absent)  # the history so far, each entry alone
+    recording_url: str | None = None  # deprecated, in favour of artifact.recordingUrl
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    message: ServerMessage
+
+
+class _BareMessage(msgspec.Struct, frozen=True):
+    type: EventType
+    call: CallRef | None = None
+
+
+class _BareEnvelope(msgspec.Struct, frozen=True):
+    """The least a message must hold to be stored: when a field of ``Envelope`` is of the wrong type."""
+
+    message: _BareMessage
+
+
+class _ToolResult(msgspec.Struct, rename="camel"):
+    tool_call_id: str | None
+    name: str | None
+    result: Any
+
+
+# --- The body as OpenAPI describes it: the models above with every raw field typed. parse() checks each
+# of them, whatever the message's type, so a body these allow is accepted and one they refuse is not
+# (tests/test_schemathesis.py sends both, generated from /openapi.json).
+
+
+class DocumentedCall(msgspec.Struct, frozen=True):
+    id: ConversationId
+
+
+class DocumentedArtifact(msgspec.Struct, frozen=True, rename="camel"):
+    messages: list[VapiMessage] | None = None
+    recording_url: str | None = None
+    stereo_recording_url: str | None = None
+    recording: Recording | None = None
+
+
+class DocumentedMessage(msgspec.Struct, frozen=True, rename="camel"):
+    """``end-of-call-report``, ``status-update`` and ``conversation-update`` are stored as the README
+    says; any other ``type`` is kept raw. Other fields are kept in the raw body, not read."""
+
+    type: EventType
+    call: DocumentedCall
+    timestamp: float | None = None
+    status: str | None = None
+    ended_reason: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    analysis: dict[str, Any] | None = None
+    artifact: DocumentedArtifact | None = None
+    messages: list[VapiMessage] | None = None
+    recording_url: str | None = None
+
+
+class VapiServerMessage(msgspec.Struct, frozen=True):
+    """A Vapi server message, as POSTed to the server URL."""
+
+    message: DocumentedMessage
+
+
+MESSAGES = "$.message.messages"
+ARTIFACT_MESSAGES = "$.message.artifact.messages"
+
+
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
+    """Map one server message to a delivery, and list what is wrong with it.
+
+    Only a body that is not JSON, or a message without a type and a call id, raises: nothing can be
+    stored. Past that, the raw message is always stored and every good transcript entry kept.
+    """
+    try:
+        message = decode(body, Envelope).message
+    except InvalidPayload as exc:
+        bare = decode(body, _BareEnvelope).message  # raises if even the least is not there
+        key = f"{bare.type}:malformed:{received_at!r}"
+        return _delivery(body, bare.type, _conversation_id(bare), received_at, key), exc.problems
+    cid, kind = _conversation_id(message), message.type
+    stamp = _seconds(message.timestamp)
+    # Its own time tells two snapshots (or two messages of another type) apart; never the body's hash.
+    when = repr(message.timestamp) if message.timestamp is not None else f"received:{received_at!r}"
+    snapshot = _given(message.messages)
+    transcript = None  # the list whose entries become the conversation's messages
+    match kind:
+        case "end-of-call-report":
+            delivery = _delivery(body, kind, cid, received_at, kind)
+            _end_of_call(delivery, message, stamp)
+            transcript = ARTIFACT_MESSAGES
+        case "status-update":
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{message.status}")
+            _status_update(delivery, message, stamp)
+        case "conversation-update":
+            # A snapshot each time: its rows update the positions an earlier one wrote.
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")
+            transcript = MESSAGES if snapshot is not None else ARTIFACT_MESSAGES
+        case _:
+            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")  # kept raw, answered 2xx
+    problems = []
+    if bytes(message.analysis)[:1] not in (b"{", b"n"):
+        problems.append(Problem("Expected `object | null`", "$.message.analysis"))
+    for path, raw in ((MESSAGES, snapshot), (ARTIFACT_MESSAGES, _artifact_messages(message))):
+        if raw is not None:
+            entries, bad = _entries(raw, path)
+            problems += bad
+            if path == transcript:
+                _add_rows(delivery, entries, rejected=len(bad))
+    return delivery, problems
+
+
+def _conversation_id(message: ServerMessage | _BareMessage) -> str:
+    if message.call is None or message.call.id is None:
+        raise InvalidPayload([Problem("a Vapi message needs message.call.id", "$.message.call.id")])
+    return message.call.id
+
+
+def _delivery(body: bytes, event_type: str, cid: str, received_at: float, key: str) -> Delivery:
+    return Delivery(
+        key=f"{NAME}:{cid}:{key}",
+        source=NAME,
+        event_type=event_type,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+    )
+
+
+def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
+    patch = delivery.patch
+    patch.status = "ended"
+    patch.started_at = epoch_seconds(message.started_at)
+    patch.ended_at = epoch_seconds(message.ended_at) or stamp
+    patch.end_reason = message.ended_reason
+    patch.recording_uri = _recording_url(message)
+    analysis = bytes(message.analysis)
+    if analysis[:1] == b"{" and analysis.strip() != b"{}":
+        patch.analysis = analysis.decode()
+
+
+def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
+    patch = delivery.patch
+    if message.status == "in-progress":
+        patch.started_at = stamp
+    elif message.status == "ended":
+        patch.status, patch.ended_at, patch.end_reason = "ended", stamp, message.ended_reason
+
+
+def _artifact_messages(message: ServerMessage) -> msgspec.Raw | None:
+    return _given(message.artifact.messages) if message.artifact is not None else None
+
+
+def _recording_url(message: ServerMessage) -> str | None:
+    artifact = message.artifact
+    if artifact is None:
+        return message.recording_url
+    recording = artifact.recording
+    mono = recording.mono.combined_url if recording is not None and recording.mono is not None else None
+    stereo = recording.stereo_url if recording is not None else None
+    return artifact.recording_url or mono or message.recording_url or artifact.stereo_recording_url or stereo
+
+
+def _entries(raw: msgspec.Raw, path: str) -> tuple[list[tuple[int, VapiMessage]], list[Problem]]:
+    """Each entry decoded on its own: one bad entry costs only itself."""
+    try:
+        items = decode(raw, list[msgspec.Raw], path=path)
+    except InvalidPayload as exc:
+        return [], exc.problems
+    return decode_items(items, VapiMessage, path=path)
+
+
+def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *, rejected: int) -> None:
+    delivery.rejected = rejected
+    delivery.rows = _rows(delivery, entries)
+    if delivery.rows:
+        # NaN is the one value not equal to itself.
+        stamps = [at for row in delivery.rows if (at := row[5]) == at]
+        delivery.last_message_at = max(stamps) if stamps else delivery.received_at  # type: ignore[type-var]
+
+
+def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[MessageRow]:
+    cid, now = delivery.conversation_id, delivery.received_at
+    # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
+    return [
+        (
+            cid,
+            NAME,
+            seq,
+            (role := ROLES[entry.role]),
+            _content(entry),
+            NULL if (at := _seconds(entry.time)) is None else at,
+            NULL if (offset := entry.seconds_from_start) is None else offset,
+            NULL if (duration := entry.duration) is None else duration,
+            NULL,
+            NULL if entry.role == role else entry.role,
+            NULL,
+            now,
+        )
+        for seq, entry in entries
+    ]
+
+
+def _content(entry: VapiMessage) -> str:
+    """What was said; for a tool call, the calls as JSON; for a tool's result, the result as JSON."""
+    if entry.role == "tool_calls" and entry.tool_calls is not None:
+        return msgspec.json.encode(entry.tool_calls).decode()
+    if entry.role == "tool_call_result":
+        return msgspec.json.encode(_ToolResult(entry.tool_call_id, entry.name, entry.result)).decode()
+    return entry.message or ""
+
+
+def _seconds(value: float | None) -> float | None:
+    """Unix seconds from Vapi's epoch milliseconds (``time``, ``timestamp``)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value / 1000
+
+
+SOURCE = Source(
+    name=NAME,
+    title="A Vapi server message (end-of-call-report, status-update, conversation-update, ...)",
+    parse=parse,
+    replay=replay_with(parse),
+    events=EVENTS,
+    body=VapiServerMessage,
+    settings=VapiSettings,
+    authenticate=authenticate,
+)
