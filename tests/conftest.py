@@ -26,6 +26,7 @@ TEST_SECRETS: tuple[str, ...] = (
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0x",  # webhooks.tavus.signing_secret (tests/test_signatures.py)
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0y",  # its rotation partner (tests/test_signatures.py)
     "tavus-api-k3y-Secret",  # webhooks.tavus.api_key (tests/vendor_standin.py)
+    "vapi-private-k3y-Secret",  # webhooks.vapi.api_key (tests/vendor_standin.py)
 )
 # The tests' own HTTP client logs every URL it requests, token included: that is the test talking, not the
 # daemon, and it is left out of the check.

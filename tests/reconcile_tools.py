@@ -4,7 +4,7 @@ what two databases must agree on after a webhook path and a reconcile path."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -29,17 +29,23 @@ MESSAGE_COLUMNS = (
 
 
 async def post_webhooks(
-    db_path: Path, path: str, bodies: Iterable[bytes], headers: Sequence[dict[str, str]] | None = None
+    db_path: Path,
+    path: str,
+    bodies: Iterable[bytes],
+    *,
+    settings: dict[str, Any] | None = None,
+    sign: Callable[[bytes], dict[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """POST each body to ``path`` of the real app on ``db_path`` (in-process, lifespan and all); the answers."""
-    app = create_app(make_config(db_path))
+    """POST each body to ``path`` of the real app on ``db_path`` (in-process, lifespan and all), signed by
+    ``sign`` if given; the answers."""
+    app = create_app(make_config(db_path, **(settings or {})))
     answers: list[dict[str, Any]] = []
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://transcriptd.test") as client,
     ):
-        for index, body in enumerate(bodies):
-            extra = headers[index] if headers is not None else {}
+        for body in bodies:
+            extra = sign(body) if sign is not None else {}
             response = await client.post(path, content=body, headers={"content-type": "application/json", **extra})
             assert response.status_code == 200, response.text
             answers.append(response.json())

@@ -29,6 +29,7 @@ STOP_TIMEOUT_S = 10.0
 
 # The API keys the stand-ins expect; they are in tests/conftest.py's TEST_SECRETS, so a log holding one fails.
 TAVUS_KEY = "tavus-api-k3y-Secret"
+VAPI_KEY = "vapi-private-k3y-Secret"
 
 
 @dataclass(slots=True)
@@ -191,6 +192,59 @@ def tavus_api() -> Iterator[StandIn]:
         standin,
         lambda request: request.headers.get("x-api-key") == TAVUS_KEY,
         [("GET", "/v2/conversations", _tavus_list), ("GET", "/v2/conversations/{cid}", _tavus_get)],
+    )
+    with serving(standin, app):
+        yield standin
+
+
+# --- Vapi --------------------------------------------------------------------------------------------
+
+
+def vapi_call(report: dict[str, Any], created_at: str) -> dict[str, Any]:
+    """A Call as ``GET /call/{id}`` answers it, holding what its end-of-call report carried."""
+    message = report["message"]
+    artifact = message.get("artifact")
+    return {
+        "id": message["call"]["id"],
+        "orgId": "org-standin",
+        "type": "webCall",
+        "status": "ended",
+        "createdAt": created_at,
+        "updatedAt": created_at,
+        "startedAt": message.get("startedAt"),
+        "endedAt": message.get("endedAt"),
+        "endedReason": message.get("endedReason"),
+        "cost": message.get("cost", 0.01),
+        "analysis": message.get("analysis"),
+        "artifact": artifact,
+        "messages": (artifact or {}).get("messages"),  # deprecated copy of artifact.messages
+    }
+
+
+def _vapi_list(standin: StandIn, request: Request) -> Any:
+    # Newest first; at most 25 whatever is asked; createdAtGe / createdAtLe as ISO strings (same format, so
+    # comparing the text compares the times).
+    limit = min(int(request.query_params.get("limit", "100")), 25)
+    ge, le = request.query_params.get("createdAtGe"), request.query_params.get("createdAtLe")
+    calls = sorted(standin.conversations.values(), key=lambda c: c["createdAt"], reverse=True)
+    calls = [c for c in calls if (ge is None or c["createdAt"] >= ge) and (le is None or c["createdAt"] <= le)]
+    return calls[:limit]
+
+
+def _vapi_get(standin: StandIn, request: Request) -> Any:
+    call = standin.conversations.get(request.path_params["cid"])
+    if call is None:
+        return JSONResponse({"message": "Not Found", "statusCode": 404}, status_code=404)
+    return call
+
+
+@contextmanager
+def vapi_api() -> Iterator[StandIn]:
+    standin = StandIn()
+    app = app_for(
+        standin,
+        lambda request: request.headers.get("authorization") == f"Bearer {VAPI_KEY}",
+        [("GET", "/call", _vapi_list), ("GET", "/call/{cid}", _vapi_get)],
     )
     with serving(standin, app):
         yield standin

@@ -1,0 +1,95 @@
+"""Each vendor as reconcile's tests see it: its stand-in API, its key, and the webhook bodies of a call.
+
+A case builds, for call ``i``, the bodies its webhooks carry (in the order the vendor sends them) and the
+record the vendor's API holds for it; ``started`` is what arrives when the call starts (before the daemon
+went down), so the reconciler has a conversation that "joined and went quiet".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.vendor_standin import VAPI_KEY, StandIn, vapi_api, vapi_call
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class Call:
+    conversation_id: str
+    webhooks: list[bytes]  # every body its webhooks carry, in order
+    started: list[bytes]  # the first of them: what arrives when the call starts
+    record: dict[str, Any]  # what the vendor's API holds
+
+
+@dataclass(frozen=True)
+class VendorCase:
+    name: str
+    key: str
+    api: Callable[[], AbstractContextManager[StandIn]]
+    call: Callable[[int, float], Call]  # (index, created at, Unix seconds)
+    list_path: str  # the list request's path, for the scripted 429
+    get_path: Callable[[str], str]  # one conversation's path
+    # The event a fetch rebuilds whose late webhook hits the fetch's own key (the source keys it by
+    # conversation), so it adds no event row either; "" when the source keys by body.
+    keyed_event: str
+    webhook_settings: dict[str, Any] = field(default_factory=dict)
+    sign: Callable[[bytes], dict[str, str]] = lambda body: {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {f"TRANSCRIPTD_WEBHOOKS_{self.name.upper()}_API_KEY": self.key}
+
+    def url_env(self, standin: StandIn) -> dict[str, str]:
+        return {**self.env, f"TRANSCRIPTD_WEBHOOKS_{self.name.upper()}_API_URL": standin.base_url}
+
+    def settings(self, standin: StandIn) -> dict[str, Any]:
+        return {f"webhooks.{self.name}.api_key": self.key, f"webhooks.{self.name}.api_url": standin.base_url}
+
+
+def iso_ms(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- Vapi: the schema-built end-of-call report with tool calls, one per call ------------------------------
+
+_VAPI_REPORT = json.loads((FIXTURES / "vapi" / "schema-end-of-call-report-with-tools.json").read_text())
+
+
+def vapi(i: int, created: float) -> Call:
+    cid = f"vapi-call-{i:03d}"
+    report = copy.deepcopy(_VAPI_REPORT)
+    message = report["message"]
+    message["call"]["id"] = cid
+    message["startedAt"] = iso_ms(created)
+    message["endedAt"] = iso_ms(created + 60 + i)
+    message["timestamp"] = int((created + 61 + i) * 1000)
+    message["analysis"]["summary"] = f"Call {i}: the caller asked for the weather."
+    for turn in message["artifact"]["messages"]:
+        if turn["role"] == "bot":
+            turn["message"] = f"{turn['message']} ({i})"
+    # status-update in-progress, sent as the call starts (its time is the call's start).
+    status: dict[str, Any] = {"message": {"type": "status-update", "status": "in-progress", "call": {"id": cid}}}
+    status["message"]["timestamp"] = int(created * 1000)
+    bodies = [json.dumps(status).encode(), json.dumps(report).encode()]
+    return Call(cid, bodies, bodies[:1], vapi_call(report, iso_ms(created)))
+
+
+VAPI = VendorCase(
+    name="vapi",
+    key=VAPI_KEY,
+    api=vapi_api,
+    call=vapi,
+    list_path="/call",
+    get_path=lambda cid: f"/call/{cid}",
+    keyed_event="end-of-call-report",
+)
+
+CASES: list[VendorCase] = [VAPI]
