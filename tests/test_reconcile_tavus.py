@@ -7,6 +7,9 @@ a second run adds nothing, and the late callbacks add no message and change no f
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -225,3 +228,49 @@ def _fast_retries(tmp_path: Path) -> Path:
     config = tmp_path / "fast.toml"
     config.write_text("[reconcile]\nmax_attempts = 2\n")
     return config
+
+
+async def test_a_progress_bar_shows_on_a_terminal(
+    tmp_path: Path, tavus: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+) -> None:
+    standin, _ = tavus
+    db = tmp_path / "t.db"
+    await post_webhooks(db, "/webhooks/tavus", [])
+    env = daemon_env(
+        {"TRANSCRIPTD_WEBHOOKS_TAVUS_API_KEY": TAVUS_KEY, "TRANSCRIPTD_WEBHOOKS_TAVUS_API_URL": standin.base_url}
+    )
+    argv = cli_argv("reconcile", "--source", "tavus", "--db", str(db), "--since", "30m")
+    code, shown = _on_a_terminal(argv, tmp_path, env)
+    assert code == 0
+    assert "] 29/29 conversations" in shown  # c000 to c028 started in the last 30 minutes
+    assert "\r[" + "#" * 30 + "]" in shown
+    assert "fetched 29, stored 29" in shown
+
+
+def _on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``argv`` with its standard output on a pseudo-terminal; its exit code and what it showed there."""
+    leader, follower = pty.openpty()
+    with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower) as process:
+        os.close(follower)
+        shown = _read_all(leader, deadline=time.monotonic() + 60)
+        return process.wait(60), shown
+
+
+def _read_all(fd: int, *, deadline: float) -> str:
+    """Everything written to the terminal until the process closes it (EIO on Linux), within ``deadline``."""
+    chunks: list[bytes] = []
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
