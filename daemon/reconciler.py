@@ -157,7 +157,12 @@ class Reconciler:
         """Conversation ids to fetch: waiting here past the grace period, then the vendor's ended ones
         missing or incomplete here."""
         name = vendor.source.name
-        listed = [item.conversation_id async for item in vendor.client.recent(since) if item.ended]
+        listed, going = [], set()
+        async for item in vendor.client.recent(since):
+            if item.ended:
+                listed.append(item.conversation_id)
+            else:
+                going.add(item.conversation_id)  # still going at the vendor: nothing final to fetch yet
 
         def read() -> list[str]:
             with closing(open_reader(self._db, busy_timeout_ms=self._busy_timeout_ms)) as conn:
@@ -169,6 +174,7 @@ class Reconciler:
                     limit=self.config.max_per_pass,
                 )
                 here = local_state(conn, name, listed)
+            stale = [cid for cid in stale if cid not in going]
             return [*stale, *(cid for cid in listed if cid not in here or not here[cid].complete)]
 
         wanted = await anyio.to_thread.run_sync(read)

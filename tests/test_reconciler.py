@@ -169,3 +169,33 @@ def test_sigterm_during_a_slow_pass_stops_the_daemon_cleanly(
         assert daemon.stop(signal.SIGTERM) == 0
         log = daemon.log()
     assert "transcriptd stopped: every mailbox drained" in log
+
+
+@pytest.mark.anyio
+async def test_a_conversation_still_going_at_the_vendor_is_not_fetched_until_it_ends(
+    db_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+) -> None:
+    standin, calls = quiet_call
+    live = calls["joined"][:1]  # only the join so far, here and at the vendor
+    standin.conversations["joined"] = tavus_conversation("joined", iso(time.time() - 60), live)
+    assert standin.conversations["joined"]["status"] == "active"
+    settings = {
+        "webhooks.tavus.api_key": TAVUS_KEY,
+        "webhooks.tavus.api_url": standin.base_url,
+        "reconcile.interval_s": 3600,
+        "reconcile.grace_s": 0,
+    }
+    app: Starlette = create_app(make_config(db_path, **settings))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://transcriptd.test") as client,
+    ):
+        await client.post("/webhooks/tavus", content=encode(live[0]))
+        reconciler: Reconciler = app.state.health.reconciler
+        await reconciler.run_pass()
+        assert not standin.requests_to("/v2/conversations/joined")
+        standin.conversations["joined"] = tavus_conversation("joined", iso(time.time() - 60), calls["joined"])
+        await reconciler.run_pass()
+        assert len(standin.requests_to("/v2/conversations/joined")) == 1
+    stored = count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
+    assert stored == len(calls["joined"][3]["properties"]["transcript"])
