@@ -31,11 +31,11 @@ class Echo(msgspec.Struct):
     ok: bool
 
 
-def _ok(standin: StandIn, request: Request) -> Any:
+def _ok(standin: StandIn, request: Request, body: Any) -> Any:
     return {"ok": True}
 
 
-def _moved(standin: StandIn, request: Request) -> Any:
+def _moved(standin: StandIn, request: Request, body: Any) -> Any:
     return RedirectResponse("http://127.0.0.2:9/elsewhere", status_code=302)
 
 

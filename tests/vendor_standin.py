@@ -9,6 +9,7 @@ the pages.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -82,7 +83,8 @@ class StandIn:
             self.seen.append(Seen(request.method, request.url.path, request.url.query, status))
 
 
-Handler = Callable[[StandIn, Request], Any]
+# (stand-in, request, the request's JSON body or None) -> JSON-able, or a Response
+Handler = Callable[[StandIn, Request, Any], Any]
 
 
 def app_for(standin: StandIn, key_ok: Callable[[Request], bool], routes: list[tuple[str, str, Handler]]) -> Starlette:
@@ -100,7 +102,8 @@ def app_for(standin: StandIn, key_ok: Callable[[Request], bool], routes: list[tu
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
                 response = JSONResponse({"message": "stand-in fault"}, status_code=fault.status, headers=headers)
             else:
-                result = handler(standin, request)
+                raw = await request.body()
+                result = handler(standin, request, json.loads(raw) if raw else None)
                 response = result if isinstance(result, Response) else JSONResponse(result)
             standin._record(request, response.status_code)
             return response
@@ -167,7 +170,7 @@ def tavus_conversation(conversation_id: str, created_at: str, webhook_bodies: li
     }
 
 
-def _tavus_list(standin: StandIn, request: Request) -> Any:
+def _tavus_list(standin: StandIn, request: Request, body: Any) -> Any:
     # Newest first, as the API lists them; this stand-in answers at most 25 a page whatever is asked.
     limit = min(int(request.query_params.get("limit", "10")), 25)
     page = int(request.query_params.get("page", "1"))
@@ -176,7 +179,7 @@ def _tavus_list(standin: StandIn, request: Request) -> Any:
     return {"data": [{k: v for k, v in c.items() if k != "events"} for c in chosen], "total_count": len(items)}
 
 
-def _tavus_get(standin: StandIn, request: Request) -> Any:
+def _tavus_get(standin: StandIn, request: Request, body: Any) -> Any:
     conversation = standin.conversations.get(request.path_params["cid"])
     if conversation is None:
         return JSONResponse({"message": "Conversation not found"}, status_code=404)
@@ -221,7 +224,7 @@ def vapi_call(report: dict[str, Any], created_at: str) -> dict[str, Any]:
     }
 
 
-def _vapi_list(standin: StandIn, request: Request) -> Any:
+def _vapi_list(standin: StandIn, request: Request, body: Any) -> Any:
     # Newest first; at most 25 whatever is asked; createdAtGe / createdAtLe as ISO strings (same format, so
     # comparing the text compares the times).
     limit = min(int(request.query_params.get("limit", "100")), 25)
@@ -231,7 +234,7 @@ def _vapi_list(standin: StandIn, request: Request) -> Any:
     return calls[:limit]
 
 
-def _vapi_get(standin: StandIn, request: Request) -> Any:
+def _vapi_get(standin: StandIn, request: Request, body: Any) -> Any:
     call = standin.conversations.get(request.path_params["cid"])
     if call is None:
         return JSONResponse({"message": "Not Found", "statusCode": 404}, status_code=404)
