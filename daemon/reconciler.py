@@ -11,6 +11,7 @@ counted and shown in ``/readyz``; it never stops the daemon.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, closing
@@ -132,14 +133,23 @@ class Reconciler:
         try:
             wanted = await self._wanted(vendor, now, since)
             for cid in wanted[: self.config.max_per_pass]:
-                fetched = await vendor.client.fetch(cid)
+                try:
+                    fetched = await vendor.client.fetch(cid)
+                except VendorApiError as exc:
+                    if exc.retryable:
+                        raise  # the vendor is failing: the next pass tries again
+                    # This conversation only (the vendor does not know it, or refuses it): the others go
+                    # on, and it is not asked for again while in the window.
+                    error = str(exc)
+                    vendor.settled[cid] = now
+                    continue
                 state.fetched += 1
                 self._metrics.reconcile_fetched.labels(name).inc()
                 if not await self._store(vendor, fetched):
                     break  # intake is busy: the next pass takes the rest
         except VendorApiError as exc:
             error = str(exc)
-        except OSError as exc:  # the database could not be read
+        except (OSError, sqlite3.Error) as exc:  # the database could not be read
             error = f"{exc.__class__.__name__}: {exc}"
         except Exception as exc:
             log.exception("reconcile: %s pass failed", name)

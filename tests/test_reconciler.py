@@ -199,3 +199,32 @@ async def test_a_conversation_still_going_at_the_vendor_is_not_fetched_until_it_
         assert len(standin.requests_to("/v2/conversations/joined")) == 1
     stored = count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
     assert stored == len(calls["joined"][3]["properties"]["transcript"])
+
+
+@pytest.mark.anyio
+async def test_a_conversation_the_vendor_does_not_know_costs_only_itself(
+    db_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+) -> None:
+    standin, calls = quiet_call
+    settings = {
+        "webhooks.tavus.api_key": TAVUS_KEY,
+        "webhooks.tavus.api_url": standin.base_url,
+        "reconcile.interval_s": 3600,
+        "reconcile.grace_s": 0,
+    }
+    stray = encode(callbacks("stray", 1)[0])  # a join of a conversation Tavus answers 404 for
+    app: Starlette = create_app(make_config(db_path, **settings))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://transcriptd.test") as client,
+    ):
+        await client.post("/webhooks/tavus", content=stray)
+        await client.post("/webhooks/tavus", content=encode(calls["joined"][0]))
+        reconciler: Reconciler = app.state.health.reconciler
+        await reconciler.run_pass()
+        state = (await client.get("/readyz")).json()["reconcile"]["tavus"]
+        assert state["last_error"] == "tavus API GET /v2/conversations/stray: HTTP 404"
+        assert count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'") > 0
+        await reconciler.run_pass()  # not asked for again
+        assert len(standin.requests_to("/v2/conversations/stray")) == 1
+        assert "last_error" not in (await client.get("/readyz")).json()["reconcile"]["tavus"]
