@@ -59,7 +59,6 @@ def rows_of(body: bytes) -> list[tuple[Any, ...]]:
             e.duration,
             e.inference_id,
             None,
-            None,
             now,
         )
         for i, e in enumerate(entries)
@@ -75,7 +74,7 @@ def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronou
         "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
         [(t[0][0],) for t in transcripts],
     )
-    insert = multi_row(INSERT_MESSAGES, 12, 1, INSERT_MESSAGES_TAIL)  # the daemon's columns and conflict rule, one row
+    insert = multi_row(INSERT_MESSAGES, 11, 1, INSERT_MESSAGES_TAIL)  # the daemon's columns and conflict rule, one row
     started = time.perf_counter()
     for i in range(0, len(transcripts), per_commit):
         conn.execute("BEGIN IMMEDIATE")

@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from bench.naive import NaiveCache, SimulatedCache, Variant, create_naive_app
 from bench.processes import Log, free_port, start_server
 from bench.redis_cache import DEFAULT_URL, RedisCache, check_redis_url
-from daemon.cli import DrainingServer, _event_loop  # the daemon's own choices, so both run alike
+from daemon.server import DrainingServer, event_loop  # the daemon's own choices, so both run alike
 
 HOST = "127.0.0.1"
 # What ``transcriptd serve`` grants open requests at shutdown by default; the naive handler's own
@@ -85,7 +85,7 @@ def serve(
             app,
             host=host,
             port=port,
-            loop=_event_loop(),
+            loop=event_loop(),
             http="httptools",
             lifespan="on",
             access_log=False,

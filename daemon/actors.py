@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import anyio
@@ -63,12 +64,17 @@ class ActorRegistry:
         retry_after_s: int,
         max_inflight_bytes: int = 256 * 1024 * 1024,
         max_inflight_messages: int = 1_000_000,
+        on_drained: Callable[[int], None] | None = None,
     ) -> None:
         self.state: State = "running"
         # Bytes of every delivery taken and not yet settled, mailboxes and writer alike: the bound on
         # memory however many conversations the senders open.
         self.inflight_bytes = 0
         self._max_inflight_bytes = max_inflight_bytes
+        # The most in flight since it was last zero; handed to ``on_drained`` when it comes back to zero
+        # (the memory trimmer: a drained backlog leaves its memory in malloc's free lists).
+        self._peak_bytes = 0
+        self._on_drained = on_drained
         # Messages of those deliveries: what the writer will have to store, so how long a drain takes.
         self.inflight_messages = 0
         self._max_inflight_messages = max_inflight_messages
@@ -119,6 +125,8 @@ class ActorRegistry:
         actor.mailbox.append(delivery)
         delivery.taken_at = time.monotonic()
         self.inflight_bytes += delivery.weight
+        if self.inflight_bytes > self._peak_bytes:
+            self._peak_bytes = self.inflight_bytes
         self.inflight_messages += delivery.received
         self._pending[delivery] = None
         delivery.on_settled = self._settled
@@ -196,6 +204,9 @@ class ActorRegistry:
             return  # abandoned at close, and the writer settled it after all
         self.inflight_bytes -= delivery.weight
         self.inflight_messages -= delivery.received
+        if not self.inflight_bytes and self._on_drained is not None:
+            peak, self._peak_bytes = self._peak_bytes, 0
+            self._on_drained(peak)
         actor = self._actors[delivery.conversation_id]
         actor.in_flight -= 1
         if not actor.in_flight:

@@ -21,8 +21,8 @@ from daemon.auth import check_bearer
 from daemon.cache import PrefixTTLCache
 from daemon.decoding import validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
+from daemon.ids import path_id, quoted
 from daemon.sources import NAMES
-from daemon.sources.generic import check_conversation_id
 from daemon.sources.model import Role
 from storage.queries import Conversation, ConversationSummary, Message, Reader
 
@@ -30,6 +30,10 @@ Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
 
 MAX_PAGE = 500
+# SQLite binds integers as signed 64-bit: a larger cursor, or a page whose offset ((page - 1) x limit) would not
+# fit, is a 422 naming the parameter rather than an OverflowError at bind time.
+MAX_INT64 = 2**63 - 1
+MAX_PAGE_NUMBER = MAX_INT64 // MAX_PAGE
 # The streams intake writes: one per registered source.
 Source = Annotated[
     str,
@@ -44,9 +48,15 @@ class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
 class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="messages per page")] = 50
-    page: Annotated[int, msgspec.Meta(ge=1, description="1-based page number (not with `after`)")] | None = None
+    page: (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE_NUMBER, description="1-based page number (not with `after`)")]
+        | None
+    ) = None
     after: (
-        Annotated[int, msgspec.Meta(ge=-1, description="cursor: messages after this position (not with `page`)")] | None
+        Annotated[
+            int, msgspec.Meta(ge=-1, le=MAX_INT64, description="cursor: messages after this position (not with `page`)")
+        ]
+        | None
     ) = None
     role: Annotated[Role | None, msgspec.Meta(description="only messages of this role")] = None
     include_system: Annotated[bool, msgspec.Meta(description="include system entries (prompts)")] = False
@@ -98,12 +108,12 @@ class Api:
 
     async def get_conversation(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        conversation = await self._conversation(request.path_params["conversation_id"])
+        conversation = await self._conversation(path_id(request))
         return _json(conversation)
 
     async def list_messages(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        conversation = await self._conversation(request.path_params["conversation_id"])
+        conversation = await self._conversation(path_id(request))
         query = parse_query(request, MessagesQuery)
         if query.page is not None and query.after is not None:
             raise InvalidPayload([Problem("give either `page` or `after`, not both", "query.after")])
@@ -112,8 +122,7 @@ class Api:
         body = await self._cached((*key, query.include_system), lambda: self._message_page(conversation, source, query))
         return Response(body, media_type="application/json")
 
-    async def _conversation(self, raw_id: str) -> Conversation:
-        cid = check_conversation_id(raw_id)
+    async def _conversation(self, cid: str) -> Conversation:
         conversation = await self._cached(("conv", cid, "record"), lambda: self.reader.conversation(cid))
         if conversation is None:
             raise NotFound(f"no conversation {cid!r}")
@@ -144,7 +153,7 @@ class Api:
                 params["include_system"] = "true"
             if query.source is not None:
                 params["source"] = query.source
-            next_link = f"/conversations/{conversation.id}/messages?{urlencode(params)}"
+            next_link = f"/conversations/{quoted(conversation.id)}/messages?{urlencode(params)}"
         result = MessagePage(
             conversation_id=conversation.id,
             source=source,

@@ -20,10 +20,13 @@ from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
+from daemon.logs import RedactSecrets, config_secrets
+from daemon.memory import Trimmer
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
+from daemon.timeline import Timeline
 from storage.checkpointer import Checkpointer
 from storage.queries import Reader
 from storage.writer import Writer, WriterSettings
@@ -98,6 +101,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
             await tg.start(checkpointer.run)
+            trimmer = Trimmer()
+            await tg.start(trimmer.run)
             registry = ActorRegistry(
                 writer,
                 mailbox_size=ingest.mailbox_size,
@@ -105,6 +110,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 retry_after_s=ingest.retry_after_s,
                 max_inflight_bytes=ingest.max_inflight_mib * 1024 * 1024,
                 max_inflight_messages=ingest.max_inflight_messages,
+                on_drained=trimmer.drained,
             )
             janitor = Janitor(writer, cache, config.storage.retention_days)
             await tg.start(janitor.run)
@@ -118,6 +124,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     retry_after_s=ingest.retry_after_s,
                     api_token=config.api.token,
                     webhooks=config.webhooks,
+                    log_deliveries=config.logging.deliveries,
                 ),
                 registry,
                 metrics,
@@ -132,12 +139,15 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 oldest_pending_at=lambda: registry.oldest_pending_at,
                 inflight_bytes=lambda: registry.inflight_bytes,
                 cache=cache,
+                wal_bytes=checkpointer.wal_bytes,
+                wal_pinned_s=checkpointer.pinned_s,
             )
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s, reconciler)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
             app.state.api = Api(reader, cache, config.api.token)
+            app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
@@ -158,6 +168,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
                     checkpointer.stop()
+                    trimmer.stop()
                 if drained:
                     log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)
                 else:

@@ -34,8 +34,9 @@ def check_bearer_any(request: Request, tokens: Sequence[str]) -> None:
         raise error
 
 
-def check_path_token(given: str | None, token: str, source: str = "tavus") -> None:
-    """The webhook's token, carried in its URL path (Tavus callbacks have no signature)."""
+def check_path_token(given: str | None, token: str, source: str) -> None:
+    """A webhook's token, carried in its URL path (``webhooks.<source>.token``; Tavus callbacks have no
+    signature, so for them it is the only check)."""
     if not token:
         if given is not None:
             raise Unauthorized(f"no token is configured for this endpoint: post to /webhooks/{source}")

@@ -7,18 +7,14 @@ import gc
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
-
-import uvicorn
 
 from daemon import __version__, exposure, reconcile_command
 from daemon.app import create_app, shutdown_budget
@@ -26,6 +22,7 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
 from daemon.janitor import DAY_S
 from daemon.logs import configure
+from daemon.server import build_server
 from daemon.sources import SOURCES
 from storage import backup as backups
 from storage import dead_letters, retention
@@ -210,22 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-class DrainingServer(uvicorn.Server):
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises the signal after its graceful shutdown, which turns a clean drain into death
-        # by SIGTERM (or a KeyboardInterrupt traceback). The drain is the whole point: exit 0 after it.
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
-
-
 def storage_problem(config: Config) -> str | None:
     """Open and migrate the database as the writer will, before the server starts: a file that is not
     SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
@@ -257,32 +238,12 @@ def serve(config: Config) -> int:
     if (problem := storage_problem(config)) is not None:
         log.error("cannot use the database at %s: %s", config.storage.path, problem)
         return 3
-    server = DrainingServer(
-        uvicorn.Config(
-            create_app(config),
-            host=config.server.host,
-            port=config.server.port,
-            loop=_event_loop(),
-            http="httptools",
-            lifespan="on",
-            # The access log would print the webhook path, and with it the token.
-            access_log=False,
-            log_config=None,
-            server_header=False,
-            timeout_graceful_shutdown=max(1, int(shutdown_budget(config).requests_s)),
-        )
+    server = build_server(
+        config, create_app(config), graceful_shutdown_s=max(1, int(shutdown_budget(config).requests_s))
     )
     server.run()
     # uvicorn returns normally on SIGTERM/SIGINT after the lifespan drained; a failed start-up sets started=False.
     return 0 if server.started else 3
-
-
-def _event_loop() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 # --- operator commands ---------------------------------------------------------------------------------
@@ -327,7 +288,8 @@ def _database(config: Config) -> Path:
 def export_command(args: argparse.Namespace, config: Config) -> int:
     path = _database(config)
     with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as conn:
-        conn.execute("BEGIN")  # one snapshot: the heading and the messages agree
+        # No transaction around the whole export: it would hold the daemon's WAL for as long as the
+        # output takes to write. The messages are read in chunks, each a short snapshot of its own.
         head = exports.conversation(conn, args.conversation)
         if head is None:
             raise Failed(f"no conversation {args.conversation!r} in {path}")
@@ -337,7 +299,6 @@ def export_command(args: argparse.Namespace, config: Config) -> int:
         else:
             with args.output.open("wb") as out:
                 _write_all(out, exports.export(conn, head, args.format))
-        conn.execute("COMMIT")
     return 0
 
 
@@ -360,6 +321,8 @@ def backup_command(args: argparse.Namespace, config: Config) -> int:
         f"backed up {path} to {done.path}: {done.conversations} conversations, {done.messages} messages, "
         f"{done.events} events, {_size(done.size_bytes)} ({done.pages} pages in {done.steps} steps; integrity ok)"
     )
+    if done.removed_leftovers:
+        print(f"removed {len(done.removed_leftovers)} temporary files left by killed backups to {done.path}")
     return 0
 
 
@@ -386,11 +349,21 @@ def replay_command(args: argparse.Namespace, config: Config) -> int:
             )
 
     with closing(_writer(path, config)) as conn:
+        if args.conversation is not None and not _has_events(conn, args.conversation):
+            # As export does: a mistyped id is named, not reported as "replayed 0 events" with exit 0.
+            raise Failed(f"no events of conversation {args.conversation!r} in {path}")
         stats = replay(conn, replay_parsers(), conversation_id=args.conversation, since=args.since, on_failure=report)
     if reported > MAX_REPORTED_FAILURES:
         print(f"transcriptd: ... and {reported - MAX_REPORTED_FAILURES} more not replayed", file=sys.stderr)
     print(_replayed(stats))
     return 1 if stats.failed else 0
+
+
+def _has_events(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM events WHERE conversation_id = ? LIMIT 1", (conversation_id,)).fetchone()
+        is not None
+    )
 
 
 def _replayed(stats: ReplayStats) -> str:

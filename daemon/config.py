@@ -32,10 +32,16 @@ class ServerConfig(_Section, frozen=True):
     port: Port = 8000
     shutdown_timeout_s: Positive = 25.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+    header_timeout_s: Positive = 10.0
+    body_timeout_s: Positive = 30.0
+    keepalive_timeout_s: Count = 5
+    max_connections: Count = 1024
 
 
 class LoggingConfig(_Section, frozen=True):
     format: Literal["text", "json"] = "text"
+    deliveries: bool = True
 
 
 class StorageConfig(_Section, frozen=True):

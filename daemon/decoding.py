@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from daemon.errors import InvalidPayload, MalformedJSON, Problem
+from daemon.errors import InvalidHeader, InvalidPayload, MalformedJSON, Problem
 from storage.deliveries import Delivery
 
 T = TypeVar("T")
@@ -87,10 +87,23 @@ def body_key(source: str, body: bytes, *extra: str) -> str:
     return f"{source}:sha256:{digest.hexdigest()}"
 
 
+# A sender's id becomes part of a unique key, stored once per delivery: ids are short (Standard Webhooks'
+# msg_... ids, UUIDs), and one of megabytes would be stored, indexed and compared as a key.
+MAX_ID_CHARS = 256
+
+
 def delivery_key(source: str, body: bytes, headers: Any, *extra: str) -> str:
-    """The idempotency key: the sender's ``webhook-id`` (or ``Idempotency-Key``) where given, else the body's hash."""
-    given = headers.get("webhook-id") or headers.get("idempotency-key")
+    """The idempotency key: the sender's ``webhook-id`` (or ``Idempotency-Key``) where given, else the body's hash.
+
+    An id over :data:`MAX_ID_CHARS` is a 400 naming its header: nothing of the delivery is stored."""
+    name, given = "webhook-id", headers.get("webhook-id")
+    if not given:
+        name, given = "idempotency-key", headers.get("idempotency-key")
     if given:
+        if len(given) > MAX_ID_CHARS:
+            raise InvalidHeader(
+                f"the {name} header is {len(given)} characters; at most {MAX_ID_CHARS}", field=f"headers.{name}"
+            )
         return ":".join((source, "id", *extra, given))
     return body_key(source, body, *extra)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
@@ -52,6 +52,12 @@ class MalformedJSON(TranscriptdError):
     status, code = 400, "malformed_json"
 
 
+class MalformedId(TranscriptdError):
+    """An id in the path that is not UTF-8 once percent-decoded: it cannot name anything stored."""
+
+    status, code = 400, "malformed_id"
+
+
 class Unauthorized(TranscriptdError):
     status, code = 401, "unauthorized"
 
@@ -62,6 +68,29 @@ class NotFound(TranscriptdError):
 
 class PayloadTooLarge(TranscriptdError):
     status, code = 413, "payload_too_large"
+
+
+# Set in a request's scope by the server (daemon/server.py) when its body did not come in time: the server
+# has answered 408 and ended the request, and the handler tells that end from a sender leaving.
+BODY_TIMED_OUT = "transcriptd.body_timed_out"
+
+
+class BodyTimeout(TranscriptdError):
+    """The body did not all arrive in time (``server.body_timeout_s``): a Content-Length larger than what
+    is sent, or a sender too slow to wait for. The server answered 408 and closes the connection."""
+
+    status, code = 408, "body_timeout"
+
+
+class ClientDisconnected(TranscriptdError):
+    """The sender closed the connection before its body was read: its doing, and nobody is left to answer.
+    Counted (``transcriptd_client_disconnected``) and logged in one line, never as an internal error."""
+
+    status, code = 499, "client_disconnected"
+
+
+class InvalidHeader(TranscriptdError):
+    status, code = 400, "invalid_header"
 
 
 class InvalidPayload(TranscriptdError):
@@ -157,15 +186,36 @@ def _counted(request: Request, error: TranscriptdError) -> Response:
 
 async def handle_transcriptd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TranscriptdError)
+    if isinstance(exc, ClientDisconnected):
+        return _disconnected(request, exc)
     return _counted(request, exc)
 
 
-def from_storage(exc: StorageError) -> TranscriptdError:
-    """Storage failures are ours, never the sender's: 5xx, with a time to retry after."""
+def _disconnected(request: Request, error: TranscriptdError) -> Response:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.client_disconnected.inc()
+    rejections.info(
+        "sender of %s to %s disconnected before its body was read: %s",
+        request.method if request.method.isalpha() else "?",
+        request_source(request.scope.get("path", "")),
+        error.message,
+    )
+    return error_response(error)  # nobody reads it: the server drops what goes to a closed connection
+
+
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ClientDisconnect)
+    return _disconnected(request, ClientDisconnected("the sender went away before its body was read"))
+
+
+def from_storage(exc: StorageError, *, retry_after_s: int = 1) -> TranscriptdError:
+    """Storage failures are ours, never the sender's: 5xx, with a time to retry after (a 503's is
+    ``ingest.retry_after_s``, as for every other 503)."""
     error: TranscriptdError
     match exc:
         case StorageUnavailable() | WriterClosed():
-            error = Unavailable(str(exc), retry_after=1)
+            error = Unavailable(str(exc), retry_after=retry_after_s)
             error.code = "storage_unavailable"
         case StorageRejected():
             # The database refused the rows: retrying soon will not help, retrying after a fix will.
@@ -179,7 +229,8 @@ def from_storage(exc: StorageError) -> TranscriptdError:
 
 async def handle_storage_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StorageError)
-    return _counted(request, from_storage(exc))
+    intake = getattr(request.app.state, "intake", None)  # absent only before the lifespan has started
+    return _counted(request, from_storage(exc, retry_after_s=intake.settings.retry_after_s if intake else 1))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -204,5 +255,6 @@ EXCEPTION_HANDLERS = {
     TranscriptdError: handle_transcriptd_error,
     StorageError: handle_storage_error,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_disconnect,  # a handler reading the body with Starlette's own calls
     Exception: handle_unexpected,
 }

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
 from daemon.reconciler import Reconciler, SourceState
+from storage.checkpointer import Checkpointer
 from storage.writer import Writer
 
 PROBE_TIMEOUT_S = 2.0
@@ -21,17 +22,25 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     live_actors: int
     queued_deliveries: int
     storage_error: str | None = None
+    # Conditions an operator should look at that do not stop intake (a reader pinning the WAL).
+    warnings: list[str] = []
     # By source: the reconciler's passes and its last error. Detail only: a vendor's outage is not ours.
     reconcile: dict[str, SourceState] | None = None
 
 
 class Health:
     def __init__(
-        self, writer: Writer, registry: ActorRegistry, retry_after_s: int, reconciler: Reconciler | None = None
+        self,
+        writer: Writer,
+        registry: ActorRegistry,
+        retry_after_s: int,
+        checkpointer: Checkpointer | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
+        self.checkpointer = checkpointer
         self.reconciler = reconciler
 
     async def livez(self, request: Request) -> Response:
@@ -50,6 +59,7 @@ class Health:
             live_actors=self.registry.live_actors,
             queued_deliveries=self.registry.queued,
             storage_error=error,
+            warnings=self._warnings(),
             reconcile=(self.reconciler.states or None) if self.reconciler is not None else None,
         )
         headers = None if ready else {"Retry-After": str(self.retry_after_s)}
@@ -59,3 +69,7 @@ class Health:
             media_type="application/json",
             headers=headers,
         )
+
+    def _warnings(self) -> list[str]:
+        warning = None if self.checkpointer is None else self.checkpointer.warning()
+        return [] if warning is None else [warning]

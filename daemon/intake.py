@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -16,12 +16,22 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
+from daemon import delivery_log
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
-from daemon.errors import InvalidPayload, PayloadTooLarge, Problem, StorageAckTimeout
+from daemon.errors import (
+    BODY_TIMED_OUT,
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidPayload,
+    PayloadTooLarge,
+    Problem,
+    StorageAckTimeout,
+)
+from daemon.ids import PARAM, path_id
 from daemon.metrics import Metrics
 from daemon.sources import SOURCES, Source
-from daemon.sources.model import Verify
+from daemon.sources.model import Parse, Verify
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
@@ -34,6 +44,10 @@ class Stored(msgspec.Struct, kw_only=True):
     updated: int
     duplicates: int
     rejected: int
+    # A delivery without messages (system.shutdown) counts all zeros either way: this tells a repeat apart.
+    duplicate: Annotated[
+        bool, msgspec.Meta(description="this delivery (its idempotency key) was stored before: nothing changed")
+    ] = False
 
 
 class Enqueued(msgspec.Struct, kw_only=True):
@@ -44,6 +58,9 @@ class Enqueued(msgspec.Struct, kw_only=True):
     rejected: int
 
 
+VERIFY_IN_THREAD_BYTES = 1024 * 1024  # below this a signature takes under ~2 ms: a thread would cost more
+
+
 @dataclass(frozen=True, slots=True)
 class IntakeSettings:
     durable: bool
@@ -52,6 +69,7 @@ class IntakeSettings:
     retry_after_s: int
     api_token: str
     webhooks: Any  # the webhooks.* settings: one section per source that has one (daemon.config)
+    log_deliveries: bool = True  # logging.deliveries: one line per delivery (daemon.delivery_log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +78,8 @@ class _Gate:
 
     token: str  # webhooks.<name>.token ("" = the bare path)
     verify: Verify | None
+    parse: Parse
+    max_body_bytes: int
 
 
 class Intake:
@@ -67,7 +87,7 @@ class Intake:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self._gates = {source.name: _gate(source, settings.webhooks) for source in SOURCES}
+        self._gates = {source.name: _gate(source, settings) for source in SOURCES}
         self._stopping = anyio.Event()
 
     async def expire_acks(self, *, task_status: TaskStatus[Intake] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -87,40 +107,70 @@ class Intake:
     async def receive(self, request: Request, source: Source[Any]) -> Response:
         """One delivery of ``source``: tokens, the body within its limit, its signature, parse, accept."""
         started = time.perf_counter()
-        gate = self._gates[source.name]
-        params = request.path_params
-        if source.bearer:
-            check_bearer(request, self.settings.api_token)
-        else:
-            check_path_token(params.get("token"), gate.token, source.name)
-        body = await self._read_body(request)
-        if gate.verify is not None:
-            # Over the bytes as received, before anything decodes or stores them.
-            gate.verify(body, request.headers)
-        path = {name: value for name, value in params.items() if name != "token"} if params else {}
-        delivery, problems = source.parse(body, request.headers, received_at=time.time(), **path)
-        return await self._accept(delivery, problems, started)
+        body, delivery, cid = b"", None, None
+        try:
+            gate = self._gates[source.name]
+            params = request.path_params
+            if source.bearer:
+                check_bearer(request, self.settings.api_token)
+            else:
+                check_path_token(params.get("token"), gate.token, source.name)
+            path: dict[str, str] = {}
+            if PARAM in params:
+                # Routed on the raw path: decoded strictly here (invalid UTF-8 is a 400, not U+FFFD).
+                cid = path[PARAM] = path_id(request)
+            body = await self._read_body(request, gate.max_body_bytes)
+            if gate.verify is not None:
+                # Over the bytes as received, before anything decodes or stores them. An HMAC over megabytes
+                # (ElevenLabs' audio: ~50-90 ms for 40 MiB here) releases the GIL: in a worker thread, it does
+                # not hold up every other request meanwhile.
+                if len(body) >= VERIFY_IN_THREAD_BYTES:
+                    await anyio.to_thread.run_sync(gate.verify, body, request.headers)
+                else:
+                    gate.verify(body, request.headers)
+            delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
+            return await self._accept(delivery, problems, started, source.enqueued_status)
+        except Exception as exc:
+            if self.settings.log_deliveries:
+                # An id that is not UTF-8 is named as it came, percent-encoded.
+                conversation = cid if cid is not None else request.path_params.get(PARAM)
+                delivery_log.not_stored(
+                    exc, source=source.name, conversation=conversation, body=body, delivery=delivery, started=started
+                )
+            raise
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit():
             length = int(declared)
             if length > limit:
                 raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             # Refused before the body is read: reading it would take the memory the budget protects.
+            # Its rows are not known yet: the full weight is checked when the delivery is submitted.
             self.registry.check_room(weight_of(length))
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                timed_out = request.scope.get(BODY_TIMED_OUT)
+                if timed_out is not None:
+                    raise BodyTimeout(f"the body did not all arrive within {timed_out:g} s ({size} bytes came)")
+                raise ClientDisconnected("the sender went away before its body was all in")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _accept(self, delivery: Delivery, problems: list[Problem], started: float) -> Response:
+    async def _accept(
+        self, delivery: Delivery, problems: list[Problem], started: float, enqueued_status: int = 202
+    ) -> Response:
         durable = self.settings.durable
         delivery.awaited = durable
+        delivery.problems = len(problems)
         self.registry.submit(delivery)
         if delivery.error is not None:  # refused on the spot (the writer is closing): not even enqueued
             raise delivery.error
@@ -131,7 +181,9 @@ class Intake:
             metrics.ack_enqueued.observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
-            return _json(enqueued, 202)
+            if self.settings.log_deliveries:
+                delivery_log.enqueued(delivery, started)
+            return _json(enqueued, enqueued_status)
         await delivery.done.wait()  # set by the commit, or by expire_acks when it takes too long
         if delivery.error is not None:
             raise delivery.error
@@ -147,12 +199,20 @@ class Intake:
         metrics.ack_durable.observe(time.perf_counter() - started)
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
+        if self.settings.log_deliveries:
+            delivery_log.stored(delivery, delivery.result, outcome, started)
         return _json(stored, 200)
 
 
-def _gate(source: Source[Any], webhooks: Any) -> _Gate:
+def _gate(source: Source[Any], intake: IntakeSettings) -> _Gate:
+    webhooks = intake.webhooks
     settings = source.settings_in(webhooks)
-    return _Gate(token=settings.token if settings is not None else "", verify=source.verifier(webhooks))
+    return _Gate(
+        token=settings.token if settings is not None else "",
+        verify=source.verifier(webhooks),
+        parse=source.parser(webhooks),
+        max_body_bytes=source.body_limit(webhooks, intake.max_body_bytes),
+    )
 
 
 def _stored(result: WriteResult) -> Stored:
@@ -162,6 +222,7 @@ def _stored(result: WriteResult) -> Stored:
         updated=result.updated,
         duplicates=result.duplicates,
         rejected=result.rejected,
+        duplicate=result.duplicate_delivery,
     )
 
 

@@ -63,6 +63,11 @@ class Metrics:
         self.rejected = Counter(
             "transcriptd_rejected_requests", "Requests answered 4xx or 5xx, by reason", ["reason"], registry=r
         )
+        self.client_disconnected = Counter(
+            "transcriptd_client_disconnected",
+            "Requests whose sender closed the connection before its body was read",
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "transcriptd_ack_latency_seconds",
             "From the request's arrival to its answer, for deliveries taken",
@@ -90,6 +95,12 @@ class Metrics:
         )
         self.inflight_bytes = Gauge(
             "transcriptd_inflight_bytes", "Memory held by deliveries not yet stored", registry=r
+        )
+        self.wal_bytes = Gauge("transcriptd_wal_bytes", "Size of the SQLite WAL file", registry=r)
+        self.wal_pinned = Gauge(
+            "transcriptd_wal_pinned_seconds",
+            "How long checkpoints have not been able to copy the whole WAL, held by a reader (0 when they can)",
+            registry=r,
         )
         # Reconcile, by source (daemon.reconciler): what the vendors' APIs gave back that webhooks missed.
         self.reconcile_passes = Counter(
@@ -127,8 +138,14 @@ class Metrics:
         oldest_pending_at: Callable[[], float | None],
         inflight_bytes: Callable[[], float],
         cache: PrefixTTLCache,
+        wal_bytes: Callable[[], float] | None = None,
+        wal_pinned_s: Callable[[], float] | None = None,
     ) -> None:
         """Gauges computed at scrape time from the running parts."""
+        if wal_bytes is not None:
+            self.wal_bytes.set_function(wal_bytes)
+        if wal_pinned_s is not None:
+            self.wal_pinned.set_function(wal_pinned_s)
         self.live_actors.set_function(live_actors)
         self.mailbox_depth.set_function(mailbox_depth)
         self.inflight_bytes.set_function(inflight_bytes)

@@ -26,7 +26,7 @@ class ErrorBody(msgspec.Struct):
     """The one shape of every error answer."""
 
     error: ErrorDetail
-    accepted: dict[str, int | str] | None = None
+    accepted: dict[str, int | str | bool] | None = None
 
 
 def build_spec() -> dict[str, Any]:

@@ -4,6 +4,7 @@ The intake endpoints come from the source registry (daemon.sources): one per pat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,20 +15,25 @@ from starlette.routing import Route
 
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
 from daemon.health import Readiness
+from daemon.ids import PARAM, RawPathRoute
 from daemon.intake import Enqueued, Stored
 from daemon.sources import SOURCES, Source
+from daemon.timeline import EventPage, EventsQuery
 from storage.queries import Conversation
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 INTAKE_ERRORS = {
-    400: "the body is not JSON",
+    400: "the body is not JSON, the id in the path is not UTF-8 once percent-decoded, or a `webhook-id` or"
+    " `Idempotency-Key` header over 256 characters",
     401: "missing or wrong token",
+    408: "the body did not all arrive within `server.body_timeout_s`",
     413: "the body is over `ingest.max_body_bytes`",
     422: "valid JSON of the wrong shape; the valid part was stored (see `accepted`)",
     503: "overloaded, shutting down or storage unavailable: retry after `Retry-After` seconds",
 }
 READ_ERRORS = {401: "missing or wrong bearer token (when `api.token` is set)", 422: "a bad query parameter"}
+ID_READ_ERRORS = {400: "the id in the path is not UTF-8 once percent-decoded", **READ_ERRORS}
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,21 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         async def dispatch(request: Request, handlers: dict[str, Handler] = handlers) -> Response:
             return await handlers[request.method if request.method != "HEAD" else "GET"](request)
 
-        built.append(Route(path, dispatch, methods=list(handlers)))
-        built.append(Route(f"{path}/", dispatch, methods=list(handlers)))
+        # A path with a conversation id matches on the raw path, so that an id holding "/" (%2F) still fits.
+        kind = RawPathRoute if "{" + PARAM + "}" in path else Route
+        built.append(_anchored(kind(path, dispatch, methods=list(handlers))))
+        # The same with a trailing slash: nothing redirects, so no token ever lands in a Location header.
+        built.append(_anchored(kind(f"{path}/", dispatch, methods=list(handlers))))
     return built
+
+
+def _anchored(route: Route) -> Route:
+    """Starlette ends a path's pattern with ``$``, which also matches before a final newline: ``/conversations/%0A``
+    would be the list with a slash, not the conversation ``"\\n"``. ``\\Z`` ends at the end only."""
+    pattern = route.path_regex.pattern
+    if pattern.endswith("$"):
+        route.path_regex = re.compile(pattern[:-1] + r"\Z")
+    return route
 
 
 INTAKE_RESPONSES: dict[int, tuple[str, Any]] = {
@@ -141,7 +159,7 @@ ENDPOINTS = [
         "One conversation: status, replica, times, recording, analysis, post-call actions",
         "read",
         responses={200: ("the conversation", Conversation)},
-        errors={**READ_ERRORS, 404: "no such conversation"},
+        errors={**ID_READ_ERRORS, 404: "no such conversation"},
         bearer=True,
     ),
     Endpoint(
@@ -152,7 +170,19 @@ ENDPOINTS = [
         "read",
         query=MessagesQuery,
         responses={200: ("a page of messages", MessagePage)},
-        errors={**READ_ERRORS, 404: "no such conversation"},
+        errors={**ID_READ_ERRORS, 404: "no such conversation"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/conversations/{conversation_id}/events",
+        "GET",
+        ("timeline", "list_events"),
+        "A conversation's delivery timeline: each event stored (stored or partial) or refused by the database "
+        "(failed), in arrival order, with its raw body (masked) on request",
+        "read",
+        query=EventsQuery,
+        responses={200: ("a page of the timeline", EventPage)},
+        errors={**ID_READ_ERRORS, 404: "nothing received for this id"},
         bearer=True,
     ),
     Endpoint("/livez", "GET", ("health", "livez"), "The process is up", "health", responses={200: ("alive", None)}),

@@ -6,7 +6,9 @@ connection commits, so under steady intake a backup would start over forever. So
 what was committed when it began (every delivery acknowledged 200 by then), and never waits for the daemon.
 
 The copy goes to a temporary file beside the target (mode 0600), is switched to a rollback journal (one
-self-contained file, no ``-wal`` to carry along), checked, synced, and only then moved into place.
+self-contained file, no ``-wal`` to carry along), checked, synced, and only then moved into place. The
+temporary files of an earlier backup to the same target that was killed are removed first (see
+``storage.partials``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.connection import check_sqlite_version, open_reader
+from storage.partials import created, partial_path, remove_stale
 
 DEFAULT_STEP_PAGES = 1024  # pages per step: 16 MiB of a new database's 16 KiB pages, 4 MiB of 4 KiB ones
 
@@ -35,6 +38,8 @@ class BackupResult:
     size_bytes: int
     pages: int
     steps: int
+    # Temporary files of killed backups to the same target, removed before this one began.
+    removed_leftovers: tuple[Path, ...] = ()
 
 
 def backup(
@@ -62,22 +67,17 @@ def backup(
     if not target.parent.is_dir():
         raise BackupError(f"the directory {target.parent} does not exist")
 
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    removed = tuple(remove_stale(target))
+    partial = partial_path(target)
+    with created(partial):
         steps = _copy(source, partial, step_pages=step_pages, busy_timeout_ms=busy_timeout_ms)
         counts = _check(partial)
         _place(partial, target, force=force)
-    finally:
-        for leftover in (partial, *(partial.with_name(partial.name + s) for s in ("-journal", "-wal", "-shm"))):
-            leftover.unlink(missing_ok=True)
     conversations, messages, events, pages = counts
-    return BackupResult(target, conversations, messages, events, target.stat().st_size, pages, steps)
+    return BackupResult(target, conversations, messages, events, target.stat().st_size, pages, steps, removed)
 
 
 def _copy(source: Path, partial: Path, *, step_pages: int, busy_timeout_ms: int) -> int:
-    # Private from the start (the raw bodies hold secrets), whatever the umask: an empty file is an empty
-    # database to SQLite, and its journal takes the same mode.
-    os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     src = open_reader(source, busy_timeout_ms=busy_timeout_ms)
     try:
         dst = sqlite3.connect(partial, isolation_level=None)

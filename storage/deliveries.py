@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,9 +22,20 @@ MaybeReal = float | None
 MaybeText = str | float | None  # text, or NULL as NaN
 
 # (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-#  vendor_role, external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are
-# bound as they are. ``role`` is the normalised one; ``vendor_role`` the sender's own, where it differs.
-MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float]
+#  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
+MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float]
+# (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
+#  vendor_role, external_id, created_at): statements.INSERT_VENDOR_MESSAGES, for a source whose roles are
+# mapped to the normalised ones (Vapi's "bot" is "assistant"); vendor_role is NULL where they are equal.
+# Two shapes, so that a source whose roles need no mapping (Tavus) binds no extra column: measured on
+# the writer alone, a twelfth column on every Tavus row cost ~4% of its CPU time. All rows of one
+# delivery have one shape.
+VendorMessageRow = tuple[
+    str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float
+]
+VENDOR_ROW_WIDTH = 12
+Row = MessageRow | VendorMessageRow
+Rows = Sequence[Row]
 # (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint
 # appends, and the writer assigns the position.
 AppendRow = tuple[str, str, str, str, float | None, str | None, float]
@@ -32,9 +43,24 @@ AppendRow = tuple[str, str, str, str, float | None, str | None, float]
 Status = Literal["active", "ended", "failed"]
 
 
-def weight_of(body_bytes: int) -> int:
-    """The memory a delivery of a body this size holds, for the in-flight budget."""
-    return 2 * body_bytes + 256
+# What a delivery held in memory costs, measured (python -m bench.delivery_memory: tracemalloc, and RSS in
+# a run without it; every delivery in a conversation of its own, so an actor each; CPython 3.11, x86-64):
+#   body  126 B,   1 row  (generic, one message):     2,833 B held,   2,992 B RSS
+#   body  231 B,   0 rows (a Tavus system event):      2,506 B held,   2,651 B RSS
+#   body 1.3 KB,  10 rows (generic, a list of ten):    5,941 B held,   6,425 B RSS
+#   body 8.5 KB,  11 rows (a 10-turn transcript):     18,779 B held,  19,945 B RSS
+#   body 41 KB,  101 rows (a 100-turn transcript):   120,152 B held, 130,019 B RSS
+# The fixed part is the Delivery, its Event, patch, key and lists, its actor and the registry's entries
+# (~2.1 KB whatever the body); a transcript row is a tuple of eleven with its floats and ids (~360 B);
+# the body is held twice, as received and as decoded text. Counted below, each figure above is within
+# 0.9-1.1x of its RSS (a list of small messages is over-counted, up to 1.5x): the budget is memory.
+DELIVERY_FIXED_BYTES = 2_304
+DELIVERY_ROW_BYTES = 384
+
+
+def weight_of(body_bytes: int, rows: int = 0) -> int:
+    """The memory a delivery of a body this size, with this many message rows, holds (in-flight budget)."""
+    return DELIVERY_FIXED_BYTES + 2 * body_bytes + DELIVERY_ROW_BYTES * rows
 
 
 @dataclass(slots=True, kw_only=True)
@@ -80,10 +106,12 @@ class Delivery:
     received_at: float
     body: bytes
     patch: ConversationPatch = field(default_factory=ConversationPatch)
-    rows: list[MessageRow] = field(default_factory=list)
+    rows: Rows = field(default_factory=list)
     append_rows: list[AppendRow] = field(default_factory=list)
     last_message_at: float | None = None
     rejected: int = 0
+    # Problems its answer names (a 422 whose valid part is stored): kept with the event, for its timeline.
+    problems: int = 0
     # When intake handed it over (time.monotonic()): how long its sender has been waiting.
     taken_at: float = 0.0
     # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.
@@ -105,8 +133,8 @@ class Delivery:
 
     @property
     def weight(self) -> int:
-        """About the memory it holds: the raw body, and the decoded text beside it."""
-        return weight_of(len(self.body))
+        """About the memory it holds (see ``weight_of``)."""
+        return weight_of(len(self.body), len(self.rows) + len(self.append_rows))
 
     def resolve(self, result: WriteResult) -> None:
         self.result = result

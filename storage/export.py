@@ -45,9 +45,13 @@ class MessageLine(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 HEAD_COLUMNS = "id, source, status, started_at, ended_at, message_count, last_message_at, created_at, updated_at"
+# Read in chunks, each one statement run to its end: a statement left open holds its read transaction,
+# and a reader that holds one stops every checkpoint at its snapshot, so the daemon's WAL grows for as long
+# as the consumer of the export (a pipe, a slow disk) takes. A chunk ends its transaction at once.
+CHUNK_ROWS = 500
 MESSAGES = (
     "SELECT source, seq, role, content, timestamp, external_id FROM messages "
-    "WHERE conversation_id = ? ORDER BY source, seq"
+    "WHERE conversation_id = ? AND (source, seq) > (?, ?) ORDER BY source, seq LIMIT ?"
 )
 
 
@@ -56,18 +60,28 @@ def conversation(conn: sqlite3.Connection, conversation_id: str) -> Conversation
     return None if row is None else ConversationHead(*row)
 
 
-def messages(conn: sqlite3.Connection, conversation_id: str) -> Iterator[MessageLine]:
-    for source, seq, role, content, timestamp, external_id in conn.execute(MESSAGES, (conversation_id,)):
-        yield MessageLine(
-            conversation_id=conversation_id,
-            source=source,
-            seq=seq,
-            role=role,
-            content=content,
-            timestamp=timestamp,
-            system=role == "system",
-            id=external_id,
-        )
+def messages(conn: sqlite3.Connection, conversation_id: str, *, chunk_rows: int = CHUNK_ROWS) -> Iterator[MessageLine]:
+    """The conversation's messages in stream order, read ``chunk_rows`` at a time (see ``CHUNK_ROWS``).
+
+    Each chunk is its own snapshot: a message stored during the export shows if it comes after the chunk
+    being read, which is the order a live transcript grows in."""
+    after: tuple[str, int] = ("", -1)  # before every (source, seq): sources are non-empty, seq >= 0
+    while True:
+        chunk = conn.execute(MESSAGES, (conversation_id, *after, chunk_rows)).fetchall()
+        for source, seq, role, content, timestamp, external_id in chunk:
+            yield MessageLine(
+                conversation_id=conversation_id,
+                source=source,
+                seq=seq,
+                role=role,
+                content=content,
+                timestamp=timestamp,
+                system=role == "system",
+                id=external_id,
+            )
+        if len(chunk) < chunk_rows:
+            return
+        after = (chunk[-1][0], chunk[-1][1])
 
 
 def export(conn: sqlite3.Connection, head: ConversationHead, format: Format) -> Iterator[bytes]:

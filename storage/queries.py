@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import aiosqlite
 import msgspec
@@ -63,7 +63,13 @@ class Conversation(msgspec.Struct):
     shutdown_reason: str | None
     started_at: float | None
     ended_at: float | None
-    message_count: int
+    message_count: Annotated[
+        int, msgspec.Meta(description="every message stored, of every stream, system entries (prompts) included")
+    ]
+    message_count_without_system: Annotated[
+        int,
+        msgspec.Meta(description="the same without system entries: what the messages list shows unless include_system"),
+    ]
     last_message_at: float | None
     recording: Recording
     perception_analysis: str | None
@@ -128,6 +134,9 @@ class Reader:
         record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
         record["analysis"] = _json_or_text(record["analysis"])
         record["post_call_actions"] = await self.post_call_actions(conversation_id)
+        ((record["message_count_without_system"],),) = await self._all(
+            "SELECT count(*) FROM messages WHERE conversation_id = ? AND role != 'system'", (conversation_id,)
+        )
         return msgspec.convert(record, Conversation, from_attributes=True)
 
     async def post_call_actions(self, conversation_id: str) -> list[PostCallAction]:
@@ -200,6 +209,32 @@ class Reader:
             tuple(params),
         )
         return [Message(*row) for row in rows]
+
+    async def timeline(
+        self, conversation_id: str, *, limit: int, after: tuple[float, int, int] | None, bodies: bool
+    ) -> list[tuple[Any, ...]]:
+        """Rows of :data:`TIMELINE`: (kind: 0 event, 1 dead letter, id, event_type, source, received_at,
+        delivery_key, size, problems, error, attempts, body or None)."""
+        cursor = after or (None, None, None)
+        return await self._all(TIMELINE, (conversation_id, limit, bodies, *cursor))
+
+
+# A conversation's delivery timeline: its stored events, and the deliveries the database refused and that are
+# still unresolved in dead_letters, in the order they arrived. Bodies are read only when asked for (length()
+# of a BLOB does not read it). ?4 is the (received_at, kind, id) of the last row already seen, or NULL.
+TIMELINE = """
+SELECT kind, id, event_type, source, received_at, delivery_key, size, problems, error, attempts, body FROM (
+    SELECT 0 AS kind, id, event_type, source, received_at, delivery_key, length(body) AS size, problems,
+           NULL AS error, NULL AS attempts, CASE WHEN ?3 THEN body END AS body
+    FROM events WHERE conversation_id = ?1
+    UNION ALL
+    SELECT 1, id, event_type, source, received_at, delivery_key, length(body), 0, error, attempts,
+           CASE WHEN ?3 THEN body END
+    FROM dead_letters WHERE conversation_id = ?1 AND resolved_at IS NULL
+)
+WHERE ?4 IS NULL OR (received_at, kind, id) > (?4, ?5, ?6)
+ORDER BY received_at, kind, id LIMIT ?2
+"""
 
 
 def _json_or_text(stored: str | None) -> Any:

@@ -220,7 +220,7 @@ def _place(stream: _Stream, delivery: Delivery) -> list[MessageRow]:
             timestamp = earlier_timestamp if timestamp is None else timestamp
         if external_id is not None:
             stream.by_external_id[external_id] = (seq, timestamp)
-        placed.append((cid, source, seq, role, content, timestamp, None, None, None, None, external_id, created_at))
+        placed.append((cid, source, seq, role, content, timestamp, None, None, None, external_id, created_at))
     return placed
 
 

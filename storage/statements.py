@@ -43,6 +43,8 @@ EXISTING_KEYS = "SELECT delivery_key FROM events WHERE delivery_key IN ("
 EXISTING_KEYS_TAIL = ")"
 
 INSERT_EVENTS = "INSERT INTO events (delivery_key, source, event_type, conversation_id, received_at, body)"
+# Only for the few deliveries stored in part (a 422 with `accepted`): the common insert above stays as it is.
+MARK_PARTIAL_EVENTS = "UPDATE events SET problems = ? WHERE delivery_key = ?"
 
 # An event changes only the columns it knows; 'ended' and 'failed' are sticky because events arrive in
 # any order ('failed' wins: a call that never connected also gets its end-of-call event).
@@ -64,11 +66,14 @@ ON CONFLICT (id) DO UPDATE SET
 
 INSERT_MESSAGES = (
     "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
-    " inference_id, vendor_role, external_id, created_at)"
+    " inference_id, external_id, created_at)"
 )
+# The same with the vendor's own role: for rows of storage.deliveries.VendorMessageRow.
+INSERT_VENDOR_MESSAGES = INSERT_MESSAGES.replace(" inference_id,", " inference_id, vendor_role,")
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 
-# Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed.
+# Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed
+# (?10: the vendor role, NULL for a row without one).
 UPDATE_CHANGED_MESSAGE = """
 UPDATE messages
 SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9,

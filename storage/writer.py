@@ -197,14 +197,19 @@ class Writer:
         try:
             while (taken := self._take(retry, backoff_s)) is not None:
                 batch, jobs = taken
+                # These names outlive the iteration: left bound, they would keep the last batch (a whole
+                # drained backlog, bodies and all) alive while this thread waits for the next one.
+                del taken
                 for job in jobs:
                     try:
                         self._call_soon(_set_result, job.future, job.work(conn))
                     except Exception as exc:
                         self._call_soon(_set_exception, job.future, exc)
+                jobs = []
                 if not batch:
                     continue
                 retry = self._commit(conn, batch)
+                batch = []
                 if not retry:
                     backoff_s = 0.0
                     continue

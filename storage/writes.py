@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from storage import statements as sql
-from storage.deliveries import NULL, Delivery, WriteResult
+from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
 from storage.errors import StorageRejected
 
 log = logging.getLogger("transcriptd.storage")
@@ -143,13 +143,24 @@ def write_deliveries(
             sql.INSERT_EVENTS,
             [(d.key, d.source, d.event_type, d.conversation_id, d.received_at, d.body) for d in fresh],
         )
+        partial = [(d.problems, d.key) for d in fresh if d.problems]
+        if partial:
+            conn.executemany(sql.MARK_PARTIAL_EVENTS, partial)
     sql.insert_rows(
         conn, sql.UPSERT_CONVERSATIONS, [_conversation_row(d) for d in fresh], sql.UPSERT_CONVERSATIONS_TAIL
     )
 
     if batch_wide:
-        rows = [row for d in fresh for row in d.rows]
-        if sql.insert_rows(conn, sql.INSERT_MESSAGES, rows, sql.INSERT_MESSAGES_TAIL) < len(rows):
+        # Each delivery's rows have one shape (storage.deliveries.VendorMessageRow): one statement per shape.
+        plain: list[Row] = []
+        vendor: list[Row] = []
+        for d in fresh:
+            if d.rows:
+                (vendor if len(d.rows[0]) == VENDOR_ROW_WIDTH else plain).extend(d.rows)
+        inserted = sql.insert_rows(conn, sql.INSERT_MESSAGES, plain, sql.INSERT_MESSAGES_TAIL)
+        if vendor:
+            inserted += sql.insert_rows(conn, sql.INSERT_VENDOR_MESSAGES, vendor, sql.INSERT_MESSAGES_TAIL)
+        if inserted < len(plain) + len(vendor):
             raise _RowsAlreadyThere
 
     results: list[WriteResult] = []
@@ -184,14 +195,20 @@ def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
     )
 
 
+def _insert_for(rows: Rows) -> str:
+    return sql.INSERT_VENDOR_MESSAGES if len(rows[0]) == VENDOR_ROW_WIDTH else sql.INSERT_MESSAGES
+
+
 def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_written: bool) -> tuple[int, int]:
     inserted = updated = 0
     if transcript_written:
         inserted = len(delivery.rows)
     elif delivery.rows:
-        inserted = sql.insert_rows(conn, sql.INSERT_MESSAGES, delivery.rows, sql.INSERT_MESSAGES_TAIL)
+        inserted = sql.insert_rows(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(delivery.rows):
-            updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, [row[:10] for row in delivery.rows]).rowcount
+            vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
+            changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
+            updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, changed).rowcount
     if delivery.append_rows:
         appended = conn.executemany(sql.APPEND_MESSAGE, delivery.append_rows).rowcount
         if appended < len(delivery.append_rows):

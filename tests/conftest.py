@@ -25,6 +25,8 @@ TEST_SECRETS: tuple[str, ...] = (
     "from-env",  # TRANSCRIPTD_WEBHOOKS_TAVUS_TOKEN (tests/test_config.py)
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0x",  # webhooks.tavus.signing_secret (tests/test_signatures.py)
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0y",  # its rotation partner (tests/test_signatures.py)
+    "wsec_transcriptd-test-elevenlabs-1",  # webhooks.elevenlabs.signing_secret (tests/test_elevenlabs*.py)
+    "wsec_transcriptd-test-elevenlabs-2",  # its rotation partner (tests/test_elevenlabs*.py)
     "tavus-api-k3y-Secret",  # webhooks.tavus.api_key (tests/vendor_standin.py)
     "vapi-private-k3y-Secret",  # webhooks.vapi.api_key (tests/vendor_standin.py)
 )

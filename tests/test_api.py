@@ -101,6 +101,8 @@ async def test_conversations_newest_activity_first_with_a_cursor(app_client: App
         ("/conversations/c-q/messages?limit=501", 422, "query.limit"),
         ("/conversations/c-q/messages?limit=ten", 422, "query.limit"),
         ("/conversations/c-q/messages?page=0", 422, "query.page"),
+        ("/conversations/c-q/messages?page=45660257608191961", 422, "query.page"),  # its offset overflows SQLite
+        ("/conversations/c-q/messages?after=9223372036854775808", 422, "query.after"),  # 2**63
         ("/conversations/c-q/messages?page=2&after=3", 422, "query.after"),
         ("/conversations/c-q/messages?colour=red", 422, "query"),
         ("/conversations/c-q/messages?include_system=maybe", 422, "query.include_system"),

@@ -157,7 +157,7 @@ def test_an_old_event_stored_late_does_not_make_a_live_conversation_old(db_path:
     migrate(conn)
 
     def delivery(key: str, received_at: float) -> Delivery:
-        row = ("live", "test", 0 if key == "new" else 1, "user", key, None, None, None, None, None, None, received_at)
+        row = ("live", "test", 0 if key == "new" else 1, "user", key, None, None, None, None, None, received_at)
         return Delivery(
             key=key,
             source="test",

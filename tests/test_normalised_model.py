@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.connection import open_writer
-from storage.deliveries import NULL, ConversationPatch, Delivery, MessageRow
+from storage.deliveries import NULL, ConversationPatch, Delivery, MessageRow, VendorMessageRow
 from storage.migrations import _statements, available, migrate
 from storage.queries import Reader
 from storage.writes import write_batch
@@ -20,7 +20,9 @@ NORMALISED = "normalised_model"  # by name: the migration's number is not fixed 
 pytestmark = pytest.mark.anyio
 
 
-def delivery(key: str, cid: str, *, rows: list[MessageRow] | None = None, **patch: object) -> Delivery:
+def delivery(
+    key: str, cid: str, *, rows: list[MessageRow] | list[VendorMessageRow] | None = None, **patch: object
+) -> Delivery:
     now = time.time()
     return Delivery(
         key=key,
@@ -34,7 +36,11 @@ def delivery(key: str, cid: str, *, rows: list[MessageRow] | None = None, **patc
     )
 
 
-def row(cid: str, seq: int, role: str, content: str, vendor_role: str | None = None) -> MessageRow:
+def row(cid: str, seq: int, role: str, content: str) -> MessageRow:
+    return (cid, "test", seq, role, content, NULL, NULL, NULL, NULL, NULL, 1.0)
+
+
+def vendor_row(cid: str, seq: int, role: str, content: str, vendor_role: str | None = None) -> VendorMessageRow:
     return (
         cid,
         "test",
@@ -119,7 +125,7 @@ async def test_the_read_model_shows_vendor_roles_end_reason_and_analysis(
             delivery(
                 "first",
                 "v",
-                rows=[row("v", 0, "assistant", "Hello", "bot"), row("v", 1, "user", "Hi")],
+                rows=[vendor_row("v", 0, "assistant", "Hello", "bot"), vendor_row("v", 1, "user", "Hi")],
                 status="ended",
                 end_reason="customer-ended-call",
                 analysis=analysis,
@@ -129,7 +135,14 @@ async def test_the_read_model_shows_vendor_roles_end_reason_and_analysis(
     )
     # A fuller later event at the same positions: the changed vendor role is rewritten, nothing duplicated.
     (again,) = write_batch(
-        conn, [delivery("second", "v", rows=[row("v", 0, "assistant", "Hello", "agent"), row("v", 1, "user", "Hi")])]
+        conn,
+        [
+            delivery(
+                "second",
+                "v",
+                rows=[vendor_row("v", 0, "assistant", "Hello", "agent"), vendor_row("v", 1, "user", "Hi")],
+            )
+        ],
     )
     assert (again.inserted, again.updated) == (0, 1)  # type: ignore[union-attr]
     reader = Reader(db_path)
@@ -149,4 +162,24 @@ async def test_the_read_model_shows_vendor_roles_end_reason_and_analysis(
     assert [(m.role, m.vendor_role, m.content) for m in messages] == [
         ("assistant", "agent", "Hello"),
         ("user", None, "Hi"),
+    ]
+
+
+def test_one_commit_holds_rows_of_both_shapes(conn: sqlite3.Connection) -> None:
+    """A source without vendor roles binds eleven columns, one with them twelve; one commit can hold both."""
+    results = write_batch(
+        conn,
+        [
+            delivery("plain", "p", rows=[row("p", 0, "user", "a"), row("p", 1, "assistant", "b")]),
+            delivery("vendor", "q", rows=[vendor_row("q", 0, "assistant", "c", "bot")]),
+            delivery("plain2", "r", rows=[row("r", 0, "user", "d")]),
+        ],
+    )
+    assert [r.inserted for r in results] == [2, 1, 1]  # type: ignore[union-attr]
+    stored = conn.execute("SELECT conversation_id, seq, role, vendor_role, content FROM messages ORDER BY 1, 2")
+    assert stored.fetchall() == [
+        ("p", 0, "user", None, "a"),
+        ("p", 1, "assistant", None, "b"),
+        ("q", 0, "assistant", "bot", "c"),
+        ("r", 0, "user", None, "d"),
     ]

@@ -93,6 +93,7 @@ def test_kill_9_loses_no_delivery_answered_200(tmp_path: Path) -> None:
             "updated": 0,
             "duplicates": ROWS,
             "rejected": 0,
+            "duplicate": True,
         }
         restarted.stop(signal.SIGTERM)
     assert_acknowledged_are_stored(db_path, acknowledged, "200 before the kill (after a restart)")

@@ -51,10 +51,19 @@ def test_a_chunk_over_the_parameter_limit_is_refused_before_sqlite_sees_it() -> 
 
 def test_none_is_stored_as_null_in_every_column_type(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO conversations (id, source, created_at, updated_at) VALUES ('c', 'test', 0, 0)")
-    row = ("c", "test", 0, "user", "hi", None, None, None, None, None, None, 1.0)
+    row = ("c", "test", 0, "user", "hi", None, None, None, None, None, 1.0)
     assert sql.insert_rows(conn, sql.INSERT_MESSAGES, [row], sql.INSERT_MESSAGES_TAIL) == 1
     stored = conn.execute(
         "SELECT typeof(timestamp), typeof(seconds_from_start), typeof(duration), typeof(inference_id),"
-        " typeof(vendor_role), typeof(external_id), timestamp FROM messages"
+        " typeof(external_id), timestamp FROM messages"
     ).fetchone()
-    assert stored == ("null", "null", "null", "null", "null", "null", None)
+    assert stored == ("null", "null", "null", "null", "null", None)
+
+
+def test_a_vendor_row_binds_its_role_after_inference_id(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO conversations (id, source, created_at, updated_at) VALUES ('c', 'test', 0, 0)")
+    rows = [("c", "test", 0, "assistant", "hi", None, None, None, None, "bot", None, 1.0)]
+    rows.append(("c", "test", 1, "user", "yo", None, None, None, None, None, None, 1.0))  # type: ignore[arg-type]
+    assert sql.insert_rows(conn, sql.INSERT_VENDOR_MESSAGES, rows, sql.INSERT_MESSAGES_TAIL) == 2
+    stored = conn.execute("SELECT role, vendor_role, typeof(vendor_role), created_at FROM messages ORDER BY seq")
+    assert stored.fetchall() == [("assistant", "bot", "text", 1.0), ("user", None, "null", 1.0)]

@@ -27,6 +27,7 @@ async def test_transcript_with_epoch_timestamps_is_stored_in_order(app_client: A
         "updated": 0,
         "duplicates": 0,
         "rejected": 0,
+        "duplicate": False,
     }
     rows = db("SELECT seq, role, content, timestamp FROM messages WHERE conversation_id = ? ORDER BY seq", ("c-epoch",))
     sent = body["properties"]["transcript"]
@@ -109,6 +110,7 @@ async def test_a_changed_entry_at_an_existing_position_is_updated(app_client: Ap
         "updated": 1,
         "duplicates": 10,
         "rejected": 0,
+        "duplicate": False,
     }
     assert db("SELECT content FROM messages WHERE conversation_id = 'c-edit' AND seq = 4") == [("corrected",)]
     assert db("SELECT count(*), max(seq) FROM messages WHERE conversation_id = 'c-edit'") == [(12, 11)]

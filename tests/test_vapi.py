@@ -100,6 +100,29 @@ def test_the_docs_recording_consent_report_keeps_its_deprecated_recording_url() 
     assert delivery.patch.ended_at == pytest.approx(1705314900.0)
 
 
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [
+        ("customer-did-not-answer", "failed"),
+        ("customer-busy", "failed"),
+        ("twilio-failed-to-connect-call", "failed"),
+        ("call.start.error-get-assistant", "failed"),
+        ("call.ringing.error-sip-inbound-call-failed-to-connect", "failed"),
+        ("customer-ended-call", "ended"),
+        ("assistant-ended-call", "ended"),
+        ("voicemail", "ended"),
+        (None, "ended"),
+    ],
+)
+def test_a_call_that_never_connected_is_failed_with_its_reason(reason: str | None, status: str) -> None:
+    for name in ("events-end-of-call-report.json", "events-status-update.json"):
+        body = json.loads(fixture(name))
+        body["message"]["endedReason"] = reason
+        delivery, problems = parsed(json.dumps(body).encode())
+        assert problems == []
+        assert (delivery.patch.status, delivery.patch.end_reason) == (status, reason)
+
+
 def test_status_updates() -> None:
     ended, _ = parsed(fixture("events-status-update.json"))
     assert (ended.event_type, ended.patch.status) == ("status-update", "ended")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from daemon.app import create_app
 from daemon.sources.vapi import ROLES
 from tests.conftest import AppClient, make_config
+from tests.daemon_process import managed, start_daemon
 from tests.test_fuzz import Client, broken_json, check_answer, fresh_id, fuzz, json_values, running, text_content
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vapi"
@@ -68,6 +70,7 @@ async def test_a_signed_end_of_call_report_is_stored_turn_by_turn(app_client: Ap
             "updated": 0,
             "duplicates": 0,
             "rejected": 0,
+            "duplicate": False,
         }
         stored = await messages(client, cid)
         record = (await client.get(f"/conversations/{cid}")).json()
@@ -295,3 +298,28 @@ def test_broken_and_odd_vapi_bodies_never_fail_the_server(client: Client) -> Non
         check_answer(client.post("/webhooks/vapi", content=body))
 
     send()
+
+
+# --- A real server -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_real_server_takes_the_vapi_secrets_from_its_environment(tmp_path: Path) -> None:
+    """transcriptd serve, with the HMAC secret and path token only in its environment, over loopback."""
+    token = "vapi-env-path-t0ken"
+    env = {"TRANSCRIPTD_WEBHOOKS_VAPI_HMAC_SECRET": SECRET, "TRANSCRIPTD_WEBHOOKS_VAPI_TOKEN": token}
+    report = fixture("schema-end-of-call-report-with-tools.json")
+    body = json.dumps(report).encode()
+    with managed(start_daemon(tmp_path, tmp_path / "transcriptd.db", env=env)) as daemon:
+        with httpx.Client(base_url=daemon.base_url, timeout=15.0, trust_env=False) as http:
+            unsigned = http.post(f"/webhooks/vapi/{token}", content=body)
+            stored = http.post(f"/webhooks/vapi/{token}", content=body, headers=signed(body))
+            read = http.get(f"/conversations/{report['message']['call']['id']}/messages", params={"limit": "500"})
+        assert daemon.stop(signal.SIGTERM) == 0
+        log = daemon.log()
+    assert unsigned.status_code == 401
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["inserted"] == 6
+    assert [m["role"] for m in read.json()["messages"]] == ["assistant", "user", "tool", "tool", "assistant"]
+    assert SECRET not in log
+    assert token not in log

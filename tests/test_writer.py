@@ -28,7 +28,7 @@ Query = Any
 def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery:
     now = time.time()
     rows: list[MessageRow] = [
-        (cid, "test", i, "user", c, None, None, None, None, None, None, now) for i, c in enumerate(contents)
+        (cid, "test", i, "user", c, None, None, None, None, None, now) for i, c in enumerate(contents)
     ]
     return Delivery(
         key=f"test:{cid}:{len(contents)}",

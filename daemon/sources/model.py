@@ -115,6 +115,14 @@ class Source(Generic[S]):
     path: str | None = None
     bearer: bool = False  # guarded by api.token (Authorization: Bearer) instead of a path token
     operation: str = ""  # OpenAPI operationId; default "<name>_webhook"
+    # When parsing depends on settings (what the raw event keeps, say): the parser for them, built once at
+    # start-up; intake then uses it instead of ``parse`` (replay still uses ``replay``).
+    parse_with: Callable[[S], Parse] | None = None
+    # The largest body this source takes, from its settings, instead of ingest.max_body_bytes.
+    max_body_bytes: Callable[[S], int] | None = None
+    # The status of an enqueued answer (ingest.ack = "enqueued"): 202, unless the vendor counts only a 200
+    # as delivered (ElevenLabs), when the body still says "enqueued".
+    enqueued_status: Literal[200, 202] = 202
     api: ApiClient | None = None  # fetching back what a webhook missed (reconcile); None: no vendor API
 
     @property
@@ -135,6 +143,18 @@ class Source(Generic[S]):
         """``webhooks.<name>.api_key``, or "" when unset or the source has no API client."""
         settings = self.settings_in(webhooks)
         return getattr(settings, "api_key", "") if self.api is not None else ""
+
+    def parser(self, webhooks: Any) -> Parse:
+        settings = self.settings_in(webhooks)
+        if settings is None or self.parse_with is None:
+            return self.parse
+        return self.parse_with(settings)
+
+    def body_limit(self, webhooks: Any, default: int) -> int:
+        settings = self.settings_in(webhooks)
+        if settings is None or self.max_body_bytes is None:
+            return default
+        return self.max_body_bytes(settings)
 
     def verifier(self, webhooks: Any) -> Verify | None:
         settings = self.settings_in(webhooks)

@@ -230,7 +230,6 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
             NULL if (offset := entry.seconds_from_start) is None else offset,
             NULL if (duration := entry.duration) is None else duration,
             NULL if (inference_id := entry.inference_id) is None else inference_id,
-            NULL,  # vendor_role: Tavus's roles are the normalised ones already
             NULL,
             now,
         )

@@ -23,7 +23,7 @@ from daemon.errors import InvalidPayload, Problem
 from daemon.sources import vapi_api
 from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
-from storage.deliveries import NULL, Delivery, MessageRow
+from storage.deliveries import NULL, Delivery, Status, VendorMessageRow
 
 NAME = "vapi"
 END_OF_CALL = "end-of-call-report"
@@ -42,6 +42,24 @@ ROLES: dict[str, NormalRole] = {
     "tool_call_result": "tool",
     "tool": "tool",
 }
+
+
+# endedReason values (of the ~600 in Vapi's OpenAPI schema) that say the call never connected: such a
+# call is 'failed', with its reason, rather than 'ended'.
+NOT_CONNECTED_PREFIXES = ("call.start.", "call.ringing.", "call-start-error")
+NOT_CONNECTED = frozenset(
+    {"customer-busy", "customer-did-not-answer", "twilio-reported-customer-misdialed", "vonage-rejected"}
+)
+
+
+def _status_of(ended_reason: str | None) -> Status:
+    if ended_reason is not None and (
+        ended_reason in NOT_CONNECTED
+        or ended_reason.startswith(NOT_CONNECTED_PREFIXES)
+        or ended_reason.endswith("failed-to-connect-call")
+    ):
+        return "failed"
+    return "ended"
 
 
 def _absent() -> msgspec.Raw:
@@ -238,7 +256,7 @@ def _delivery(body: bytes, event_type: str, cid: str, received_at: float, key: s
 
 def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
     patch = delivery.patch
-    patch.status = "ended"
+    patch.status = _status_of(message.ended_reason)
     patch.started_at = epoch_seconds(message.started_at)
     patch.ended_at = epoch_seconds(message.ended_at) or stamp
     patch.end_reason = message.ended_reason
@@ -255,7 +273,7 @@ def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | No
     if message.status == "in-progress":
         patch.started_at = stamp
     elif message.status == "ended":
-        patch.status, patch.ended_at, patch.end_reason = "ended", stamp, message.ended_reason
+        patch.status, patch.ended_at, patch.end_reason = _status_of(message.ended_reason), stamp, message.ended_reason
 
 
 def _artifact_messages(message: ServerMessage) -> msgspec.Raw | None:
@@ -290,7 +308,7 @@ def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *,
         delivery.last_message_at = max(stamps) if stamps else delivery.received_at  # type: ignore[type-var]
 
 
-def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[MessageRow]:
+def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[VendorMessageRow]:
     cid, now = delivery.conversation_id, delivery.received_at
     # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
     return [

@@ -1,0 +1,126 @@
+"""ElevenLabs Agents post-call webhooks, as a source: ``POST /webhooks/elevenlabs[/{token}]``.
+
+Every delivery must carry a valid ``ElevenLabs-Signature`` (``elevenlabs_signature``); the body maps to
+messages and conversation fields in ``elevenlabs_events``. ElevenLabs counts only an exact 200 as
+delivered, which is what a stored delivery is answered in durable mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+from daemon.decoding import new_delivery
+from daemon.errors import Problem, Unavailable
+from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
+from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
+from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, replay_with
+from storage.deliveries import NULL, Delivery, VendorMessageRow
+
+# A 10-minute call at 128 kbit/s is ~13 MiB of base64 MP3, near ingest.max_body_bytes already; this takes
+# calls of about 50 minutes. The audio is not kept (see keep_audio): only the request holds it, while read.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class ElevenLabsSettings(WebhookSettings, frozen=True):
+    """``webhooks.elevenlabs.*``."""
+
+    # The webhook's HMAC secret, as ElevenLabs shows it (several, space-separated, to rotate). Required:
+    # without it every delivery is answered 503, since nothing could tell a forged one from a real one.
+    signing_secret: Secret = ""
+    signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_TOLERANCE_S
+    signature_future_skew_s: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_FUTURE_SKEW_S
+    # post_call_audio: keep the body whole in the event log (base64 MP3, tens of MB), instead of the
+    # envelope with the audio replaced by its length, SHA-256 and decoded size.
+    keep_audio: bool = False
+    # The largest body taken on this path, in place of ingest.max_body_bytes: audio bodies are large.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
+
+
+def authenticate(settings: ElevenLabsSettings) -> Verify:
+    if not settings.signing_secret.strip():
+        return _no_secret
+    return ElevenLabsSignature(
+        settings.signing_secret,
+        tolerance_s=settings.signature_tolerance_s,
+        future_skew_s=settings.signature_future_skew_s,
+    ).verify
+
+
+def _no_secret(body: bytes, headers: Mapping[str, str]) -> None:
+    # Our configuration is missing, not the sender's signature: a 503, which ElevenLabs retries (when
+    # retries are on) once the secret is set, rather than a 401 it would give up on.
+    raise Unavailable("webhooks.elevenlabs.signing_secret is not set: no delivery can be authenticated", retry_after=60)
+
+
+def parse_with(settings: ElevenLabsSettings) -> Parse:
+    """The parser for these settings (whether the raw event keeps the audio)."""
+    keep_audio = settings.keep_audio
+
+    def parse_configured(
+        body: bytes, headers: Mapping[str, str], *, received_at: float
+    ) -> tuple[Delivery, list[Problem]]:
+        return _parse(body, headers, received_at, keep_audio=keep_audio)
+
+    return parse_configured
+
+
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
+    """One webhook body as a delivery, with the default settings (the audio is not kept)."""
+    return _parse(body, headers, received_at, keep_audio=False)
+
+
+def _parse(
+    body: bytes, headers: Mapping[str, str], received_at: float, *, keep_audio: bool
+) -> tuple[Delivery, list[Problem]]:
+    event, problems = parse_event(body, keep_audio=keep_audio)
+    delivery = new_delivery(NAME, event.event_type, event.conversation_id, event.stored_body, headers, received_at)
+    delivery.key = event.key  # type + event_timestamp + conversation_id, as ElevenLabs documents
+    delivery.rejected = event.rejected
+    call, patch = event.call, delivery.patch
+    patch.status, patch.started_at, patch.ended_at = call.status, call.started_at, call.ended_at
+    patch.end_reason, patch.analysis = call.end_reason, call.analysis
+    _add_rows(delivery, event)
+    return delivery, problems
+
+
+def _add_rows(delivery: Delivery, event: Event) -> None:
+    cid, now = delivery.conversation_id, delivery.received_at
+    # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
+    rows: list[VendorMessageRow] = [
+        (
+            cid,
+            NAME,
+            m.seq,
+            m.role,
+            m.content,
+            NULL if m.timestamp is None else m.timestamp,
+            NULL if m.seconds_from_start is None else m.seconds_from_start,
+            NULL,
+            NULL,
+            NULL if m.vendor_role == m.role else m.vendor_role,
+            NULL,
+            now,
+        )
+        for m in event.messages
+    ]
+    delivery.rows = rows
+    if rows:
+        delivery.last_message_at = max((m.timestamp for m in event.messages if m.timestamp is not None), default=now)
+
+
+SOURCE = Source(
+    name=NAME,
+    title="An ElevenLabs Agents post-call webhook",
+    parse=parse,
+    replay=replay_with(parse),  # the event log holds what parse stored: already without the audio
+    events=frozenset(EVENT_TYPES),
+    body=Envelope,
+    settings=ElevenLabsSettings,
+    authenticate=authenticate,
+    parse_with=parse_with,
+    max_body_bytes=lambda settings: settings.max_body_bytes,
+    enqueued_status=200,  # ElevenLabs counts only a 200 as delivered, in either ack mode
+)
