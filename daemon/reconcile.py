@@ -73,14 +73,18 @@ def fetched_key(source: str, body: bytes) -> str:
     return f"{source}:fetched:sha256:{hashlib.sha256(body).hexdigest()}"
 
 
-def deliveries_of(source: Source[Any], fetched: Fetched, received_at: float) -> tuple[list[Delivery], list[str]]:
-    """The deliveries the fetched bodies make, each parsed by the source's own parser, and what was wrong
-    with any of them (a body the parser refuses is named, the others still go)."""
+def deliveries_of(
+    source: Source[Any], webhooks: Any, fetched: Fetched, received_at: float
+) -> tuple[list[Delivery], list[str]]:
+    """The deliveries the fetched bodies make, each parsed by the parser intake uses for the source (with
+    its ``webhooks.<name>`` settings), and what was wrong with any of them (a body the parser refuses is
+    named, the others still go)."""
+    parse = source.parser(webhooks)
     deliveries: list[Delivery] = []
     problems: list[str] = []
     for body in fetched.bodies:
         try:
-            delivery, found = source.parse(body, {}, received_at=received_at)
+            delivery, found = parse(body, {}, received_at=received_at)
         except (MalformedJSON, InvalidPayload) as exc:
             problems.append(f"{exc.__class__.__name__}: {exc}")
             continue

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     with closing(conn):
         try:
-            tally, listing_error = anyio.run(_reconcile, source, http, conn, args, backend="asyncio")
+            tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, conn, args, backend="asyncio")
         except ExceptionGroup as group:
             # A storage fault out of the task group: raised as itself, so the command reports it in one line.
             first: BaseException = group
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _reconcile(
-    source: Source[Any], http: VendorHttp, conn: sqlite3.Connection, args: argparse.Namespace
+    source: Source[Any], webhooks: Any, http: VendorHttp, conn: sqlite3.Connection, args: argparse.Namespace
 ) -> tuple[Tally, str | None]:
     tally = Tally()
     assert source.api is not None
@@ -160,7 +160,7 @@ async def _reconcile(
                     progress.advance()
                     return
             tally.fetched += 1
-            deliveries, problems = deliveries_of(source, fetched, time.time())
+            deliveries, problems = deliveries_of(source, webhooks, fetched, time.time())
             for problem in problems:
                 print(f"transcriptd: {source.name} conversation {cid!r}: {problem}", file=sys.stderr)
             async with writing:  # one connection: one transaction at a time

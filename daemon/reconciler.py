@@ -194,7 +194,7 @@ class Reconciler:
         """Submit the fetched conversation's deliveries and wait for their commit; False if intake has no
         room for them now."""
         name = vendor.source.name
-        deliveries, problems = deliveries_of(vendor.source, fetched, self._clock())
+        deliveries, problems = deliveries_of(vendor.source, self._webhooks, fetched, self._clock())
         for problem in problems:
             log.warning("reconcile: %s conversation %r: %s", name, fetched.conversation_id, problem)
         inserted, complete = 0, True

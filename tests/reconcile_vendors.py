@@ -8,7 +8,10 @@ went down), so the reconciler has a conversation that "joined and went quiet".
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -16,9 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.vendor_standin import VAPI_KEY, StandIn, vapi_api, vapi_call
+from tests.conftest import TEST_SECRETS
+from tests.vendor_standin import ELEVENLABS_KEY, VAPI_KEY, StandIn, elevenlabs_api, vapi_api, vapi_call
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ELEVENLABS_SECRET = TEST_SECRETS[TEST_SECRETS.index("wsec_transcriptd-test-elevenlabs-1")]
 
 
 @dataclass(frozen=True)
@@ -92,4 +97,43 @@ VAPI = VendorCase(
     keyed_event="end-of-call-report",
 )
 
-CASES: list[VendorCase] = [VAPI]
+# --- ElevenLabs: the docs' post-call transcription example, one per conversation -------------------------
+
+_ELEVENLABS = json.loads((FIXTURES / "elevenlabs" / "post_call_transcription.json").read_text())
+
+
+def elevenlabs_headers(body: bytes) -> dict[str, str]:
+    stamp = str(int(time.time()))
+    mac = hmac.new(ELEVENLABS_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"elevenlabs-signature": f"t={stamp},v0={mac}"}
+
+
+def elevenlabs(i: int, created: float) -> Call:
+    cid = f"el-conv-{i:03d}"
+    webhook = copy.deepcopy(_ELEVENLABS)
+    data = webhook["data"]
+    data["conversation_id"] = cid
+    data["metadata"]["start_time_unix_secs"] = int(created)
+    webhook["event_timestamp"] = int(created) + 90
+    for turn in data["transcript"]:
+        if turn["role"] == "agent" and turn.get("message"):
+            turn["message"] = f"{turn['message']} ({i})"
+    # The API's model is the webhook's data, and a few fields the webhook leaves out.
+    record = {**data, "has_audio": True, "has_user_audio": True, "has_response_audio": True}
+    return Call(cid, [json.dumps(webhook).encode()], [], record)
+
+
+ELEVENLABS = VendorCase(
+    name="elevenlabs",
+    key=ELEVENLABS_KEY,
+    api=elevenlabs_api,
+    call=elevenlabs,
+    list_path="/v1/convai/conversations",
+    get_path=lambda cid: f"/v1/convai/conversations/{cid}",
+    keyed_event="",  # its key holds the webhook's event_timestamp, which the API does not give
+    webhook_settings={"webhooks.elevenlabs.signing_secret": ELEVENLABS_SECRET},
+    sign=elevenlabs_headers,
+)
+
+
+CASES: list[VendorCase] = [VAPI, ELEVENLABS]

@@ -31,6 +31,7 @@ STOP_TIMEOUT_S = 10.0
 # The API keys the stand-ins expect; they are in tests/conftest.py's TEST_SECRETS, so a log holding one fails.
 TAVUS_KEY = "tavus-api-k3y-Secret"
 VAPI_KEY = "vapi-private-k3y-Secret"
+ELEVENLABS_KEY = "elevenlabs-xi-k3y-Secret"
 
 
 @dataclass(slots=True)
@@ -248,6 +249,54 @@ def vapi_api() -> Iterator[StandIn]:
         standin,
         lambda request: request.headers.get("authorization") == f"Bearer {VAPI_KEY}",
         [("GET", "/call", _vapi_list), ("GET", "/call/{cid}", _vapi_get)],
+    )
+    with serving(standin, app):
+        yield standin
+
+
+# --- ElevenLabs --------------------------------------------------------------------------------------
+
+
+def _elevenlabs_list(standin: StandIn, request: Request, body: Any) -> Any:
+    after = int(request.query_params.get("call_start_after_unix", "0"))
+    size = min(int(request.query_params.get("page_size", "30")), 25)
+    start = int(request.query_params.get("cursor") or 0)
+    items = sorted(standin.conversations.values(), key=lambda c: c["metadata"]["start_time_unix_secs"], reverse=True)
+    items = [c for c in items if c["metadata"]["start_time_unix_secs"] >= after]
+    page = items[start : start + size]
+    more = start + size < len(items)
+    summaries = [
+        {
+            "agent_id": c["agent_id"],
+            "conversation_id": c["conversation_id"],
+            "start_time_unix_secs": c["metadata"]["start_time_unix_secs"],
+            "call_duration_secs": c["metadata"]["call_duration_secs"],
+            "message_count": len(c["transcript"]),
+            "status": c["status"],
+            "call_successful": "success",
+        }
+        for c in page
+    ]
+    return {"conversations": summaries, "has_more": more, "next_cursor": str(start + size) if more else None}
+
+
+def _elevenlabs_get(standin: StandIn, request: Request, body: Any) -> Any:
+    conversation = standin.conversations.get(request.path_params["cid"])
+    if conversation is None:
+        return JSONResponse({"detail": {"status": "conversation_not_found"}}, status_code=404)
+    return conversation
+
+
+@contextmanager
+def elevenlabs_api() -> Iterator[StandIn]:
+    standin = StandIn()
+    app = app_for(
+        standin,
+        lambda request: request.headers.get("xi-api-key") == ELEVENLABS_KEY,
+        [
+            ("GET", "/v1/convai/conversations", _elevenlabs_list),
+            ("GET", "/v1/convai/conversations/{cid}", _elevenlabs_get),
+        ],
     )
     with serving(standin, app):
         yield standin
