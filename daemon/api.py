@@ -10,21 +10,22 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from daemon import metadata
 from daemon.auth import check_bearer
 from daemon.cache import PrefixTTLCache
-from daemon.decoding import validation_problem
+from daemon.decoding import epoch_seconds, validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.ids import path_id, quoted
 from daemon.sources import NAMES
 from daemon.sources.model import Role
-from storage.queries import Conversation, ConversationSummary, Message, Reader
+from storage.queries import Conversation, ConversationFilter, ConversationSummary, Message, Reader
 
 Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
@@ -39,11 +40,32 @@ Source = Annotated[
     str,
     msgspec.Meta(pattern=f"^(?:{'|'.join(NAMES)})$", extra_json_schema={"enum": list(NAMES)}),
 ]
+Status = Literal["active", "ended", "failed"]
+METADATA_PREFIX = "metadata."
+MAX_METADATA_FILTERS = 8
+# Unix seconds, or an ISO-8601 date and time: in the OpenAPI description too (epoch_seconds reads it).
+INSTANT = (
+    r"^-?[0-9]+(\.[0-9]+)?$"
+    r"|^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)?(Z|[+-][0-9]{2}:[0-9]{2})?$"
+)
 
 
 class ConversationsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="conversations per page")] = 50
     cursor: Annotated[str | None, msgspec.Meta(description="the `next` cursor of the previous page")] = None
+    status: Annotated[Status | None, msgspec.Meta(description="only conversations `active` or `ended`")] = None
+    source: Annotated[Source | None, msgspec.Meta(description="only conversations of this source")] = None
+    updated_since: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=INSTANT,
+                description="only conversations updated at or after this (Unix seconds or ISO-8601, naive is UTC)",
+            ),
+        ]
+        | None
+    ) = None
+    # And any number (up to MAX_METADATA_FILTERS) of `metadata.<key>=<value>`: see conversation_filter.
 
 
 class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,9 +102,9 @@ class MessagePage(msgspec.Struct):
     next: str | None
 
 
-def parse_query(request: Request, type_: type[Q]) -> Q:
+def parse_query(request: Request, type_: type[Q], params: dict[str, str] | None = None) -> Q:
     try:
-        return msgspec.convert(dict(request.query_params), type_, strict=False)
+        return msgspec.convert(dict(request.query_params) if params is None else params, type_, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidPayload([validation_problem(exc, "query")]) from None
 
@@ -95,14 +117,21 @@ class Api:
 
     async def list_conversations(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        query = parse_query(request, ConversationsQuery)
+        params = dict(request.query_params)
+        wanted = {key: params.pop(key) for key in list(params) if key.startswith(METADATA_PREFIX)}
+        query = parse_query(request, ConversationsQuery, params)
+        where = conversation_filter(query, wanted)
         before = _decode_cursor(query.cursor) if query.cursor else None
-        rows = await self.reader.conversations(query.limit + 1, before)
+        rows = await self.reader.conversations(query.limit + 1, before, where)
         next_link = None
         if len(rows) > query.limit:
             rows = rows[: query.limit]
             last = rows[-1]
-            next_link = "/conversations?" + urlencode({"limit": query.limit, "cursor": _encode_cursor(last)})
+            # The filters go on in the next page's URL: a client follows `next` and gets the same selection.
+            carried = {name: getattr(query, name) for name in ("status", "source", "updated_since")}
+            following = {"limit": query.limit, "cursor": _encode_cursor(last)}
+            following |= {name: value for name, value in carried.items() if value is not None} | wanted
+            next_link = "/conversations?" + urlencode(following)
         # Not cached: every commit changes this list, so it would only ever be evicted.
         return _json(ConversationPage(rows, next_link))
 
@@ -176,6 +205,26 @@ class Api:
         if value is not None:
             self.cache.store(key, value, generation)
         return value
+
+
+def conversation_filter(query: ConversationsQuery, wanted: dict[str, str]) -> ConversationFilter:
+    """The list's filter: ``updated_since`` read as a time, each ``metadata.<key>`` checked; a bad one is a
+    422 naming its parameter."""
+    since = None
+    if query.updated_since is not None:
+        since = epoch_seconds(query.updated_since)
+        if since is None:
+            problem = Problem("not a time: Unix seconds or ISO-8601 (naive is UTC)", "query.updated_since")
+            raise InvalidPayload([problem])
+    if len(wanted) > MAX_METADATA_FILTERS:
+        raise InvalidPayload([Problem(f"at most {MAX_METADATA_FILTERS} metadata filters", "query.metadata")])
+    for name in wanted:
+        key = name.removeprefix(METADATA_PREFIX)
+        if not metadata.KEY.fullmatch(key):
+            problem = Problem("a metadata key is 1-64 characters of letters, digits and _.:-", f"query.{name[:80]}")
+            raise InvalidPayload([problem])
+    pairs = tuple((name.removeprefix(METADATA_PREFIX), value) for name, value in wanted.items())
+    return ConversationFilter(status=query.status, source=query.source, updated_since=since, metadata=pairs)
 
 
 def _json(payload: msgspec.Struct) -> Response:

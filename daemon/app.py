@@ -16,6 +16,7 @@ from daemon.actors import ActorRegistry
 from daemon.api import Api
 from daemon.cache import PrefixTTLCache
 from daemon.config import Config
+from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
@@ -142,6 +143,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 wal_bytes=checkpointer.wal_bytes,
                 wal_pinned_s=checkpointer.pinned_s,
             )
+            metrics.watch_erasure(dropped=lambda: writer.dropped_erased)
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
@@ -149,6 +151,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
+            app.state.erasure = Eraser(writer, cache, config.api.token)
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
                 config.storage.path,

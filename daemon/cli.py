@@ -25,7 +25,7 @@ from daemon.logs import configure
 from daemon.server import build_server
 from daemon.sources import SOURCES
 from storage import backup as backups
-from storage import dead_letters, retention
+from storage import dead_letters, erasure, retention
 from storage import export as exports
 from storage.connection import StorageVersionError, open_reader, open_writer
 from storage.migrations import migrate
@@ -116,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cutoff, in days before now (default: storage.retention_days; 0 there keeps everything)",
     )
     _add_storage_options(prune)
+
+    delete = commands.add_parser(
+        "delete",
+        help="erase one conversation, and drop its later deliveries",
+        description="Erase one conversation: its messages, raw events, dead letters and record, in one "
+        "transaction, leaving a tombstone so that a late re-delivery is answered 2xx and stored nowhere. Safe "
+        "while the daemon is serving, but its cache may still serve the conversation for up to cache.ttl_s: "
+        "DELETE /conversations/{id} on the daemon evicts it at once. Backups made before keep the data.",
+    )
+    delete.add_argument("--conversation", required=True, metavar="ID", help="the conversation id")
+    delete.add_argument(
+        "--undo",
+        action="store_true",
+        help="lift the conversation's tombstone instead, so its next delivery is stored (nothing comes back)",
+    )
+    _add_storage_options(delete)
 
     dead = commands.add_parser(
         "dead-letters",
@@ -410,6 +426,31 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def delete_command(args: argparse.Namespace, config: Config) -> int:
+    path = _database(config)
+    cid: str = args.conversation
+    with closing(_writer(path, config)) as conn:
+        migrate(conn)  # a database of an older version gets its tombstones table first
+        if args.undo:
+            lifted = erasure.undo(conn, cid)
+            if lifted is None:
+                raise Failed(f"conversation {cid!r} has no tombstone in {path}: nothing to undo")
+            print(
+                f"lifted the tombstone of conversation {cid!r} (erased {_iso(lifted.deleted_at)}, "
+                f"{lifted.dropped} deliveries dropped since): its next delivery is stored"
+            )
+            return 0
+        erased = erasure.erase(conn, cid)
+    if erased is None:
+        raise Failed(f"no conversation {cid!r} in {path}")
+    print(
+        f"erased conversation {cid!r}: {erased.conversations} conversation, {erased.messages} messages, "
+        f"{erased.events} events, {erased.dead_letters} dead letters; its later deliveries are dropped "
+        "(a running daemon's cache may serve it for up to cache.ttl_s)"
+    )
+    return 0
+
+
 def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
     path = _database(config)
     if args.dead_letters_command == "list":
@@ -487,5 +528,6 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "replay": replay_command,
     "prune": prune_command,
     "dead-letters": dead_letters_command,
+    "delete": delete_command,
     "reconcile": reconcile_command.run,
 }

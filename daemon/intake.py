@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daemon import delivery_log
+from daemon import delivery_log, metadata
 from daemon.actors import ActorRegistry
 from daemon.auth import check_bearer, check_path_token
 from daemon.errors import (
@@ -35,10 +35,9 @@ from daemon.sources.model import Parse, Verify
 from storage.deliveries import Delivery, WriteResult, weight_of
 
 
-class Stored(msgspec.Struct, kw_only=True):
+class Stored(msgspec.Struct, kw_only=True, tag_field="status", tag="stored"):
     """200: the delivery is committed. ``duplicates`` were already stored, unchanged."""
 
-    status: Literal["stored"] = "stored"
     received: int
     inserted: int
     updated: int
@@ -48,6 +47,13 @@ class Stored(msgspec.Struct, kw_only=True):
     duplicate: Annotated[
         bool, msgspec.Meta(description="this delivery (its idempotency key) was stored before: nothing changed")
     ] = False
+
+
+class Dropped(msgspec.Struct, kw_only=True, tag_field="status", tag="erased"):
+    """200: the conversation was erased, so nothing of the delivery was stored (and nothing will be, until
+    ``transcriptd delete --undo``). A 2xx, so that the sender does not retry."""
+
+    received: int
 
 
 class Enqueued(msgspec.Struct, kw_only=True):
@@ -129,7 +135,9 @@ class Intake:
                 else:
                     gate.verify(body, request.headers)
             delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
-            return await self._accept(delivery, problems, started, source.enqueued_status)
+            return await self._accept(
+                _with_metadata(delivery, problems, request), problems, started, source.enqueued_status
+            )
         except Exception as exc:
             if self.settings.log_deliveries:
                 # An id that is not UTF-8 is named as it came, percent-encoded.
@@ -193,6 +201,10 @@ class Intake:
                 f"the delivery was not committed within {self.settings.ack_timeout_s:g} s; retry",
                 retry_after=self.settings.retry_after_s,
             )
+        if delivery.result.erased:
+            metrics.delivery(delivery.event_type, "erased", None)
+            metrics.ack_durable.observe(time.perf_counter() - started)
+            return _json(Dropped(received=delivery.received), 200)
         stored = _stored(delivery.result)
         outcome = "partial" if problems else "duplicate" if delivery.result.duplicate_delivery else "stored"
         metrics.delivery(delivery.event_type, outcome, delivery.result)
@@ -213,6 +225,14 @@ def _gate(source: Source[Any], intake: IntakeSettings) -> _Gate:
         parse=source.parser(webhooks),
         max_body_bytes=source.body_limit(webhooks, intake.max_body_bytes),
     )
+
+
+def _with_metadata(delivery: Delivery, problems: list[Problem], request: Request) -> Delivery:
+    """The URL's query parameters as the conversation's metadata; a refused one joins ``problems``."""
+    if request.scope.get("query_string"):  # most callback URLs carry none: nothing to do on the common path
+        delivery.metadata, refused = metadata.from_query(request.query_params.multi_items())
+        problems.extend(refused)
+    return delivery
 
 
 def _stored(result: WriteResult) -> Stored:

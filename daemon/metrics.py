@@ -41,6 +41,16 @@ class _CacheCollector(Collector):
             yield CounterMetricFamily(f"transcriptd_cache_{name}", help_, value=value)
 
 
+class _CountCollector(Collector):
+    """One counter read at scrape time from the part that keeps it."""
+
+    def __init__(self, name: str, help_: str, read: Callable[[], float]) -> None:
+        self.name, self.help, self.read = name, help_, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.help, value=self.read())
+
+
 class Metrics:
     def __init__(self, scrape_tokens: tuple[str, ...] = ()) -> None:
         """``scrape_tokens``: a scrape needs ``Authorization: Bearer`` with one of them when any is set
@@ -156,6 +166,16 @@ class Metrics:
 
         self.oldest_pending.set_function(oldest_age)
         self.registry.register(_CacheCollector(cache))
+
+    def watch_erasure(self, *, dropped: Callable[[], float]) -> None:
+        """Deliveries dropped because their conversation was erased, in either ack mode (the writer counts)."""
+        self.registry.register(
+            _CountCollector(
+                "transcriptd_erased_deliveries_dropped",
+                "Deliveries for an erased conversation: answered 2xx, nothing stored",
+                dropped,
+            )
+        )
 
     def delivery(self, event_type: str, outcome: str, result: WriteResult | None, rejected: int = 0) -> None:
         """Count one answered delivery. Called per request: the labelled children are looked up once."""

@@ -14,9 +14,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
+from daemon.erasing import ErasedAnswer
 from daemon.health import Readiness
 from daemon.ids import PARAM, RawPathRoute
-from daemon.intake import Enqueued, Stored
+from daemon.intake import Dropped, Enqueued, Stored
 from daemon.sources import SOURCES, Source
 from daemon.timeline import EventPage, EventsQuery
 from storage.queries import Conversation
@@ -31,6 +32,10 @@ INTAKE_ERRORS = {
     413: "the body is over `ingest.max_body_bytes`",
     422: "valid JSON of the wrong shape; the valid part was stored (see `accepted`)",
     503: "overloaded, shutting down or storage unavailable: retry after `Retry-After` seconds",
+}
+INTAKE_ANSWERS: dict[int, tuple[str, Any]] = {
+    200: ("stored (durable mode), or dropped because the conversation was erased", Stored | Dropped),
+    202: ("in the mailbox (enqueued mode)", Enqueued),
 }
 READ_ERRORS = {401: "missing or wrong bearer token (when `api.token` is set)", 422: "a bad query parameter"}
 ID_READ_ERRORS = {400: "the id in the path is not UTF-8 once percent-decoded", **READ_ERRORS}
@@ -103,12 +108,6 @@ def _anchored(route: Route) -> Route:
     return route
 
 
-INTAKE_RESPONSES: dict[int, tuple[str, Any]] = {
-    200: ("stored (durable mode)", Stored),
-    202: ("in the mailbox (enqueued mode)", Enqueued),
-}
-
-
 def intake_endpoints(source: Source[Any]) -> list[Endpoint]:
     """A source's POST endpoints: its own path, or /webhooks/<name> and the form with the path token."""
     built = []
@@ -129,7 +128,7 @@ def intake_endpoints(source: Source[Any]) -> list[Endpoint]:
                 summary,
                 "intake",
                 body=source.body,
-                responses=INTAKE_RESPONSES,
+                responses=INTAKE_ANSWERS,
                 errors=INTAKE_ERRORS,
                 bearer=source.bearer,
                 source=source,
@@ -160,6 +159,22 @@ ENDPOINTS = [
         "read",
         responses={200: ("the conversation", Conversation)},
         errors={**ID_READ_ERRORS, 404: "no such conversation"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/conversations/{conversation_id}",
+        "DELETE",
+        ("erasure", "delete_conversation"),
+        "Erase a conversation: messages, raw events, dead letters, the record and its cached pages, in one "
+        "transaction; a tombstone drops its later deliveries (answered 2xx, stored nowhere)",
+        "erasure",
+        responses={200: ("erased: what was removed, by kind", ErasedAnswer)},
+        errors={
+            401: READ_ERRORS[401],
+            404: "no such conversation (nothing of it is stored)",
+            422: "a bad conversation id",
+            503: "storage unavailable: retry after `Retry-After` seconds",
+        },
         bearer=True,
     ),
     Endpoint(

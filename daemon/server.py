@@ -206,6 +206,9 @@ class HardenedProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._head_grace = False
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body:
+            cycle.send = _closing_if_early(cycle)  # type: ignore[method-assign,assignment]
 
     def on_message_complete(self) -> None:
         self._head_left = self.limits.max_header_bytes  # what follows is the next request's head
@@ -309,6 +312,21 @@ class HardenedProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._arm_head_timer()
+
+
+def _closing_if_early(cycle: Any) -> Callable[[Any], Any]:
+    """The cycle's send, saying ``connection: close`` in an answer that starts before the request's body is
+    all in: ``on_response_complete`` then half-closes the connection, and a keep-alive client told nothing
+    would send its next request into it. Set only while a body is still to come: a request that arrived
+    whole (nearly every webhook) keeps uvicorn's own send."""
+    send = cycle.send
+
+    async def closing_send(message: Any) -> None:
+        if message["type"] == "http.response.start" and cycle.more_body:
+            cycle.keep_alive = False  # uvicorn then writes "connection: close" in the head
+        await send(message)
+
+    return closing_send
 
 
 def protocol_class(limits: HttpLimits) -> type[HardenedProtocol]:

@@ -89,6 +89,8 @@ class WriteResult:
     updated: int
     rejected: int = 0
     duplicate_delivery: bool = False
+    # The conversation was erased (it has a tombstone): nothing of the delivery was stored.
+    erased: bool = False
 
     @property
     def duplicates(self) -> int:
@@ -109,6 +111,8 @@ class Delivery:
     rows: Rows = field(default_factory=list)
     append_rows: list[AppendRow] = field(default_factory=list)
     last_message_at: float | None = None
+    # The callback URL's query parameters, a JSON object of strings (daemon.metadata); None: leave as is.
+    metadata: str | None = None
     rejected: int = 0
     # Problems its answer names (a 422 whose valid part is stored): kept with the event, for its timeline.
     problems: int = 0

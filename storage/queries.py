@@ -6,6 +6,7 @@ import functools
 import itertools
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +54,17 @@ class ConversationSummary(msgspec.Struct):
     ended_at: float | None
     last_message_at: float | None
     updated_at: float
+    metadata: dict[str, str] = {}  # the callback URL's query parameters, merged across deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationFilter:
+    """What ``GET /conversations`` keeps: every given condition holds (None: any)."""
+
+    status: str | None = None
+    source: str | None = None
+    updated_since: float | None = None  # Unix seconds, inclusive
+    metadata: tuple[tuple[str, str], ...] = ()  # (key, value) pairs, each equal
 
 
 class Conversation(msgspec.Struct):
@@ -79,6 +91,7 @@ class Conversation(msgspec.Struct):
     updated_at: float
     end_reason: str | None = None  # the vendor's reason the call ended (or failed to connect)
     analysis: Any = None  # the vendor's analysis as it sent it: summary, success, structured data
+    metadata: dict[str, str] = {}
 
 
 class _PostCallEvent(msgspec.Struct):
@@ -94,8 +107,9 @@ CONVERSATION_COLUMNS = (
     *PATCH_COLUMNS,
     "created_at",
     "updated_at",
+    "metadata",
 )
-SUMMARY_COLUMNS = "id, source, status, message_count, started_at, ended_at, last_message_at, updated_at"
+SUMMARY_COLUMNS = "id, source, status, message_count, started_at, ended_at, last_message_at, updated_at, metadata"
 
 
 class Reader:
@@ -137,6 +151,7 @@ class Reader:
         ((record["message_count_without_system"],),) = await self._all(
             "SELECT count(*) FROM messages WHERE conversation_id = ? AND role != 'system'", (conversation_id,)
         )
+        record["metadata"] = _metadata(record["metadata"])
         return msgspec.convert(record, Conversation, from_attributes=True)
 
     async def post_call_actions(self, conversation_id: str) -> list[PostCallAction]:
@@ -163,20 +178,35 @@ class Reader:
             )
         return actions
 
-    async def conversations(self, limit: int, before: tuple[float, str] | None) -> list[ConversationSummary]:
-        """Newest activity first; ``before`` is the (updated_at, id) of the last one already seen."""
-        if before is None:
-            rows = await self._all(
-                f"SELECT {SUMMARY_COLUMNS} FROM conversations ORDER BY updated_at DESC, id DESC LIMIT ?",  # noqa: S608
-                (limit,),
-            )
-        else:
-            rows = await self._all(
-                f"SELECT {SUMMARY_COLUMNS} FROM conversations "  # noqa: S608
-                "WHERE updated_at < ? OR (updated_at = ? AND id < ?) ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (before[0], before[0], before[1], limit),
-            )
-        return [ConversationSummary(*row) for row in rows]
+    async def conversations(
+        self, limit: int, before: tuple[float, str] | None, where: ConversationFilter | None = None
+    ) -> list[ConversationSummary]:
+        """Newest activity first; ``before`` is the (updated_at, id) of the last one already seen; ``where``
+        keeps only the conversations that match it."""
+        where = where or ConversationFilter()
+        conditions: list[str] = []
+        params: list[Any] = []
+        if before is not None:
+            conditions.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+            params += [before[0], before[0], before[1]]
+        for column, value in (("status", where.status), ("source", where.source)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        if where.updated_since is not None:
+            conditions.append("updated_at >= ?")
+            params.append(where.updated_since)
+        for key, value in where.metadata:
+            # The key is quoted as a JSON path member; daemon.metadata allows no quote or backslash in it.
+            conditions.append("json_extract(metadata, ?) = ?")
+            params += [f'$."{key}"', value]
+        clause = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        # Assembled from the constant fragments above; values are all parameters.
+        rows = await self._all(
+            f"SELECT {SUMMARY_COLUMNS} FROM conversations {clause}ORDER BY updated_at DESC, id DESC LIMIT ?",  # noqa: S608
+            (*params, limit),
+        )
+        return [_summary(row) for row in rows]
 
     async def messages(
         self,
@@ -245,6 +275,16 @@ def _json_or_text(stored: str | None) -> Any:
         return msgspec.json.decode(stored)
     except msgspec.DecodeError:
         return stored
+
+
+def _summary(row: tuple[Any, ...]) -> ConversationSummary:
+    summary = ConversationSummary(*row[:-1])
+    summary.metadata = _metadata(row[-1])
+    return summary
+
+
+def _metadata(text: str | None) -> dict[str, str]:
+    return {} if text is None else msgspec.json.decode(text, type=dict[str, str])
 
 
 def _str_or_none(value: Any) -> str | None:

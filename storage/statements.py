@@ -50,8 +50,11 @@ MARK_PARTIAL_EVENTS = "UPDATE events SET problems = ? WHERE delivery_key = ?"
 # any order ('failed' wins: a call that never connected also gets its end-of-call event).
 # Built from the constant column list above, never from input.
 UPSERT_CONVERSATIONS = (
-    f"INSERT INTO conversations (id, source, status, {', '.join(PATCH_COLUMNS)}, created_at, updated_at)"
+    f"INSERT INTO conversations (id, source, status, {', '.join(PATCH_COLUMNS)}, metadata, created_at, updated_at)"
 )
+# The most keys a conversation's metadata holds (daemon.metadata.MAX_KEYS): past it, a delivery's keys
+# are not merged, whole, and what is kept stays as it was.
+MAX_METADATA_KEYS = 32
 UPSERT_CONVERSATIONS_TAIL = f"""
 ON CONFLICT (id) DO UPDATE SET
     status = CASE
@@ -59,10 +62,18 @@ ON CONFLICT (id) DO UPDATE SET
         WHEN 'ended' IN (conversations.status, excluded.status) THEN 'ended'
         ELSE 'active' END,
     {", ".join(f"{c} = coalesce(excluded.{c}, conversations.{c})" for c in PATCH_COLUMNS)},
+    -- Merged key by key: a later value of a key replaces the earlier one, other keys stay.
+    metadata = CASE
+        WHEN excluded.metadata IS NULL THEN conversations.metadata
+        WHEN conversations.metadata IS NULL THEN excluded.metadata
+        WHEN (SELECT count(*) FROM json_each(json_patch(conversations.metadata, excluded.metadata)))
+             > {MAX_METADATA_KEYS} THEN conversations.metadata
+        ELSE json_patch(conversations.metadata, excluded.metadata)
+    END,
     -- Never back in time: a replayed or retried old event must not make a live conversation look old
     -- to retention.
     updated_at = max(conversations.updated_at, excluded.updated_at)
-"""
+"""  # noqa: S608 (built from constants only)
 
 INSERT_MESSAGES = (
     "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"

@@ -79,6 +79,8 @@ class Writer:
         self.state: State = "starting"
         self.last_error: str | None = None
         self.commits = 0
+        # Deliveries dropped because their conversation was erased (a metric, read at scrape time).
+        self.dropped_erased = 0
         self._on_commit = on_commit
         self._on_commit_stats = on_commit_stats
         # Shared with the writer thread, under _cond.
@@ -311,8 +313,15 @@ class Writer:
         for delivery, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StorageRejected):
                 delivery.fail(outcome)
-            else:
-                delivery.resolve(outcome)
+                continue
+            if outcome.erased:
+                self.dropped_erased += 1
+                log.info(
+                    "dropped a %r delivery for erased conversation %r: nothing stored",
+                    delivery.event_type,
+                    delivery.conversation_id,
+                )
+            delivery.resolve(outcome)
 
     def _fail(self, awaited: list[Delivery], error: StorageError, message: str | None) -> None:
         if message is not None:

@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
+from storage import erasure
 from storage import statements as sql
 from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
 from storage.errors import StorageRejected
@@ -128,11 +129,20 @@ def write_deliveries(
 
     ``store_events=False`` (replay): the events are the ones already stored, re-parsed. They are neither
     looked up nor inserted: only their conversations and messages are written (idempotently).
+
+    A delivery whose conversation was erased (has a tombstone) stores nothing, not even its event: its
+    result says ``erased``, and its tombstone counts it.
     """
-    keys = [(d.key,) for d in batch] if store_events else []
+    # One query for the whole batch: deliveries for an erased conversation are dropped, stored nowhere.
+    erased = erasure.tombstoned(conn, [d.conversation_id for d in batch])
+    if erased:
+        _count_dropped(conn, [d for d in batch if d.conversation_id in erased])
+    keys = [(d.key,) for d in batch if d.conversation_id not in erased] if store_events else []
     seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, keys, sql.EXISTING_KEYS_TAIL)}
     fresh: list[Delivery] = []
     for delivery in batch:
+        if delivery.conversation_id in erased:
+            continue
         if delivery.key not in seen:
             seen.add(delivery.key)
             fresh.append(delivery)
@@ -166,6 +176,9 @@ def write_deliveries(
     results: list[WriteResult] = []
     counts: dict[str, tuple[int, float | None]] = {}
     for delivery in batch:
+        if delivery.conversation_id in erased:
+            results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, erased=True))
+            continue
         if id(delivery) not in fresh_ids:
             results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, duplicate_delivery=True))
             continue
@@ -183,6 +196,15 @@ def write_deliveries(
     return results
 
 
+def _count_dropped(conn: sqlite3.Connection, dropped: Sequence[Delivery]) -> None:
+    """Count the dropped deliveries on their tombstones, in the same transaction (the writer logs them once
+    committed, and counts them in its metrics)."""
+    per_conversation: dict[str, int] = {}
+    for delivery in dropped:
+        per_conversation[delivery.conversation_id] = per_conversation.get(delivery.conversation_id, 0) + 1
+    erasure.count_dropped(conn, per_conversation, time.time())
+
+
 def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
     patch = delivery.patch
     return (
@@ -190,6 +212,7 @@ def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
         delivery.source,
         patch.status or "active",
         *[NULL if (value := getattr(patch, column)) is None else value for column in sql.PATCH_COLUMNS],
+        NULL if delivery.metadata is None else delivery.metadata,
         delivery.received_at,
         delivery.received_at,
     )

@@ -27,6 +27,8 @@ TEST_SECRETS: tuple[str, ...] = (
     "whsec_dHJhbnNjcmlwdGQtdGVzdC1zaWduaW5nLWtleS0y",  # its rotation partner (tests/test_signatures.py)
     "wsec_transcriptd-test-elevenlabs-1",  # webhooks.elevenlabs.signing_secret (tests/test_elevenlabs*.py)
     "wsec_transcriptd-test-elevenlabs-2",  # its rotation partner (tests/test_elevenlabs*.py)
+    "key_retell-e2e-5a7c",  # webhooks.retell.api_key (tests/test_retell_webhook.py)
+    "key_retell-rotated-9d2e",  # its rotation partner (tests/test_retell_webhook.py)
     "tavus-api-k3y-Secret",  # webhooks.tavus.api_key (tests/vendor_standin.py)
     "vapi-private-k3y-Secret",  # webhooks.vapi.api_key (tests/vendor_standin.py)
     "elevenlabs-xi-k3y-Secret",  # webhooks.elevenlabs.api_key (tests/vendor_standin.py)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.sources import elevenlabs, generic, tavus, vapi
+from daemon.sources import elevenlabs, generic, retell, tavus, vapi
 from daemon.sources.model import Source
 
 SOURCES: tuple[Source[Any], ...] = (
     tavus.SOURCE,
     generic.SOURCE,
     vapi.SOURCE,
+    retell.SOURCE,
     elevenlabs.SOURCE,
 )
 
