@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import TEST_SECRETS
-from tests.vendor_standin import ELEVENLABS_KEY, VAPI_KEY, StandIn, elevenlabs_api, vapi_api, vapi_call
+from tests.retell_signing import sign as retell_sign
+from tests.vendor_standin import (
+    ELEVENLABS_KEY,
+    RETELL_KEY,
+    VAPI_KEY,
+    StandIn,
+    elevenlabs_api,
+    retell_api,
+    vapi_api,
+    vapi_call,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ELEVENLABS_SECRET = TEST_SECRETS[TEST_SECRETS.index("wsec_transcriptd-test-elevenlabs-1")]
@@ -97,6 +107,52 @@ VAPI = VendorCase(
     keyed_event="end-of-call-report",
 )
 
+# --- Retell: the get-call example of the API reference, ended and analysed --------------------------------
+
+_RETELL_CALL = json.loads((FIXTURES / "retell" / "api_reference_call.json").read_text())
+
+
+def retell_headers(body: bytes) -> dict[str, str]:
+    return {"x-retell-signature": retell_sign(body, RETELL_KEY)}
+
+
+def retell(i: int, created: float) -> Call:
+    cid = f"retell-call-{i:03d}"
+    call = copy.deepcopy(_RETELL_CALL)
+    call["call_id"] = cid
+    call["call_status"] = "ended"
+    call["start_timestamp"] = int(created * 1000)
+    call["end_timestamp"] = int((created + 60 + i) * 1000)
+    call["call_analysis"]["call_summary"] = f"Call {i}: the caller asked about an appointment."
+    for turn in call["transcript_object"]:
+        if turn["role"] == "agent":
+            turn["content"] = f"{turn['content']} ({i})"
+    # call_started: the call as it begins, with nothing said yet.
+    later = ("end_timestamp", "call_analysis", "disconnection_reason", "duration_ms", "recording_url")
+    started = {k: v for k, v in call.items() if k not in later and not k.startswith(("transcript", "scrubbed"))}
+    started["call_status"] = "ongoing"
+    ended = {k: v for k, v in call.items() if k != "call_analysis"}
+    bodies = [
+        json.dumps({"event": "call_started", "call": started}).encode(),
+        json.dumps({"event": "call_ended", "call": ended}).encode(),
+        json.dumps({"event": "call_analyzed", "call": call}).encode(),
+    ]
+    return Call(cid, bodies, bodies[:1], call)
+
+
+RETELL = VendorCase(
+    name="retell",
+    key=RETELL_KEY,
+    api=retell_api,
+    call=retell,
+    list_path="/v3/list-calls",
+    get_path=lambda cid: f"/v2/get-call/{cid}",
+    keyed_event="call_analyzed",
+    webhook_settings={"webhooks.retell.api_key": RETELL_KEY},
+    sign=retell_headers,
+)
+
+
 # --- ElevenLabs: the docs' post-call transcription example, one per conversation -------------------------
 
 _ELEVENLABS = json.loads((FIXTURES / "elevenlabs" / "post_call_transcription.json").read_text())
@@ -136,4 +192,4 @@ ELEVENLABS = VendorCase(
 )
 
 
-CASES: list[VendorCase] = [VAPI, ELEVENLABS]
+CASES: list[VendorCase] = [VAPI, RETELL, ELEVENLABS]

@@ -32,6 +32,7 @@ STOP_TIMEOUT_S = 10.0
 TAVUS_KEY = "tavus-api-k3y-Secret"
 VAPI_KEY = "vapi-private-k3y-Secret"
 ELEVENLABS_KEY = "elevenlabs-xi-k3y-Secret"
+RETELL_KEY = "key_retell-e2e-5a7c"  # webhooks.retell.api_key: it signs the webhooks and opens the API
 
 
 @dataclass(slots=True)
@@ -297,6 +298,41 @@ def elevenlabs_api() -> Iterator[StandIn]:
             ("GET", "/v1/convai/conversations", _elevenlabs_list),
             ("GET", "/v1/convai/conversations/{cid}", _elevenlabs_get),
         ],
+    )
+    with serving(standin, app):
+        yield standin
+
+
+# --- Retell ------------------------------------------------------------------------------------------
+
+
+def _retell_list(standin: StandIn, request: Request, body: Any) -> Any:
+    # POST /v3/list-calls: start_timestamp filter, newest first, at most 25 a page, an opaque cursor.
+    body = body or {}
+    lower = body.get("filter_criteria", {}).get("start_timestamp", {}).get("value", 0)
+    limit = min(int(body.get("limit", 50)), 25)
+    calls = sorted(standin.conversations.values(), key=lambda c: c["start_timestamp"], reverse=True)
+    calls = [c for c in calls if c["start_timestamp"] >= lower]
+    start = int(body.get("pagination_key") or 0)
+    page = calls[start : start + limit]
+    more = start + limit < len(calls)
+    return {"items": page, "has_more": more, "pagination_key": str(start + limit) if more else None}
+
+
+def _retell_get(standin: StandIn, request: Request, body: Any) -> Any:
+    call = standin.conversations.get(request.path_params["cid"])
+    if call is None:
+        return JSONResponse({"status": "error", "message": "Not Found"}, status_code=404)
+    return call
+
+
+@contextmanager
+def retell_api() -> Iterator[StandIn]:
+    standin = StandIn()
+    app = app_for(
+        standin,
+        lambda request: request.headers.get("authorization") == f"Bearer {RETELL_KEY}",
+        [("POST", "/v3/list-calls", _retell_list), ("GET", "/v2/get-call/{cid}", _retell_get)],
     )
     with serving(standin, app):
         yield standin
