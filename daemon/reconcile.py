@@ -28,6 +28,7 @@ from daemon.decoding import delivery_key
 from daemon.errors import InvalidPayload, MalformedJSON
 from daemon.sources.model import Fetched, Source
 from daemon.vendor_http import HttpPolicy, VendorHttp
+from storage import erasure
 from storage.deliveries import Delivery, WriteResult
 
 # A conversation is complete here when it has ended (or failed) and holds its transcript; a failed call
@@ -42,6 +43,7 @@ ORDER BY created_at
 LIMIT ?
 """
 _CHUNK = 500  # ids per IN (...): under SQLite's parameter limit
+ERASED = "erased"  # a conversation with a tombstone (transcriptd delete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,8 @@ class Local:
 
     @property
     def complete(self) -> bool:
-        return self.status == "failed" or (self.status == "ended" and self.message_count > 0)
+        # Erased on purpose (transcriptd delete): never fetched back; the writer would drop it anyway.
+        return self.status in ("failed", ERASED) or (self.status == "ended" and self.message_count > 0)
 
 
 def local_state(conn: sqlite3.Connection, source: str, ids: Iterable[str]) -> dict[str, Local]:
@@ -62,6 +65,8 @@ def local_state(conn: sqlite3.Connection, source: str, ids: Iterable[str]) -> di
         query = LOCAL_STATE.format(", ".join("?" * len(chunk)))
         for cid, status, count in conn.execute(query, (source, *chunk)):
             found[cid] = Local(status, count)
+    for cid in erasure.tombstoned(conn, wanted):
+        found[cid] = Local(ERASED, 0)
     return found
 
 

@@ -30,6 +30,7 @@ from daemon.sources import SOURCES, Source
 from daemon.vendor_http import HttpPolicy, VendorApiError, VendorHttp
 from storage.connection import open_writer
 from storage.errors import StorageRejected
+from storage.migrations import migrate
 from storage.writes import write_batch
 
 API_SOURCES: dict[str, Source[Any]] = {source.name: source for source in SOURCES if source.api is not None}
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         busy_timeout_ms=config.storage.busy_timeout_ms,
     )
     with closing(conn):
+        migrate(conn)  # as serve does at start-up: the tables this version writes are there
         try:
             tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, conn, args, backend="asyncio")
         except ExceptionGroup as group:

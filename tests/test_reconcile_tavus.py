@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_process import cli_argv, daemon_env
+from tests.daemon_process import cli_argv, daemon_env, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
 from tests.reconcile_tools import count, post_webhooks, snapshot
 from tests.vendor_standin import TAVUS_KEY, StandIn, tavus_api, tavus_conversation
@@ -274,3 +274,18 @@ def _read_all(fd: int, *, deadline: float) -> str:
     finally:
         os.close(fd)
     return b"".join(chunks).decode()
+
+
+async def test_an_erased_conversation_is_not_fetched_back(
+    tmp_path: Path, tavus: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+) -> None:
+    standin, calls = tavus
+    db = tmp_path / "t.db"
+    await post_webhooks(db, "/webhooks/tavus", webhook_bodies(calls, ["c004"]))
+    erased = transcriptd("delete", "--conversation", "c004", "--db", str(db), cwd=tmp_path)
+    assert erased.returncode == 0, erased.stderr
+    done = reconcile(tmp_path, standin, db, "--since", "10m")
+    assert done.returncode == 0, done.stderr
+    assert not standin.requests_to("/v2/conversations/c004")
+    assert count(db, "SELECT count(*) FROM conversations WHERE id = 'c004'") == 0
+    assert count(db, "SELECT count(*) FROM conversations") > 0  # the others were fetched
