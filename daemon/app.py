@@ -1,5 +1,5 @@
-"""The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor and the
-ack-timeout task run in it; it closes the actor registry, then the writer."""
+"""The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor, the
+ack-timeout task and the reconciler run in it; it closes the actor registry, then the writer."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from daemon.logs import RedactSecrets, config_secrets
 from daemon.memory import Trimmer
 from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
+from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
 from daemon.timeline import Timeline
 from storage.checkpointer import Checkpointer
@@ -131,6 +132,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             )
             if intake.settings.durable:  # nobody waits for an enqueued delivery
                 await tg.start(intake.expire_acks)
+            reconciler = Reconciler(config, registry, metrics)
+            await tg.start(reconciler.run)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,
@@ -144,7 +147,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
@@ -162,6 +165,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 # every mailbox, then commit what is left, then close the database.
                 budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
+                    reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)

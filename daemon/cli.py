@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon import __version__, exposure
+from daemon import __version__, exposure, reconcile_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this dead letter (repeat for several; default: every unresolved one)",
     )
     _add_storage_options(dead_retry)
+    reconcile_command.add_parser(commands, _add_storage_options)
     return parser
 
 
@@ -528,4 +529,5 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "prune": prune_command,
     "dead-letters": dead_letters_command,
     "delete": delete_command,
+    "reconcile": reconcile_command.run,
 }

@@ -97,6 +97,19 @@ class CacheConfig(_Section, frozen=True):
     max_entries: Count = 10_000
 
 
+class ReconcileConfig(_Section, frozen=True):
+    # Seconds between the daemon's reconcile passes (for each source with webhooks.<source>.api_key); 0: off.
+    interval_s: NonNegative = 300.0
+    # A conversation that started here with no transcript after this long is fetched from the vendor.
+    grace_s: NonNegative = 900.0
+    # How far back each pass looks, in the vendor's list and here: longer than your longest call.
+    window_s: Positive = 21600.0
+    max_per_pass: Count = 200  # conversations fetched per source per pass, at most
+    request_timeout_s: Positive = 10.0
+    max_attempts: Count = 5  # per request: 429s (after Retry-After), 5xx and network errors are retried
+    max_concurrent_requests: Count = 4  # per vendor
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -105,6 +118,7 @@ class Config(_Section, frozen=True):
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
 
 
 class ConfigError(Exception):

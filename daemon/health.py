@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
+from daemon.reconciler import Reconciler, SourceState
 from storage.checkpointer import Checkpointer
 from storage.writer import Writer
 
@@ -23,16 +24,24 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     storage_error: str | None = None
     # Conditions an operator should look at that do not stop intake (a reader pinning the WAL).
     warnings: list[str] = []
+    # By source: the reconciler's passes and its last error. Detail only: a vendor's outage is not ours.
+    reconcile: dict[str, SourceState] | None = None
 
 
 class Health:
     def __init__(
-        self, writer: Writer, registry: ActorRegistry, retry_after_s: int, checkpointer: Checkpointer | None = None
+        self,
+        writer: Writer,
+        registry: ActorRegistry,
+        retry_after_s: int,
+        checkpointer: Checkpointer | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
         self.checkpointer = checkpointer
+        self.reconciler = reconciler
 
     async def livez(self, request: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
@@ -51,6 +60,7 @@ class Health:
             queued_deliveries=self.registry.queued,
             storage_error=error,
             warnings=self._warnings(),
+            reconcile=(self.reconciler.states or None) if self.reconciler is not None else None,
         )
         headers = None if ready else {"Retry-After": str(self.retry_after_s)}
         return Response(

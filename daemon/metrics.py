@@ -112,6 +112,28 @@ class Metrics:
             "How long checkpoints have not been able to copy the whole WAL, held by a reader (0 when they can)",
             registry=r,
         )
+        # Reconcile, by source (daemon.reconciler): what the vendors' APIs gave back that webhooks missed.
+        self.reconcile_passes = Counter(
+            "transcriptd_reconcile_passes", "Reconcile passes run, by source", ["source"], registry=r
+        )
+        self.reconcile_fetched = Counter(
+            "transcriptd_reconcile_conversations_fetched",
+            "Conversations fetched from a vendor's API by reconcile, by source",
+            ["source"],
+            registry=r,
+        )
+        self.reconcile_messages = Counter(
+            "transcriptd_reconcile_messages_recovered",
+            "Messages reconcile stored that no webhook had delivered, by source",
+            ["source"],
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "transcriptd_reconcile_errors",
+            "Reconcile passes that failed (vendor API, database), by source",
+            ["source"],
+            registry=r,
+        )
         # Children of labelled metrics on the per-request path, so no label lookup is paid per request.
         self._deliveries: dict[tuple[str, str], Any] = {}
         self._messages = tuple(self.messages.labels(n) for n in ("inserted", "updated", "duplicate", "rejected"))

@@ -29,6 +29,9 @@ TEST_SECRETS: tuple[str, ...] = (
     "wsec_transcriptd-test-elevenlabs-2",  # its rotation partner (tests/test_elevenlabs*.py)
     "key_retell-e2e-5a7c",  # webhooks.retell.api_key (tests/test_retell_webhook.py)
     "key_retell-rotated-9d2e",  # its rotation partner (tests/test_retell_webhook.py)
+    "tavus-api-k3y-Secret",  # webhooks.tavus.api_key (tests/vendor_standin.py)
+    "vapi-private-k3y-Secret",  # webhooks.vapi.api_key (tests/vendor_standin.py)
+    "elevenlabs-xi-k3y-Secret",  # webhooks.elevenlabs.api_key (tests/vendor_standin.py)
 )
 # The tests' own HTTP client logs every URL it requests, token included: that is the test talking, not the
 # daemon, and it is left out of the check.

@@ -14,6 +14,7 @@ import msgspec
 
 from daemon.decoding import new_delivery
 from daemon.errors import Problem, Unavailable
+from daemon.sources import elevenlabs_api
 from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
 from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
 from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, replay_with
@@ -37,6 +38,9 @@ class ElevenLabsSettings(WebhookSettings, frozen=True):
     keep_audio: bool = False
     # The largest body taken on this path, in place of ingest.max_body_bytes: audio bodies are large.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
+    # Reconcile fetches missed conversations from ElevenLabs' API with this key (xi-api-key); "" turns it off.
+    api_key: Secret = ""
+    api_url: str = "https://api.elevenlabs.io"
 
 
 def authenticate(settings: ElevenLabsSettings) -> Verify:
@@ -123,4 +127,5 @@ SOURCE = Source(
     parse_with=parse_with,
     max_body_bytes=lambda settings: settings.max_body_bytes,
     enqueued_status=200,  # ElevenLabs counts only a 200 as delivered, in either ack mode
+    api=elevenlabs_api.API,
 )

@@ -8,15 +8,18 @@ list. See docs/adding-a-source.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar, get_args
 
 import msgspec
 
 from daemon.errors import Problem
 from storage.deliveries import Delivery
 from storage.replay import StoredEvent
+
+if TYPE_CHECKING:
+    from daemon.vendor_http import VendorHttp
 
 ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -56,6 +59,47 @@ Replay = Callable[[StoredEvent], Delivery]
 
 
 @dataclass(frozen=True, slots=True)
+class Listed:
+    """One conversation in the vendor's list of recent ones."""
+
+    conversation_id: str
+    started_at: float | None  # Unix seconds, when the vendor says
+    ended: bool  # the vendor says it is over: what it holds now is all there will be
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One conversation fetched back: the bodies its webhooks would have carried, in the order they
+    would have come, each to be parsed by the source's own ``parse``."""
+
+    conversation_id: str
+    bodies: list[bytes]
+    ended: bool
+
+
+class VendorClient(Protocol):
+    """What reconcile asks of a vendor's API."""
+
+    def recent(self, since: float) -> AsyncIterator[Listed]:
+        """The conversations started at or after ``since`` (Unix seconds), paging through the list."""
+        ...
+
+    async def fetch(self, conversation_id: str) -> Fetched:
+        """One conversation with everything its webhooks would have carried."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApiClient:
+    """A source's API client part. Its settings hold ``api_key`` (a ``Secret``) and ``api_url`` (the
+    vendor's default)."""
+
+    headers: Callable[[str], dict[str, str]]  # the request headers carrying the API key
+    build: Callable[[VendorHttp], VendorClient]
+    calls: str  # what a reconcile costs in API calls, for the docs and --help
+
+
+@dataclass(frozen=True, slots=True)
 class Source(Generic[S]):
     """One source: everything the rest of the daemon needs to know about it."""
 
@@ -79,6 +123,7 @@ class Source(Generic[S]):
     # The status of an enqueued answer (ingest.ack = "enqueued"): 202, unless the vendor counts only a 200
     # as delivered (ElevenLabs), when the body still says "enqueued".
     enqueued_status: Literal[200, 202] = 202
+    api: ApiClient | None = None  # fetching back what a webhook missed (reconcile); None: no vendor API
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -93,6 +138,11 @@ class Source(Generic[S]):
     def settings_in(self, webhooks: Any) -> S | None:
         """This source's section of the ``webhooks`` settings."""
         return None if self.settings is None else getattr(webhooks, self.name)
+
+    def api_key(self, webhooks: Any) -> str:
+        """``webhooks.<name>.api_key``, or "" when unset or the source has no API client."""
+        settings = self.settings_in(webhooks)
+        return getattr(settings, "api_key", "") if self.api is not None else ""
 
     def parser(self, webhooks: Any) -> Parse:
         settings = self.settings_in(webhooks)

@@ -22,6 +22,7 @@ import msgspec
 
 from daemon.decoding import body_key, decode, validation_problem
 from daemon.errors import InvalidPayload, Problem, Unauthorized, Unavailable
+from daemon.sources import retell_api
 from daemon.sources.model import (
     ConversationId,
     EventType,
@@ -437,6 +438,8 @@ class RetellSettings(WebhookSettings, frozen=True):
     # X-Retell-Signature must verify with one. Unset, every Retell delivery is answered 503.
     api_key: Secret = ""
     signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_TOLERANCE_MS / 1000
+    # Reconcile fetches missed calls from Retell's API with api_key (its first key, while rotating).
+    api_url: str = "https://api.retellai.com"
 
 
 def authenticate(settings: RetellSettings) -> Verify:
@@ -496,4 +499,5 @@ SOURCE: Source[RetellSettings] = Source(
     body=RetellWebhook,
     settings=RetellSettings,
     authenticate=authenticate,
+    api=retell_api.API,
 )

@@ -14,6 +14,7 @@ import msgspec
 from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
 from daemon.errors import InvalidPayload, Problem
 from daemon.signatures import SignatureVerifier, parse_secrets
+from daemon.sources import tavus_api
 from daemon.sources.model import ConversationId, EventType, Role, Secret, Source, Verify, WebhookSettings, replay_with
 from storage.deliveries import NULL, Delivery, MessageRow
 
@@ -247,6 +248,9 @@ class TavusSettings(WebhookSettings, frozen=True):
     # Webhooks signature (for callbacks relayed through a gateway: Tavus itself signs nothing).
     signing_secret: Secret = ""
     signature_tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # Reconcile fetches missed conversations from Tavus's API with this key (x-api-key); "" turns it off.
+    api_key: Secret = ""
+    api_url: str = "https://tavusapi.com"
 
     def __post_init__(self) -> None:
         # A secret that cannot be used stops start-up, rather than refusing every delivery.
@@ -269,4 +273,5 @@ SOURCE = Source(
     body=Envelope,
     settings=TavusSettings,
     authenticate=authenticate,
+    api=tavus_api.API,
 )

@@ -20,6 +20,7 @@ import msgspec
 
 from daemon.decoding import decode, decode_items, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
+from daemon.sources import vapi_api
 from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
 from storage.deliveries import NULL, Delivery, Status, VendorMessageRow
@@ -262,7 +263,9 @@ def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None
     patch.recording_uri = _recording_url(message)
     analysis = bytes(message.analysis)
     if analysis[:1] == b"{" and analysis.strip() != b"{}":
-        patch.analysis = analysis.decode()
+        # Compact, whatever the sender's spacing: a report fetched back by reconcile (the API's formatting)
+        # and the webhook's must leave the same text.
+        patch.analysis = msgspec.json.encode(msgspec.json.decode(analysis)).decode()
 
 
 def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
@@ -352,4 +355,5 @@ SOURCE = Source(
     body=VapiServerMessage,
     settings=VapiSettings,
     authenticate=authenticate,
+    api=vapi_api.API,
 )

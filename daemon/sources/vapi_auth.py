@@ -56,6 +56,9 @@ class VapiSettings(WebhookSettings, frozen=True):
     hmac_encoding: Literal["hex", "base64"] = "hex"
     hmac_prefix: str = ""
     signature_tolerance_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Reconcile fetches missed calls from Vapi's API with this private key (Bearer); "" turns it off.
+    api_key: Secret = ""
+    api_url: str = "https://api.vapi.ai"
 
     def __post_init__(self) -> None:
         # A setting that cannot work stops start-up, rather than refusing every message.
