@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx
 import pytest
 from starlette.routing import Route
@@ -15,6 +14,10 @@ from tests.conftest import AppClient
 from tests.payloads import encode, envelope, transcription_ready
 
 pytestmark = pytest.mark.anyio
+
+# Between two reads of one reader in the read-your-writes race: twelve readers leave the loop idle most
+# of the time (see keep_reading).
+READ_PAUSE_S = 0.01
 
 
 async def all_pages(client: httpx.AsyncClient, first: str) -> list[dict[str, Any]]:
@@ -161,7 +164,15 @@ async def test_read_your_writes_with_a_warm_cache_under_concurrency(app_client: 
         async def keep_reading(cid: str) -> None:
             while not stop.is_set():
                 await count(cid)  # races the writes below, filling the cache as it can
-                await anyio.lowlevel.checkpoint()  # a cache hit over ASGI never suspends: let the writers run
+                # A cache hit over ASGI never suspends, and the writer is a thread that needs the GIL back
+                # after every SQLite call. Readers that only yield (a checkpoint) keep the loop's ready
+                # queue full: it never sleeps in its poll, and lets go of the GIL only for moments the
+                # writer rarely wins, so a commit took seconds and the acks timed out (503). Without
+                # sniffio installed this was hidden: httpx's ASGITransport tries to import it on every
+                # request, and each failed import's stat calls let go of the GIL. A real server's reads
+                # wait on their sockets; the pause gives the loop the same idle moments, while reads still
+                # come about every millisecond, racing each commit.
+                await anyio.sleep(READ_PAUSE_S)
 
         async def write_then_read(cid: str, round_: int) -> None:
             body = [{"role": "user", "content": f"{cid}-{round_}-{n}"} for n in range(5)]
