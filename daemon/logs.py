@@ -75,6 +75,12 @@ def configure(config: Config, *, stream: TextIO | None = None) -> None:
         logger.propagate = True
     # Python warnings would otherwise be printed to stderr as they are: not masked, and not JSON.
     logging.captureWarnings(True)
+    # Neither format prints a record's caller, thread or process: not collecting them (the logging module's
+    # documented optimisation) takes ~2.5 of the ~11 us a delivery's log line costs the event loop.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def config_secrets(config: Config) -> list[str]:
