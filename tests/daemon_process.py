@@ -60,10 +60,13 @@ def serve_argv(*args: str) -> list[str]:
     return cli_argv("serve", *args)
 
 
-def transcriptd(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """``transcriptd ARGS`` as a subprocess, in ``cwd`` (so no config.toml of the repository is read)."""
+def transcriptd(
+    *args: str, cwd: Path, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``transcriptd ARGS`` as a subprocess, in ``cwd`` (so no config.toml of the repository is read), with
+    ``env`` added to the daemon's environment."""
     return subprocess.run(
-        cli_argv(*args), cwd=cwd, env=daemon_env(), capture_output=True, text=True, timeout=timeout, check=False
+        cli_argv(*args), cwd=cwd, env=daemon_env(env), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 

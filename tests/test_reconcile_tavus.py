@@ -69,18 +69,8 @@ def tavus() -> Iterator[tuple[StandIn, dict[str, list[dict[str, Any]]]]]:
 def reconcile(
     tmp_path: Path, standin: StandIn, db: Path, *args: str, key: str = TAVUS_KEY
 ) -> subprocess.CompletedProcess[str]:
-    env = daemon_env(
-        {"TRANSCRIPTD_WEBHOOKS_TAVUS_API_KEY": key, "TRANSCRIPTD_WEBHOOKS_TAVUS_API_URL": standin.base_url}
-    )
-    return subprocess.run(
-        cli_argv("reconcile", "--source", "tavus", "--db", str(db), *args),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = {"TRANSCRIPTD_WEBHOOKS_TAVUS_API_KEY": key, "TRANSCRIPTD_WEBHOOKS_TAVUS_API_URL": standin.base_url}
+    return transcriptd("reconcile", "--source", "tavus", "--db", str(db), *args, cwd=tmp_path, timeout=120, env=env)
 
 
 def webhook_bodies(calls: dict[str, list[dict[str, Any]]], ids: list[str]) -> list[bytes]:
@@ -196,30 +186,14 @@ async def test_an_outage_names_each_conversation_not_completed_and_exits_1(
 
 
 def test_without_an_api_key_reconcile_says_which_setting_and_exits_2(tmp_path: Path) -> None:
-    done = subprocess.run(
-        cli_argv("reconcile", "--source", "tavus", "--db", str(tmp_path / "none.db")),
-        cwd=tmp_path,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = transcriptd("reconcile", "--source", "tavus", "--db", str(tmp_path / "none.db"), cwd=tmp_path)
     assert done.returncode == 2
     assert "webhooks.tavus.api_key" in done.stderr
 
 
 @pytest.mark.parametrize("text", ["3", "h", "-2h", "0m", "1w"])
 def test_a_bad_duration_is_refused(tmp_path: Path, text: str) -> None:
-    done = subprocess.run(
-        cli_argv("reconcile", "--source", "tavus", f"--since={text}"),
-        cwd=tmp_path,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = transcriptd("reconcile", "--source", "tavus", f"--since={text}", cwd=tmp_path)
     assert done.returncode == 2
     assert "not a duration" in done.stderr
 

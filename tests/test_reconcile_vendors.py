@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 
 from daemon.app import create_app
 from tests.conftest import make_config
-from tests.daemon_process import cli_argv, daemon_env
+from tests.daemon_process import transcriptd
 from tests.reconcile_tools import count, post_webhooks, snapshot
 from tests.reconcile_vendors import CASES, Call, VendorCase
 from tests.vendor_standin import StandIn
@@ -44,15 +44,8 @@ def vendor(request: pytest.FixtureRequest) -> Iterator[tuple[VendorCase, StandIn
 def reconcile(
     case: VendorCase, standin: StandIn, tmp_path: Path, db: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cli_argv("reconcile", "--source", case.name, "--db", str(db), *args),
-        cwd=tmp_path,
-        env=daemon_env(case.url_env(standin)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = case.url_env(standin)
+    return transcriptd("reconcile", "--source", case.name, "--db", str(db), *args, cwd=tmp_path, timeout=120, env=env)
 
 
 async def test_reconcile_stores_what_the_webhooks_would_have_and_nothing_twice(
