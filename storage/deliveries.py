@@ -34,6 +34,39 @@ VendorMessageRow = tuple[
     str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float
 ]
 VENDOR_ROW_WIDTH = 12
+
+
+def vendor_row(
+    conversation_id: str,
+    source: str,
+    seq: int,
+    role: str,
+    content: str,
+    vendor_role: str,
+    created_at: float,
+    *,
+    timestamp: float | None = None,
+    seconds_from_start: float | None = None,
+    duration: float | None = None,
+) -> VendorMessageRow:
+    """One message of a source whose roles are mapped: None as NULL (NaN, see ``NULL``), and the vendor's own
+    role only where it differs from the normalised one."""
+    return (
+        conversation_id,
+        source,
+        seq,
+        role,
+        content,
+        NULL if timestamp is None else timestamp,
+        NULL if seconds_from_start is None else seconds_from_start,
+        NULL if duration is None else duration,
+        NULL,
+        NULL if vendor_role == role else vendor_role,
+        NULL,
+        created_at,
+    )
+
+
 Row = MessageRow | VendorMessageRow
 Rows = Sequence[Row]
 # (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint

@@ -18,7 +18,7 @@ from daemon.sources import elevenlabs_api
 from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
 from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
 from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, replay_with
-from storage.deliveries import NULL, Delivery, VendorMessageRow
+from storage.deliveries import Delivery, vendor_row
 
 # A 10-minute call at 128 kbit/s is ~13 MiB of base64 MP3, near ingest.max_body_bytes already; this takes
 # calls of about 50 minutes. The audio is not kept (see keep_audio): only the request holds it, while read.
@@ -92,21 +92,17 @@ def _parse(
 
 def _add_rows(delivery: Delivery, event: Event) -> None:
     cid, now = delivery.conversation_id, delivery.received_at
-    # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
-    rows: list[VendorMessageRow] = [
-        (
+    rows = [
+        vendor_row(
             cid,
             NAME,
             m.seq,
             m.role,
             m.content,
-            NULL if m.timestamp is None else m.timestamp,
-            NULL if m.seconds_from_start is None else m.seconds_from_start,
-            NULL,
-            NULL,
-            NULL if m.vendor_role == m.role else m.vendor_role,
-            NULL,
+            m.vendor_role,
             now,
+            timestamp=m.timestamp,
+            seconds_from_start=m.seconds_from_start,
         )
         for m in event.messages
     ]

@@ -34,7 +34,7 @@ from daemon.sources.model import (
     WebhookSettings,
     replay_with,
 )
-from storage.deliveries import NULL, Delivery, VendorMessageRow
+from storage.deliveries import Delivery, vendor_row
 
 NAME = "retell"
 
@@ -467,20 +467,17 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     patch.end_reason, patch.recording_uri, patch.analysis = fields.end_reason, fields.recording_url, fields.analysis
     # Retell gives no wall-clock time per message, only offsets from the call's start: timestamp stays
     # empty rather than guessed. The vendor role is kept where it says more than the normalised one.
-    rows: list[VendorMessageRow] = [
-        (
+    rows = [
+        vendor_row(
             cid,
             NAME,
             m.seq,
             m.role,
             m.content,
-            NULL,
-            NULL if m.seconds_from_start is None else m.seconds_from_start,
-            NULL if m.duration is None else m.duration,
-            NULL,
-            NULL if m.vendor_role == m.role else m.vendor_role,
-            NULL,
+            m.vendor_role,
             received_at,
+            seconds_from_start=m.seconds_from_start,
+            duration=m.duration,
         )
         for m in parsed.messages
     ]

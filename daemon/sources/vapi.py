@@ -23,7 +23,7 @@ from daemon.errors import InvalidPayload, Problem
 from daemon.sources import vapi_api
 from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
-from storage.deliveries import NULL, Delivery, Status, VendorMessageRow
+from storage.deliveries import Delivery, Status, VendorMessageRow, vendor_row
 
 NAME = "vapi"
 END_OF_CALL = "end-of-call-report"
@@ -310,21 +310,18 @@ def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *,
 
 def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[VendorMessageRow]:
     cid, now = delivery.conversation_id, delivery.received_at
-    # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
     return [
-        (
+        vendor_row(
             cid,
             NAME,
             seq,
-            (role := ROLES[entry.role]),
+            ROLES[entry.role],
             _content(entry),
-            NULL if (at := _seconds(entry.time)) is None else at,
-            NULL if (offset := entry.seconds_from_start) is None else offset,
-            NULL if (duration := entry.duration) is None else duration,
-            NULL,
-            NULL if entry.role == role else entry.role,
-            NULL,
+            entry.role,
             now,
+            timestamp=_seconds(entry.time),
+            seconds_from_start=entry.seconds_from_start,
+            duration=entry.duration,
         )
         for seq, entry in entries
     ]
