@@ -1,4 +1,5 @@
-"""Real faults for the process tests: a small tmpfs (disk full, read-only), RSS sampling, fault accounting.
+"""Real faults for the process tests: a small tmpfs (disk full, read-only), RSS sampling, fault accounting,
+another process holding a transaction on the database.
 
 Nothing here mocks transcriptd: the faults are the kernel's (ENOSPC, EROFS), the daemon a real process.
 Mounting needs root (CAP_SYS_ADMIN); ``tmpfs`` skips the test, with the reason, where it is not allowed.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -225,3 +227,41 @@ def fail_filesystem(mountpoint: Path) -> None:
     if not trigger.exists():
         pytest.skip(f"{trigger} does not exist: this kernel cannot inject an ext4 error")
     trigger.write_text("transcriptd fault test\n")
+
+
+# Begins the transaction it is given, reads (which takes a snapshot, or with BEGIN IMMEDIATE holds the write
+# lock already), says so, and holds it until its stdin closes.
+_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute(sys.argv[2])
+conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+print("holding", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+@contextmanager
+def transaction_elsewhere(db_path: Path, begin: str = "BEGIN") -> Iterator[subprocess.Popen[str]]:
+    """Another process holds a transaction (``BEGIN``: a read snapshot; ``BEGIN IMMEDIATE``: the write lock)
+    until ``release`` or the end of the block."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(db_path), begin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "holding"
+            yield process
+            if process.poll() is None:
+                release(process)
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def release(process: subprocess.Popen[str]) -> None:
+    """End the other process's transaction, and the process."""
+    assert process.stdin is not None
+    process.stdin.close()
+    assert process.wait(10) == 0

@@ -11,12 +11,9 @@ is kept at 2 MiB so that storing the backlog cannot pass for memory the backlog 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 
 from daemon.memory import Trimmer, malloc_trim
 from tests.daemon_process import WEBHOOK, Daemon, managed, rows, start_daemon
-from tests.fault_tools import RssSampler, rss_kib
+from tests.fault_tools import RssSampler, rss_kib, transaction_elsewhere
 from tests.payloads import encode, envelope, transcription_ready
 
 BUDGET_MIB = 16
@@ -37,15 +34,6 @@ KEPT_AFTER_DRAIN = 1.0
 ENV = {"TRANSCRIPTD_INGEST_MAX_INFLIGHT_MIB": str(BUDGET_MIB), "TRANSCRIPTD_STORAGE_CACHE_SIZE_MIB": "2"}
 SENDERS = 4
 
-HOLDER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.read()
-conn.execute("ROLLBACK")
-"""
-
 
 def small_event(conversation_id: str) -> bytes:
     return encode(envelope(conversation_id, "system.replica_joined", {}))
@@ -53,24 +41,6 @@ def small_event(conversation_id: str) -> bytes:
 
 def transcript(conversation_id: str) -> bytes:
     return encode(transcription_ready(conversation_id, turns=100))
-
-
-@contextmanager
-def write_lock(db_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """Another process holds the database's write lock until the block ends."""
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(db_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    ) as holder:
-        try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline().strip() == "locked"
-            yield holder
-            assert holder.stdin is not None
-            holder.stdin.close()
-            assert holder.wait(10) == 0
-        finally:
-            if holder.poll() is None:
-                holder.kill()
 
 
 @dataclass
@@ -127,7 +97,7 @@ def rss_mib(daemon: Daemon, settle_s: float = 1.0) -> float:
 def backlog(daemon: Daemon, prefix: str, body: Callable[[str], bytes], limit: int) -> tuple[Flood, float]:
     """Hold the writer back and send until 503s come; release, wait until all is stored. The flood and
     the peak RSS (MiB) while it was held."""
-    with write_lock(daemon.db_path), RssSampler(daemon.pid, interval_s=0.02) as sampler:
+    with transaction_elsewhere(daemon.db_path, "BEGIN IMMEDIATE"), RssSampler(daemon.pid, interval_s=0.02) as sampler:
         flood = Flood(daemon, prefix, body, limit).run()
         peak = max(sampler.peak_kib, rss_kib(daemon.pid) or 0) / 1024
     assert flood.statuses.get(503, 0) >= flood.enough_503, flood.statuses  # the budget was reached

@@ -13,8 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -27,43 +25,12 @@ from storage.connection import WAL_KEEP_BYTES, open_writer
 from storage.migrations import migrate
 from tests.conftest import AppClient
 from tests.daemon_process import daemon_env
+from tests.fault_tools import release, transaction_elsewhere
 from tests.payloads import encode, transcription_ready
 
 GROW_TO_BYTES = WAL_KEEP_BYTES + 24 * 2**20
 MAX_DELIVERIES = 3_000  # ~60 KiB of WAL each: the loop stops at GROW_TO_BYTES long before this
 SHRINK_WITHIN_S = 60.0
-
-# Opens a read transaction, reads (which takes the snapshot), says so, and holds it until its stdin closes.
-READER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN")
-conn.execute("SELECT count(*) FROM messages").fetchone()
-print("holding", flush=True)
-sys.stdin.read()
-conn.execute("COMMIT")
-conn.close()
-"""
-
-
-@contextmanager
-def reader_process(db_path: Path) -> Iterator[subprocess.Popen[str]]:
-    with subprocess.Popen(
-        [sys.executable, "-c", READER, str(db_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    ) as process:
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline().strip() == "holding"
-            yield process
-        finally:
-            if process.poll() is None:
-                process.kill()
-
-
-def release(process: subprocess.Popen[str]) -> None:
-    assert process.stdin is not None
-    process.stdin.close()
-    assert process.wait(10) == 0
 
 
 def wal_size(db_path: Path) -> int:
@@ -87,7 +54,7 @@ async def test_the_wal_shrinks_after_a_pinning_reader_ends_and_the_pin_shows(
 ) -> None:
     async with app_client(**{"storage.synchronous": "normal"}) as client:
         assert (await client.post("/webhooks/tavus", content=encode(transcription_ready("w-0", turns=5)))).is_success
-        with reader_process(db_path) as reader:
+        with transaction_elsewhere(db_path) as reader:
             sent, started = 0, time.monotonic()
             while wal_size(db_path) < GROW_TO_BYTES:
                 assert sent < MAX_DELIVERIES, wal_size(db_path)
