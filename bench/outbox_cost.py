@@ -1,0 +1,145 @@
+"""What the transactional outbox costs durable ingest: transcriptd with ``changes.enabled`` on and off.
+
+    python -m bench.outbox_cost --output bench/results/outbox_cost.json [--rounds 5] [--requests 1600]
+                                [--concurrency 16]
+
+Each round runs the two alternately (on then off, then off then on: neither always goes first on a
+warmer machine), each on a fresh database, as ``bench.compare`` runs transcriptd: a closed loop of
+``--concurrency`` senders, durable acks, every acknowledged transcript verified in the database. The
+figure is the stored messages per second; the cost is one minus the ratio on/off, per round and of the
+medians, with the spread of the rounds beside it (a shared machine moves both). Each "on" run also
+checks that the outbox recorded one change per acknowledged transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.compare import CONTENT_CHARS, TURNS
+from bench.load import load
+from bench.machine import describe
+from bench.processes import start_transcriptd, stop
+
+VARIANTS = {"on": "true", "off": "false"}
+
+
+def run_one(variant: str, db: Path, *, requests: int, concurrency: int, prefix: str) -> dict[str, Any]:
+    process, port = start_transcriptd(db, env={"TRANSCRIPTD_CHANGES_ENABLED": VARIANTS[variant]})
+    try:
+        report = load(
+            f"http://127.0.0.1:{port}",
+            concurrency=concurrency,
+            requests=requests,
+            turns=TURNS,
+            content_chars=CONTENT_CHARS,
+            verify_db=db,
+            verify_timeout_s=120.0,
+            id_prefix=prefix,
+            warmup=concurrency,
+        )
+    finally:
+        exit_code = stop(process)
+    results = report["results"]
+    stored = results["throughput"]["stored"] or {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        (changes,) = conn.execute("SELECT count(*) FROM changes").fetchone()
+    acknowledged = sum(count for status, count in results["statuses"].items() if status.startswith("2"))
+    return {
+        "variant": variant,
+        "stored_messages_per_s": stored.get("messages_per_s"),
+        "ack_requests_per_s": (results["throughput"]["ack"] or {}).get("requests_per_s"),
+        "latency_ms": results["latency_ms"],
+        "statuses": results["statuses"],
+        "lost": results["lost"],
+        "changes": changes,
+        "acknowledged": acknowledged,
+        "server_exit_code": exit_code,
+    }
+
+
+def measure(rounds: int, requests: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    runs: list[list[dict[str, Any]]] = []
+    for round_ in range(rounds):
+        order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
+        pair: dict[str, dict[str, Any]] = {}
+        for variant in order:
+            db = tmp / f"outbox-{variant}-{round_}.db"
+            run = run_one(variant, db, requests=requests, concurrency=concurrency, prefix=f"ob-{variant}-{round_}")
+            pair[variant] = run
+            print(
+                f"round {round_ + 1}/{rounds} outbox {variant:>3}: {run['stored_messages_per_s'] or 0:,.0f} messages/s"
+                f" stored, p99 {(run['latency_ms'] or {}).get('p99', float('nan')):,.1f} ms, {run['changes']} changes",
+                flush=True,
+            )
+        runs.append([pair["on"], pair["off"]])
+    return summarise(runs)
+
+
+def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    def rate(run: dict[str, Any]) -> float:
+        return float(run["stored_messages_per_s"] or 0.0)
+
+    on = [rate(on) for on, _ in runs]
+    off = [rate(off) for _, off in runs]
+    costs = [1 - a / b for a, b in zip(on, off, strict=True) if b]
+    median_on, median_off = statistics.median(on), statistics.median(off)
+    # Warm-up deliveries are stored too: one change per transcript stored, not per measured request.
+    recorded = all(run["changes"] >= run["acknowledged"] for run, _ in runs)
+    return {
+        "rounds": [{"on": on_run, "off": off_run} for on_run, off_run in runs],
+        "median_on_messages_per_s": median_on,
+        "median_off_messages_per_s": median_off,
+        "cost_of_medians": 1 - median_on / median_off if median_off else None,
+        "cost_per_round": costs,
+        "cost_spread": [min(costs), max(costs)] if costs else None,
+        "lost_all_rounds": sum((r["lost"] or 0) for pair in runs for r in pair),
+        "one_change_per_transcript": recorded,
+        "off_recorded_nothing": all(off_run["changes"] == 0 for _, off_run in runs),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=1600, help="transcripts per run")
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="transcriptd-outbox-") as tmp:
+        figures = measure(args.rounds, args.requests, args.concurrency, Path(tmp))
+    report = {
+        "settings": {
+            "rounds": args.rounds,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "turns": TURNS,
+            "content_chars": CONTENT_CHARS,
+            "ack": "durable",
+        },
+        "machine": describe(),
+        **figures,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    cost = figures["cost_of_medians"]
+    spread = figures["cost_spread"]
+    print(
+        f"outbox cost at {args.concurrency} senders: {100 * cost:.1f}% of stored messages/s (medians of "
+        f"{args.rounds} rounds; rounds {100 * spread[0]:.1f}% to {100 * spread[1]:.1f}%); wrote {args.output}"
+        if cost is not None and spread
+        else f"no figure: nothing was stored; wrote {args.output}"
+    )
+    ok = figures["lost_all_rounds"] == 0 and figures["one_change_per_transcript"] and figures["off_recorded_nothing"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

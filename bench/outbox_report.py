@@ -1,0 +1,43 @@
+"""The BENCHMARKS.md section for ``bench.outbox_cost`` (what the transactional outbox costs ingest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import table
+
+
+def outbox_section(figures: dict[str, Any]) -> list[str]:
+    settings = figures["settings"]
+    rows = []
+    for n, pair in enumerate(figures["rounds"], start=1):
+        on, off = pair["on"], pair["off"]
+        on_rate, off_rate = on["stored_messages_per_s"] or 0.0, off["stored_messages_per_s"] or 0.0
+        cost = f"{1 - on_rate / off_rate:.1%}" if off_rate else "n/a"
+        rows.append([str(n), f"{on_rate:,.0f}", f"{off_rate:,.0f}", cost])
+    cost = figures["cost_of_medians"]
+    spread = figures["cost_spread"]
+    verdict = (
+        f"The outbox cost {cost:.1%} of the stored messages per second (medians of {settings['rounds']} rounds; "
+        f"rounds from {spread[0]:.1%} to {spread[1]:.1%}, the shared machine moving both)"
+        if cost is not None and spread
+        else "No figure: nothing was stored"
+    )
+    goal = "under" if cost is not None and cost < 0.10 else "not under"
+    checks = (
+        "every acknowledged transcript had its one change, none was lost, and the runs without the outbox "
+        "recorded nothing"
+        if figures["one_change_per_transcript"] and not figures["lost_all_rounds"] and figures["off_recorded_nothing"]
+        else "**a check failed**: see `outbox_cost.json`"
+    )
+    return [
+        "## What the outbox costs ingest",
+        "",
+        f"`python -m bench.outbox_cost`: durable ingest of {settings['requests']:,} Tavus transcripts of "
+        f"{settings['turns']} turns at {settings['concurrency']} senders, with `changes.enabled` on and off, "
+        "alternated in one run, each on a fresh database.",
+        "",
+        *table(["round", "on: messages/s stored", "off: messages/s stored", "cost"], rows),
+        "",
+        f"{verdict}: {goal} the 10% goal. In every round {checks}.",
+    ]
