@@ -7,14 +7,16 @@ Each round runs the two alternately (on then off, then off then on: neither alwa
 warmer machine), each on a fresh database, as ``bench.compare`` runs transcriptd: a closed loop of
 ``--concurrency`` senders, durable acks, every acknowledged transcript verified in the database. The
 figure is the stored messages per second; the cost is one minus the ratio on/off, per round and of the
-medians, with the spread of the rounds beside it (a shared machine moves both). Each "on" run also
-checks that the outbox recorded one change per acknowledged transcript.
+medians, with the spread of the rounds beside it (a shared machine moves both). The daemon's CPU time
+per message stored is compared the same way: on a machine shared with other work it moves less than a
+rate does. Each "on" run also checks that the outbox recorded one change per acknowledged transcript.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -34,6 +36,7 @@ VARIANTS = {"on": "true", "off": "false"}
 def run_one(variant: str, db: Path, *, requests: int, concurrency: int, prefix: str) -> dict[str, Any]:
     process, port = start_transcriptd(db, env={"TRANSCRIPTD_CHANGES_ENABLED": VARIANTS[variant]})
     try:
+        cpu_before = cpu_seconds(process.pid)  # after start-up (imports, migrations): the run's own CPU
         report = load(
             f"http://127.0.0.1:{port}",
             concurrency=concurrency,
@@ -45,6 +48,7 @@ def run_one(variant: str, db: Path, *, requests: int, concurrency: int, prefix: 
             id_prefix=prefix,
             warmup=concurrency,
         )
+        cpu_s = cpu_seconds(process.pid) - cpu_before
     finally:
         exit_code = stop(process)
     results = report["results"]
@@ -52,9 +56,15 @@ def run_one(variant: str, db: Path, *, requests: int, concurrency: int, prefix: 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         (changes,) = conn.execute("SELECT count(*) FROM changes").fetchone()
     acknowledged = sum(count for status, count in results["statuses"].items() if status.startswith("2"))
+    # The warm-up deliveries are stored too, and their CPU is counted: so are their messages.
+    settings = report["settings"]
+    messages = (stored.get("messages") or 0) + settings["warmup"] * settings["messages_per_request"]
     return {
         "variant": variant,
         "stored_messages_per_s": stored.get("messages_per_s"),
+        # The daemon's CPU time (user + system, every thread, over the run) per message stored: less at the
+        # mercy of the other processes on a shared machine than a rate is.
+        "cpu_us_per_message": 1e6 * cpu_s / messages if messages else None,
         "ack_requests_per_s": (results["throughput"]["ack"] or {}).get("requests_per_s"),
         "latency_ms": results["latency_ms"],
         "statuses": results["statuses"],
@@ -63,6 +73,12 @@ def run_one(variant: str, db: Path, *, requests: int, concurrency: int, prefix: 
         "acknowledged": acknowledged,
         "server_exit_code": exit_code,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux: /proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(rounds: int, requests: int, concurrency: int, tmp: Path) -> dict[str, Any]:
@@ -76,7 +92,8 @@ def measure(rounds: int, requests: int, concurrency: int, tmp: Path) -> dict[str
             pair[variant] = run
             print(
                 f"round {round_ + 1}/{rounds} outbox {variant:>3}: {run['stored_messages_per_s'] or 0:,.0f} messages/s"
-                f" stored, p99 {(run['latency_ms'] or {}).get('p99', float('nan')):,.1f} ms, {run['changes']} changes",
+                f" stored, {run['cpu_us_per_message'] or 0:,.1f} CPU us/message, p99 "
+                f"{(run['latency_ms'] or {}).get('p99', float('nan')):,.1f} ms, {run['changes']} changes",
                 flush=True,
             )
         runs.append([pair["on"], pair["off"]])
@@ -91,6 +108,9 @@ def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     off = [rate(off) for _, off in runs]
     costs = [1 - a / b for a, b in zip(on, off, strict=True) if b]
     median_on, median_off = statistics.median(on), statistics.median(off)
+    cpu_on = [float(on["cpu_us_per_message"] or 0.0) for on, _ in runs]
+    cpu_off = [float(off["cpu_us_per_message"] or 0.0) for _, off in runs]
+    cpu_costs = [a / b - 1 for a, b in zip(cpu_on, cpu_off, strict=True) if b]
     # Warm-up deliveries are stored too: one change per transcript stored, not per measured request.
     recorded = all(run["changes"] >= run["acknowledged"] for run, _ in runs)
     return {
@@ -100,6 +120,12 @@ def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "cost_of_medians": 1 - median_on / median_off if median_off else None,
         "cost_per_round": costs,
         "cost_spread": [min(costs), max(costs)] if costs else None,
+        "median_on_cpu_us_per_message": statistics.median(cpu_on),
+        "median_off_cpu_us_per_message": statistics.median(cpu_off),
+        "cpu_cost_of_medians": statistics.median(cpu_on) / statistics.median(cpu_off) - 1
+        if statistics.median(cpu_off)
+        else None,
+        "cpu_cost_spread": [min(cpu_costs), max(cpu_costs)] if cpu_costs else None,
         "lost_all_rounds": sum((r["lost"] or 0) for pair in runs for r in pair),
         "one_change_per_transcript": recorded,
         "off_recorded_nothing": all(off_run["changes"] == 0 for _, off_run in runs),
@@ -137,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cost is not None and spread
         else f"no figure: nothing was stored; wrote {args.output}"
     )
+    if (cpu_cost := figures["cpu_cost_of_medians"]) is not None and (cpu_spread := figures["cpu_cost_spread"]):
+        print(
+            f"outbox cost in the daemon's CPU time per message stored: {100 * cpu_cost:.1f}% (medians; rounds "
+            f"{100 * cpu_spread[0]:.1f}% to {100 * cpu_spread[1]:.1f}%)"
+        )
     ok = figures["lost_all_rounds"] == 0 and figures["one_change_per_transcript"] and figures["off_recorded_nothing"]
     return 0 if ok else 1
 
