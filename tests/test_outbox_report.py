@@ -13,7 +13,14 @@ from bench.report import render
 
 
 def run(rate: float, changes: int, lost: int = 0) -> dict[str, Any]:
-    return {"stored_messages_per_s": rate, "lost": lost, "changes": changes, "acknowledged": 100}
+    cpu = 1e6 / rate  # as if the daemon were CPU-bound
+    return {
+        "stored_messages_per_s": rate,
+        "cpu_us_per_message": cpu,
+        "lost": lost,
+        "changes": changes,
+        "acknowledged": 100,
+    }
 
 
 @pytest.mark.parametrize(
@@ -26,6 +33,7 @@ def test_the_cost_and_the_goal_follow_the_numbers(tmp_path: Path, on: float, off
     text = render(tmp_path)
     assert f"The outbox cost {cost} of the stored messages per second" in text
     assert f"{goal} the 10% goal" in text
+    assert "In the daemon's CPU time per message stored" in text
     assert "a check failed" not in text
 
 
