@@ -10,6 +10,8 @@ figure is the stored messages per second; the cost is one minus the ratio on/off
 medians, with the spread of the rounds beside it (a shared machine moves both). The daemon's CPU time
 per message stored is compared the same way: on a machine shared with other work it moves less than a
 rate does. Each "on" run also checks that the outbox recorded one change per acknowledged transcript.
+Then the writer alone (``commit_batch`` on parsed transcripts, no HTTP) in commits of 2, 8 and 32, on
+and off alternately: what the outbox adds to one commit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,12 @@ from typing import Any
 from bench.compare import CONTENT_CHARS, TURNS
 from bench.load import load
 from bench.machine import describe
+from bench.payloads import encode, transcription_ready
 from bench.processes import start_transcriptd, stop
+from daemon.sources import tavus
+from storage.connection import open_writer
+from storage.migrations import migrate
+from storage.writes import commit_batch
 
 VARIANTS = {"on": "true", "off": "false"}
 
@@ -132,15 +140,53 @@ def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+def writer_alone(tmp: Path, *, per_commit: int, transcripts: int, rounds: int) -> dict[str, Any]:
+    """The writer's own group commit without HTTP (``storage.writes.commit_batch``, ``synchronous = full``),
+    on parsed Tavus transcripts in commits of ``per_commit``, recording on and off alternately: what the
+    outbox adds to a commit, without the noise of a loaded event loop."""
+    bodies = [encode(transcription_ready(f"wa-{i:06d}", turns=TURNS, seed=i)) for i in range(transcripts)]
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    for round_ in range(rounds):
+        for variant in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+            deliveries = [tavus.parse(body, {}, received_at=time.time())[0] for body in bodies]
+            conn = open_writer(tmp / f"writer-{per_commit}-{variant}-{round_}.db")
+            migrate(conn)
+            started = time.perf_counter()
+            for i in range(0, len(deliveries), per_commit):
+                commit_batch(conn, deliveries[i : i + per_commit], record_changes=variant == "on")
+            seconds[variant].append(time.perf_counter() - started)
+            conn.close()
+    on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
+    return {
+        "per_commit": per_commit,
+        "transcripts": transcripts,
+        "seconds_on": seconds["on"],
+        "seconds_off": seconds["off"],
+        "ms_per_commit_on": 1000 * on / -(-transcripts // per_commit),
+        "ms_per_commit_off": 1000 * off / -(-transcripts // per_commit),
+        "cost": on / off - 1,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1600, help="transcripts per run")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--writer-transcripts", type=int, default=320, help="transcripts per writer-alone run")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="transcriptd-outbox-") as tmp:
         figures = measure(args.rounds, args.requests, args.concurrency, Path(tmp))
+        figures["writer_alone"] = [
+            writer_alone(Path(tmp), per_commit=n, transcripts=args.writer_transcripts, rounds=args.rounds)
+            for n in (2, 8, 32)
+        ]
+    for alone in figures["writer_alone"]:
+        print(
+            f"writer alone, commits of {alone['per_commit']}: {alone['ms_per_commit_on']:.2f} ms a commit with the "
+            f"outbox, {alone['ms_per_commit_off']:.2f} without: {100 * alone['cost']:.1f}%"
+        )
     report = {
         "settings": {
             "rounds": args.rounds,
@@ -149,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "turns": TURNS,
             "content_chars": CONTENT_CHARS,
             "ack": "durable",
+            "writer_transcripts": args.writer_transcripts,
         },
         "machine": describe(),
         **figures,

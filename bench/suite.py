@@ -65,7 +65,11 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
         ),
         (
             "outbox cost",
-            module("bench.outbox_cost", "outbox_cost.json", *(["--rounds", "1", "--requests", "64"] if quick else [])),
+            module(
+                "bench.outbox_cost",
+                "outbox_cost.json",
+                *(["--rounds", "1", "--requests", "64", "--writer-transcripts", "32"] if quick else []),
+            ),
         ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]
