@@ -40,6 +40,31 @@ def outbox_section(figures: dict[str, Any]) -> list[str]:
         *table(["round", "on: messages/s stored", "off: messages/s stored", "cost"], rows),
         "",
         f"{verdict}: {goal} the 10% goal. {cpu_line(figures)}In every round {checks}.",
+        *writer_alone_lines(figures.get("writer_alone") or []),
+    ]
+
+
+def writer_alone_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """What the outbox adds to one commit, by commit size: a fixed cost (its rows, its index and
+    sqlite_sequence are three more pages to write and sync), so the larger the commit the smaller the share."""
+    if not runs:
+        return []
+    rows = [
+        [
+            str(run["per_commit"]),
+            f"{run['ms_per_commit_on']:.2f} ms",
+            f"{run['ms_per_commit_off']:.2f} ms",
+            f"{run['ms_per_commit_on'] - run['ms_per_commit_off']:+.2f} ms",
+            f"{run['cost']:.1%}",
+        ]
+        for run in runs
+    ]
+    return [
+        "",
+        f"The writer alone (`commit_batch` on {runs[0]['transcripts']} parsed transcripts, `synchronous = full`, "
+        "no HTTP), with the outbox and without, alternately, medians:",
+        "",
+        *table(["transcripts a commit", "a commit, on", "off", "the outbox adds", "cost"], rows),
     ]
 
 
