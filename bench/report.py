@@ -570,11 +570,14 @@ def measured_on(claims: dict[str, Any] | None, results: Path) -> str:
 
 
 def render(results: Path) -> str:
+    from bench.report_overhead import overhead_section  # it imports this module's helpers
+
     claims = load_json(results / "claims.json")
     sweep = load_json(results / "invalidation.json")
     load = load_json(results / "load.json")
     ingest = load_json(results / "ingest_limit.json")
     reads = load_json(results / "read_path.json")
+    overhead = load_json(results / "overhead.json")
     drawn = chart(load, results / CHART) if load else False
     lines = [
         "# Benchmarks",
@@ -600,6 +603,7 @@ def render(results: Path) -> str:
     lines += [*load_section(load, CHART if drawn else None, ingest), ""] if load else [missing.format("load.json"), ""]
     lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
     lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
+    lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
