@@ -8,6 +8,7 @@ The mask is a last line of defence: nothing should log a token in the first plac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -64,6 +65,7 @@ def configure(config: Config, *, stream: TextIO | None = None) -> None:
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        old.flush()  # the lines still waiting for their loop's next turn
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.server.log_level.upper())
@@ -154,18 +156,68 @@ def _mask_webhook_url(match: re.Match[str]) -> str:
 
 
 class LineHandler(logging.StreamHandler[TextIO]):
-    """A ``StreamHandler`` that writes each line and flushes it (one write: nothing more is lost on a crash)
-    under the lock ``handle`` already holds, instead of taking it a second time to flush."""
+    """A ``StreamHandler`` that writes the info lines logged on an event loop once per turn of the loop.
+
+    Every write gives up the GIL for the system call, and on a busy daemon the writer thread takes it: the
+    loop then waits for it back. Measured in the daemon at 16 senders, a delivery's line took ~160 us of
+    the loop's wall time when written at once, ~60 us when written with the others of its turn (its CPU
+    time the same, ~35 us). So a line logged below warning on a running loop waits, in order, until the
+    loop's next turn, and that turn writes all the lines waiting in one write. A warning or an error, and
+    any line logged off a loop (the writer thread, the CLI), is written at once, after the lines waiting,
+    as is everything on ``flush`` (logging.shutdown calls it when the process exits, cleanly or on an
+    exception). What a ``kill -9`` can lose beyond a line-by-line handler: the info lines of the loop's
+    turn in progress.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+        # The loop that has a write of the waiting lines scheduled, if one has.
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Under the handler's lock (Handler.handle).
         try:
-            stream = self.stream
-            stream.write(self.format(record) + self.terminator)
-            stream.flush()
+            line = self.format(record) + self.terminator
+            loop = asyncio.events._get_running_loop()
+            if loop is None or record.levelno >= logging.WARNING:
+                self._write(line)
+                return
+            self._waiting.append(line)
+            if self._scheduled_on is not loop:
+                self._scheduled_on = loop
+                loop.call_soon(self._write_waiting)
         except RecursionError:  # as StreamHandler: the record's own recursion is not a logging error
             raise
         except Exception:
             self.handleError(record)
+
+    def _write(self, line: str = "") -> None:
+        if self._waiting:
+            line = "".join(self._waiting) + line
+            self._waiting.clear()
+        if line:
+            self.stream.write(line)
+            self.stream.flush()
+
+    def _write_waiting(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled_on = None
+            self._write()
+        except Exception:
+            # The stream failed (closed, full disk): as a failed emit, reported once, never raised into the loop.
+            self.handleError(logging.makeLogRecord({"msg": "the waiting log lines could not be written"}))
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write()
+            super().flush()
+        finally:
+            self.release()
 
 
 class _EverySecond:
