@@ -1,6 +1,6 @@
 """What the delivery log and the hardening cost durable ingest, side by side in one run.
 
-    python -m bench.overhead [--rounds 10] [--requests 1500] [--concurrency 16] [--before c8aee86]
+    python -m bench.overhead [--rounds 10] [--requests 1000] [--concurrency 16] [--before c8aee86]
                              [--no-instructions] [--output PATH]
 
 Three daemons serve at once, each on its own database, with ``ingest.ack = "durable"`` and their output to
@@ -15,7 +15,9 @@ Three daemons serve at once, each on its own database, with ``ingest.ack = "dura
 
 Each round sends ``--requests`` 100-message Tavus transcripts from ``--concurrency`` closed-loop senders
 (``bench.load``) to each daemon in turn, the order rotated every round so no daemon always goes first or
-follows the same one; the machine's load drifts, and a drift lands on every daemon alike. Per daemon: the
+follows the same one; the machine's load drifts, and a drift lands on every daemon alike. Per daemon and
+round: its throughput (messages/s), and its own CPU time (user and system, all threads, from /proc) per
+webhook, which moves far less than the throughput when other processes share the cores. Per daemon: the
 median of its rounds and their spread (interquartile range over the median). A comparison gives the ratio of
 the medians and the ratios of the rounds paired in time, and says whether the difference is within the
 run's own noise: no larger than the wider spread of the two daemons.
@@ -47,11 +49,12 @@ from bench.processes import REPO, start_transcriptd, stop
 RESULTS = Path(__file__).parent / "results"
 BEFORE = "c8aee86"
 ROUNDS = 10
-REQUESTS = 1500
+REQUESTS = 1000
 CONCURRENCY = 16
 WARMUP = 200
 TURNS = 100
 LOG_LINES = 20_000
+TICKS = os.sysconf("SC_CLK_TCK")
 # (name, what it shows, the first daemon, the second): the ratio is the first's throughput over the second's.
 COMPARISONS = (
     ("log", "the delivery log on vs off", "log-on", "log-off"),
@@ -67,6 +70,7 @@ class Daemon:
     root: Path
     env: dict[str, str]
     rates: list[float] = field(default_factory=list)  # messages/s, by round
+    cpu_ms: list[float] = field(default_factory=list)  # the daemon's CPU time per webhook, by round
     statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -98,6 +102,12 @@ def imported_from(root: Path) -> Path:
     return Path(printed.strip()).resolve()
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) of process ``pid`` and all its threads, those that ended included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime and stime, fields 14 and 15 of proc(5)
+
+
 def spread(values: Sequence[float]) -> float:
     """The interquartile range over the median (0 with fewer than two values)."""
     if len(values) < 2:
@@ -115,14 +125,22 @@ def summary(daemon: Daemon) -> dict[str, Any]:
         "min": round(min(rates)),
         "max": round(max(rates)),
         "spread": round(spread(rates), 4),
+        "cpu_ms_per_webhook": [round(ms, 4) for ms in daemon.cpu_ms],
+        "cpu_median": round(statistics.median(daemon.cpu_ms), 4),
+        "cpu_spread": round(spread(daemon.cpu_ms), 4),
         "statuses": daemon.statuses,
     }
 
 
 def compare(first: Daemon, second: Daemon) -> dict[str, Any]:
-    ratio = statistics.median(first.rates) / statistics.median(second.rates)
-    paired = [a / b for a, b in zip(first.rates, second.rates, strict=True)]
-    noise = max(spread(first.rates), spread(second.rates))
+    """The first daemon's throughput over the second's, and its CPU time per webhook over the second's."""
+    return {**_ratios(first.rates, second.rates), "cpu": _ratios(first.cpu_ms, second.cpu_ms)}
+
+
+def _ratios(first: list[float], second: list[float]) -> dict[str, Any]:
+    ratio = statistics.median(first) / statistics.median(second)
+    paired = [a / b for a, b in zip(first, second, strict=True)]
+    noise = max(spread(first), spread(second))
     return {
         "ratio": round(ratio, 4),
         "paired_ratios": [round(r, 4) for r in paired],
@@ -149,6 +167,8 @@ def drive(daemons: list[Daemon], rounds: int, requests: int, concurrency: int) -
                 order = order[round_ % len(order) :] + order[: round_ % len(order)]
                 for index in order:
                     daemon = daemons[index]
+                    pid = running[index][0].pid
+                    cpu_before = cpu_seconds(pid)
                     report = load(
                         urls[index],
                         concurrency=concurrency,
@@ -157,8 +177,9 @@ def drive(daemons: list[Daemon], rounds: int, requests: int, concurrency: int) -
                         id_prefix=f"{daemon.key}-r{round_}",
                     )
                     _check(daemon, report, keep=True)
-                line = ", ".join(f"{d.key} {d.rates[-1]:,.0f}" for d in daemons)
-                print(f"round {round_ + 1}/{rounds} (messages/s): {line}", flush=True)
+                    daemon.cpu_ms.append((cpu_seconds(pid) - cpu_before) * 1000 / requests)
+                line = ", ".join(f"{d.key} {d.rates[-1]:,.0f} ({d.cpu_ms[-1]:.3f} ms)" for d in daemons)
+                print(f"round {round_ + 1}/{rounds}, messages/s (daemon CPU per webhook): {line}", flush=True)
         finally:
             codes = [stop(process) for process, _ in running]
         if any(codes):
@@ -255,11 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, daemon in report["daemons"].items():
         print(
             f"{key:8s}: median {daemon['median']:,} messages/s ({daemon['min']:,}-{daemon['max']:,}), "
-            f"spread {daemon['spread']:.1%}"
+            f"spread {daemon['spread']:.1%}; CPU {daemon['cpu_median']:.3f} ms per webhook, spread "
+            f"{daemon['cpu_spread']:.1%}"
         )
     for name, c in comparisons.items():
         verdict = "within" if c["within_noise"] else "outside"
         print(f"{name}: {c['first']}/{c['second']} = {c['ratio']:.3f} ({verdict} the noise, {c['noise']:.1%})")
+        cpu = c["cpu"]
+        verdict = "within" if cpu["within_noise"] else "outside"
+        print(f"  CPU per webhook: {cpu['ratio']:.3f} ({verdict} the noise, {cpu['noise']:.1%})")
     return 0
 
 
