@@ -16,7 +16,7 @@ def verdict(comparison: dict[str, Any]) -> str:
     """Of a throughput ratio: a loss below 1."""
     change, noise = _percent(comparison["ratio"]), f"{comparison['noise']:.1%}"
     if comparison["within_noise"]:
-        return f"{change}, within the noise ({noise}): no loss measurable"
+        return f"{change}, within the noise ({noise}): not told apart from it in this run"
     if comparison["ratio"] < 1:
         return f"{change}, **a loss** beyond the noise ({noise})"
     return f"{change}, a gain beyond the noise ({noise})"

@@ -51,7 +51,7 @@ def test_spread_is_the_interquartile_range_over_the_median() -> None:
 def test_a_difference_inside_the_rounds_spread_is_no_measurable_loss(tmp_path: Path) -> None:
     text = section(tmp_path, results([99.0, 101.0, 95.0, 105.0], [100.0, 102.0, 96.0, 104.0], [100.0] * 4))
     assert "| the delivery log on vs off | 0.990 |" in text
-    assert "-1.0%, within the noise (4.0%): no loss measurable" in text
+    assert "-1.0%, within the noise (4.0%): not told apart from it in this run" in text
     assert "**a loss**" not in text
     assert "| 1.000 | +0.0%, within the noise (0.0%) |" in text
     assert "text 8.1 µs (72,000 instructions), json 11.0 µs." in text
