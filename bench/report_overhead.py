@@ -6,6 +6,9 @@ from typing import Any
 
 from bench.report import table
 
+# Fewer rounds give no spread worth the name (one round: none), so no verdict.
+MIN_ROUNDS_FOR_A_VERDICT = 3
+
 
 def _percent(ratio: float) -> str:
     """A throughput ratio as a change: ``-3.1%``, ``+0.4%``."""
@@ -55,11 +58,14 @@ def overhead_section(overhead: dict[str, Any]) -> list[str]:
     lines += table(header, rows)
     lines.append("")
     comparisons = overhead["comparisons"]
+    judged = settings["rounds"] >= MIN_ROUNDS_FOR_A_VERDICT
+    none = f"no verdict from {settings['rounds']} round(s)"
     rows = []
     for c in comparisons.values():
         paired = c["paired_ratios"]
-        rows.append([c["what"], f"{c['ratio']:.3f}", f"{min(paired):.3f}-{max(paired):.3f}", verdict(c)])
-        rows[-1] += [f"{c['cpu']['ratio']:.3f}", cpu_verdict(c["cpu"])]
+        rows.append([c["what"], f"{c['ratio']:.3f}", f"{min(paired):.3f}-{max(paired):.3f}"])
+        rows[-1] += [verdict(c) if judged else none, f"{c['cpu']['ratio']:.3f}"]
+        rows[-1].append(cpu_verdict(c["cpu"]) if judged else none)
     if rows:
         header = ["comparison", "throughput ratio", "rounds paired in time", "verdict", "CPU per webhook", "verdict"]
         lines += table(header, rows)

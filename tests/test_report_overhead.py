@@ -70,8 +70,16 @@ def test_a_difference_beyond_the_spread_is_called_a_loss(tmp_path: Path) -> None
     assert "this code vs before" in text
 
 
+def test_fewer_than_three_rounds_give_no_verdict(tmp_path: Path) -> None:
+    text = section(tmp_path, results([90.0, 91.0], [100.0, 100.0], [100.0, 100.0], cpu=(1.1, 1.0)))
+    log_row = next(line for line in text.splitlines() if line.startswith("| the delivery log on vs off"))
+    assert log_row.count("no verdict from 2 round(s)") == 2
+    assert "beyond the noise" not in text
+
+
 def test_without_the_old_commit_the_section_says_what_was_not_compared(tmp_path: Path) -> None:
-    text = section(tmp_path, results([100.0, 100.0], [100.0, 100.0], None))
+    text = section(tmp_path, results([100.0, 100.0, 100.0], [100.0, 100.0, 100.0], None))
+    assert "the delivery log on vs off" in text
     assert "this code vs before" not in text
     assert "_Not compared in this run: commit c8aee86 is not in this repository._" in text
 
