@@ -11,9 +11,9 @@ URL path is never logged (it may hold the webhook token); the JSON format carrie
 
 The record is a copy of one made at import, given its arguments and time, and handed to ``log.handle``:
 the same record ``log.info`` would make (handlers, filters and pytest's caplog see no difference), without
-the ~30% of the line's cost that ``Logger._log`` and ``LogRecord.__init__`` spend finding out, per call,
-what is the same for every delivery. A record factory set with ``logging.setLogRecordFactory`` is not
-used for these lines.
+what ``Logger._log`` and ``LogRecord.__init__`` spend finding out, per call, what is the same for every
+delivery: about a sixth of the line's instructions (97k -> 81k in the text format, under callgrind). A
+record factory set with ``logging.setLogRecordFactory`` is not used for these lines.
 """
 
 from __future__ import annotations
