@@ -42,13 +42,14 @@ def wait_listening(process: subprocess.Popen[Any], port: int, timeout_s: float =
 
 
 def start_server(
-    argv: Sequence[str], port: int, env: Mapping[str, str] | None = None, log: Log = None
+    argv: Sequence[str], port: int, env: Mapping[str, str] | None = None, log: Log = None, root: Path = REPO
 ) -> subprocess.Popen[bytes]:
-    """``python argv...`` from the repository, once it listens on ``port``; killed if it never does."""
+    """``python argv...`` from the repository (or the source tree ``root``), once it listens on ``port``;
+    killed if it never does."""
     environment = {**os.environ, **(env or {})}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), environment.get("PYTHONPATH"))))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), environment.get("PYTHONPATH"))))
     process = subprocess.Popen(
-        [sys.executable, *argv], cwd=REPO, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        [sys.executable, *argv], cwd=root, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=log
     )
     try:
         wait_listening(process, port)
@@ -67,6 +68,7 @@ def start_transcriptd(
     synchronous: str = "full",
     env: Mapping[str, str] | None = None,
     log: Log = None,
+    root: Path = REPO,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``transcriptd serve`` on its defaults but for these, on a free loopback port: the process and the port.
 
@@ -75,6 +77,8 @@ def start_transcriptd(
     says otherwise the lines are written to /dev/null: a deployment's output goes to journald, another
     process with its own disk policy, while a file beside the database would put the log's disk writes into
     every commit's fsync (ext4 flushes other files' appended data with its journal).
+
+    ``root``: the source tree to run, this repository's by default (``bench.overhead`` runs an older commit's).
     """
     port = free_port()
     settings = {
@@ -85,7 +89,7 @@ def start_transcriptd(
         **(env or {}),
     }
     log = subprocess.DEVNULL if log is None else log
-    return start_server(["-m", "daemon", "serve", "--config", os.devnull], port, settings, log), port
+    return start_server(["-m", "daemon", "serve", "--config", os.devnull], port, settings, log, root), port
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int:

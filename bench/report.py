@@ -570,11 +570,14 @@ def measured_on(claims: dict[str, Any] | None, results: Path) -> str:
 
 
 def render(results: Path) -> str:
+    from bench.report_overhead import overhead_section  # it imports this module's helpers
+
     claims = load_json(results / "claims.json")
     sweep = load_json(results / "invalidation.json")
     load = load_json(results / "load.json")
     ingest = load_json(results / "ingest_limit.json")
     reads = load_json(results / "read_path.json")
+    overhead = load_json(results / "overhead.json")
     drawn = chart(load, results / CHART) if load else False
     lines = [
         "# Benchmarks",
@@ -604,6 +607,7 @@ def render(results: Path) -> str:
 
     outbox = load_json(results / "outbox_cost.json")
     lines += [*outbox_section(outbox), ""] if outbox else [missing.format("outbox_cost.json"), ""]
+    lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -8,7 +8,8 @@
 4. the read path, cached and not (``bench.read_path``);
 5. the load comparison of transcriptd and the write-up's handlers (``bench.compare``);
 6. what the transactional outbox costs durable ingest (``bench.outbox_cost``);
-7. BENCHMARKS.md and the chart from the results (``bench.report``).
+7. what the delivery log and the hardening cost durable ingest (``bench.overhead``);
+8. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -69,6 +70,14 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 "bench.outbox_cost",
                 "outbox_cost.json",
                 *(["--rounds", "1", "--requests", "64", "--writer-transcripts", "32"] if quick else []),
+            ),
+        ),
+        (
+            "overhead",
+            module(
+                "bench.overhead",
+                "overhead.json",
+                *(["--rounds", "2", "--requests", "100", "--log-lines", "1000", "--no-instructions"] if quick else []),
             ),
         ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),

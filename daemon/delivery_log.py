@@ -6,8 +6,14 @@ was stored before), ``partial`` (422: the valid part stored), ``enqueued`` (202)
 stored, the reason and the field named), ``unavailable`` (503: overloaded, shutting down, storage unavailable),
 ``timeout`` (503: not committed within ``ingest.ack_timeout_s``), ``failed`` (500: the database refused it).
 
-One logger call per delivery, with lazy %-arguments, and none at all when ``logging.deliveries`` is off. The
+One record per delivery, with lazy %-arguments, and none at all when ``logging.deliveries`` is off. The
 URL path is never logged (it may hold the webhook token); the JSON format carries every field as a key too.
+
+The record is a copy of one made at import, given its arguments and time, and handed to ``log.handle``:
+the same record ``log.info`` would make (handlers, filters and pytest's caplog see no difference), without
+what ``Logger._log`` and ``LogRecord.__init__`` spend finding out, per call, what is the same for every
+delivery: about a sixth of the line's instructions (97k -> 81k in the text format, under callgrind). A
+record factory set with ``logging.setLogRecordFactory`` is not used for these lines.
 """
 
 from __future__ import annotations
@@ -46,29 +52,34 @@ FORMAT: Final = (
 )
 # Read by daemon.logs: the names of the arguments, so the JSON format can give each its key.
 EXTRA: Final = {"fields": FIELDS}
+# What every delivery's record holds before its arguments and time: what ``log.info(FORMAT, ..., extra=EXTRA)``
+# gives once daemon.logs.configure has turned off the caller, thread and process lookups.
+_TEMPLATE: Final = logging.LogRecord(
+    log.name, logging.INFO, "(unknown file)", 0, FORMAT, None, None, "(unknown function)"
+).__dict__ | {"thread": None, "threadName": None, "processName": None, "process": None, **EXTRA}
 
 
 def stored(delivery: Delivery, result: WriteResult, outcome: str, started: float) -> None:
     """A committed delivery (200): ``stored`` or ``duplicate``."""
     if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
         return
-    log.info(
-        FORMAT,
-        outcome,
-        delivery.conversation_id,
-        delivery.source,
-        delivery.event_type,
-        200,
-        result.received,
-        result.inserted,
-        result.updated,
-        result.duplicates,
-        result.rejected,
-        len(delivery.body),
-        _ms(started),
-        None,
-        None,
-        extra=EXTRA,
+    _emit(
+        (
+            outcome,
+            delivery.conversation_id,
+            delivery.source,
+            delivery.event_type,
+            200,
+            result.received,
+            result.inserted,
+            result.updated,
+            result.duplicates,
+            result.rejected,
+            len(delivery.body),
+            _ms(started),
+            None,
+            None,
+        )
     )
 
 
@@ -76,23 +87,23 @@ def enqueued(delivery: Delivery, started: float) -> None:
     """In the mailbox (202): what it will insert is known only at the commit."""
     if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
         return
-    log.info(
-        FORMAT,
-        "enqueued",
-        delivery.conversation_id,
-        delivery.source,
-        delivery.event_type,
-        202,
-        delivery.received,
-        0,
-        0,
-        0,
-        delivery.rejected,
-        len(delivery.body),
-        _ms(started),
-        None,
-        None,
-        extra=EXTRA,
+    _emit(
+        (
+            "enqueued",
+            delivery.conversation_id,
+            delivery.source,
+            delivery.event_type,
+            202,
+            delivery.received,
+            0,
+            0,
+            0,
+            delivery.rejected,
+            len(delivery.body),
+            _ms(started),
+            None,
+            None,
+        )
     )
 
 
@@ -135,24 +146,36 @@ def not_stored(
         outcome = "timeout"
     else:
         outcome = "unavailable" if status == 503 else "failed"
-    log.info(
-        FORMAT,
-        outcome,
-        _printable(conversation),
-        source,
-        _printable(event_type),
-        status,
-        delivery.received if delivery is not None else 0,
-        result.inserted if result is not None else 0,
-        result.updated if result is not None else 0,
-        result.duplicates if result is not None else 0,
-        delivery.rejected if delivery is not None else 0,
-        len(body),
-        _ms(started),
-        reason,
-        field,
-        extra=EXTRA,
+    _emit(
+        (
+            outcome,
+            _printable(conversation),
+            source,
+            _printable(event_type),
+            status,
+            delivery.received if delivery is not None else 0,
+            result.inserted if result is not None else 0,
+            result.updated if result is not None else 0,
+            result.duplicates if result is not None else 0,
+            delivery.rejected if delivery is not None else 0,
+            len(body),
+            _ms(started),
+            reason,
+            field,
+        )
     )
+
+
+def _emit(args: tuple[object, ...]) -> None:
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__ = _TEMPLATE.copy()  # a copy of the whole dict: half the cost of setting its keys one by one
+    record.args = args
+    # As LogRecord.__init__ sets them.
+    now = time.time()
+    record.created = now
+    record.msecs = int((now - int(now)) * 1000) + 0.0
+    record.relativeCreated = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    log.handle(record)
 
 
 def _described(error: BaseException) -> tuple[int, str, str | None]:

@@ -8,10 +8,12 @@ The mask is a last line of defence: nothing should log a token in the first plac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TextIO
 from urllib.parse import quote
@@ -55,14 +57,15 @@ def configure(config: Config, *, stream: TextIO | None = None) -> None:
 
     Replaces the handler of an earlier call; handlers installed by others (pytest's) are left alone.
     """
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler = LineHandler(sys.stderr if stream is None else stream)
     handler.set_name(HANDLER_NAME)
     mask = RedactSecrets(config_secrets(config))
-    handler.setFormatter(JsonFormatter(mask) if config.logging.format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter(mask) if config.logging.format == "json" else TextFormatter())
     handler.addFilter(mask)
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        old.flush()  # the lines still waiting for their loop's next turn
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.server.log_level.upper())
@@ -152,6 +155,110 @@ def _mask_webhook_url(match: re.Match[str]) -> str:
     return f"{match[1]}{opening[0] if opening else ''}{REDACTED}"
 
 
+class LineHandler(logging.StreamHandler[TextIO]):
+    """A ``StreamHandler`` that writes the info lines logged on an event loop once per turn of the loop.
+
+    Every write gives up the GIL for the system call, and on a busy daemon the writer thread takes it: the
+    loop then waits for it back. Measured in the daemon at 16 senders, a delivery's line took ~160 us of
+    the loop's wall time when written at once, ~60 us when written with the others of its turn (its CPU
+    time the same, ~35 us). So a line logged below warning on a running loop waits, in order, until the
+    loop's next turn, and that turn writes all the lines waiting in one write. A warning or an error, and
+    any line logged off a loop (the writer thread, the CLI), is written at once, after the lines waiting,
+    as is everything on ``flush`` (logging.shutdown calls it when the process exits, cleanly or on an
+    exception). What a ``kill -9`` can lose beyond a line-by-line handler: the info lines of the loop's
+    turn in progress.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+        # The loop that has a write of the waiting lines scheduled, if one has.
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Under the handler's lock (Handler.handle).
+        try:
+            line = self.format(record) + self.terminator
+            loop = asyncio.events._get_running_loop()
+            if loop is None or record.levelno >= logging.WARNING:
+                self._write(line)
+                return
+            self._waiting.append(line)
+            if self._scheduled_on is not loop:
+                self._scheduled_on = loop
+                loop.call_soon(self._write_waiting)
+        except RecursionError:  # as StreamHandler: the record's own recursion is not a logging error
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _write(self, line: str = "") -> None:
+        if self._waiting:
+            line = "".join(self._waiting) + line
+            self._waiting.clear()
+        if line:
+            self.stream.write(line)
+            self.stream.flush()
+
+    def _write_waiting(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled_on = None
+            self._write()
+        except Exception:
+            # The stream failed (closed, full disk): as a failed emit, reported once, never raised into the loop.
+            self.handleError(logging.makeLogRecord({"msg": "the waiting log lines could not be written"}))
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write()
+            super().flush()
+        finally:
+            self.release()
+
+
+class _EverySecond:
+    """A record's time to the second, formatted by ``render`` once a second instead of once a line (a
+    strftime is a fifth of the cost of a delivery's line). Called under the handler's lock."""
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self.render = render
+        self.last: tuple[int, str] = (-1, "")
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        last = self.last
+        if last[0] != second:
+            last = self.last = (second, self.render(second))
+        return last[1]
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, written out: ``2026-01-02 03:04:05,678 INFO transcriptd.deliveries: ...``, local time."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._seconds = _EverySecond(lambda second: time.strftime(self.default_time_format, self.converter(second)))
+
+    def usesTime(self) -> bool:
+        return True
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{self._seconds(record.created)},{int(record.msecs):03d}"  # default_msec_format
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+
+
+def _utc_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts`` (ISO-8601 UTC), ``level``, ``logger``, ``message``, and ``exc``.
 
@@ -162,10 +269,11 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, mask: RedactSecrets | None = None) -> None:
         super().__init__()
         self.mask = mask
+        self._seconds = _EverySecond(_utc_second)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": f"{self._seconds(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from daemon import delivery_log
 from daemon.config import load_config
 from daemon.logs import JsonFormatter, RedactSecrets, configure
+from storage.deliveries import Delivery
 from tests.conftest import TEST_SECRETS, AppClient, make_config
 from tests.payloads import encode, envelope, transcription_ready
 from tests.test_writer import locked
@@ -213,3 +215,21 @@ def test_the_keys_are_masked_like_the_message() -> None:
     assert entry["latency_ms"] == 1.5
     assert entry["reason"] is None
     assert TOKEN not in stream.getvalue()
+
+
+def test_the_record_is_the_one_log_info_makes(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    delivery = Delivery(
+        key="k", source="tavus", event_type="system.shutdown", conversation_id="c-rec", received_at=1.0, body=b"{}"
+    )
+    delivery_log.enqueued(delivery, time.perf_counter())
+    (ours,) = delivery_lines(caplog)
+    logging.getLogger(LOGGER).info(delivery_log.FORMAT, *ours.args, extra=delivery_log.EXTRA)  # type: ignore[misc]
+    standard = delivery_lines(caplog)[1]
+    assert set(vars(ours)) == set(vars(standard))
+    for name in ("name", "msg", "args", "levelno", "levelname", "fields", "exc_info", "exc_text", "stack_info"):
+        assert getattr(ours, name) == getattr(standard, name), name
+    assert ours.getMessage() == standard.getMessage()
+    assert standard.created - 1 <= ours.created <= standard.created
+    assert 0 <= ours.msecs < 1000
+    assert ours.relativeCreated <= standard.relativeCreated

@@ -19,7 +19,16 @@ import pytest
 import uvicorn
 
 from daemon.config import ConfigError, IngestConfig, ServerConfig, load_config
-from daemon.logs import HANDLER_NAME, REDACTED, TEXT_FORMAT, RedactSecrets, config_secrets, configure
+from daemon.logs import (
+    HANDLER_NAME,
+    REDACTED,
+    TEXT_FORMAT,
+    JsonFormatter,
+    RedactSecrets,
+    TextFormatter,
+    config_secrets,
+    configure,
+)
 from daemon.sources.elevenlabs import ElevenLabsSettings
 from tests.conftest import TEST_SECRETS, SecretLeakCapture, leaked_lines, leaks_in_log_files, make_config
 from tests.payloads import encode, envelope
@@ -305,3 +314,26 @@ def test_each_rotated_signing_secret_is_masked_alone() -> None:
     secrets = config_secrets(config)
     for secret in (first, second, first.removeprefix("whsec_"), second.removeprefix("whsec_")):
         assert secret in secrets
+
+
+@pytest.mark.parametrize("created", [1_767_225_599.9996, 1_767_225_600.0, 1_767_225_600.25, 1_767_225_601.5])
+def test_the_text_line_is_what_the_standard_formatter_writes(created: float) -> None:
+    # The formatter keeps the last second it formatted: each record is formatted after one of another second.
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    for when in (created - 1, created, created):
+        made = record("mailbox of %s is full", "c1")
+        made.created, made.msecs = when, int((when - int(when)) * 1000) + 0.0
+        assert ours.format(made) == standard.format(made)
+    with_exc = record("commit failed", exc=True, stack="Stack (most recent call last):\n  here")
+    assert ours.format(with_exc) == standard.format(with_exc)
+
+
+@pytest.mark.parametrize("created", [1_767_225_599.9996, 1_767_225_600.0, 1_767_225_600.25, 1_767_225_601.5])
+def test_the_json_time_is_the_records_time_in_utc_to_the_millisecond(created: float) -> None:
+    formatter = JsonFormatter()
+    for when in (created - 1, created, created):
+        made = record("x")
+        made.created, made.msecs = when, int((when - int(when)) * 1000) + 0.0
+        ts = json.loads(formatter.format(made))["ts"]
+        expected = datetime.fromtimestamp(int(when), UTC).replace(microsecond=int(made.msecs) * 1000)
+        assert ts == expected.isoformat(timespec="milliseconds").replace("+00:00", "Z")
