@@ -46,13 +46,11 @@ def fresh_database(server_url: str = SERVER_URL) -> Iterator[str]:
         )
     name = f"transcriptd_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with admin:
-        admin.execute(
-            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"  # type: ignore[arg-type]
-        )
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
         try:
             yield database_url(server_url, name)
         finally:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @contextmanager
@@ -61,7 +59,7 @@ def fresh_schema(database: str, *, migrated: bool = True) -> Iterator[str]:
     sessions work in it. Dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with connect(database) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]
+        admin.execute(f"CREATE SCHEMA {schema}")
         try:
             url = with_schema(database, schema)
             if migrated:
@@ -69,7 +67,7 @@ def fresh_schema(database: str, *, migrated: bool = True) -> Iterator[str]:
                     migrate(conn)
             yield url
         finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")  # type: ignore[arg-type]
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 class CommitCutter:

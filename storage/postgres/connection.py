@@ -59,7 +59,8 @@ def connect(
     set from ``storage.synchronous``. Raises ``ServerUnreachable`` with a one-line message."""
     try:
         # Added to the URL's own options (a search_path, say), not in their place.
-        options = f"{conninfo_to_dict(url).get('options') or ''} -c synchronous_commit={SYNCHRONOUS_COMMIT[synchronous]}"
+        given = conninfo_to_dict(url).get("options") or ""
+        options = f"{given} -c synchronous_commit={SYNCHRONOUS_COMMIT[synchronous]}"
         conn = psycopg.connect(
             url,
             autocommit=autocommit,

@@ -22,7 +22,6 @@ several replicas writing one database at once:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -208,7 +207,7 @@ def _storable(text: str) -> str:
 def _null(value: Any) -> Any:
     """Rows built for SQLite's bulk binds hold NULL as NaN (storage.deliveries.NULL); PostgreSQL keeps NaN
     as a real float value, so it is None here."""
-    return None if value != value else value  # noqa: PLR0124 (NaN is the one value unequal to itself)
+    return None if value != value else value  # NaN is the one value unequal to itself
 
 
 def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
@@ -350,7 +349,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
                 column.append(_null(value))
     if not owners:
         return
-    inserted: set[MessageKey] = {tuple(row) for row in conn.execute(sql.INSERT_MESSAGES, columns).fetchall()}  # type: ignore[misc]
+    inserted: set[MessageKey] = {tuple(row) for row in conn.execute(sql.INSERT_MESSAGES, columns).fetchall()}
     # Each inserted position belongs to its first row in batch order; every other row is a re-delivery.
     again: list[int] = []
     for i, counted in enumerate(owners):
@@ -363,7 +362,8 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
     # In rounds: a position repeated in the batch is compared with what the previous round left.
     while again:
         seen: set[MessageKey] = set()
-        this_round, later = [], []
+        this_round: list[int] = []
+        later: list[int] = []
         for i in again:
             key = (columns[0][i], columns[1][i], columns[2][i])
             (later if key in seen else this_round).append(i)
@@ -380,11 +380,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
 
 def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
     """The generic endpoint's messages, in order, each at its stream's next position (under the lock)."""
-    rows = [
-        (tally[id(delivery)], _append_params(row))
-        for delivery in fresh
-        for row in delivery.append_rows
-    ]
+    rows = [(tally[id(delivery)], _append_params(row)) for delivery in fresh for row in delivery.append_rows]
     if not rows:
         return
     with conn.cursor() as cursor:
