@@ -1,6 +1,6 @@
 """SQL text of the PostgreSQL group commit: one set-based statement per table per batch.
 
-Every statement takes whole columns as arrays (``unnest(%s::text[], ...)``): a batch is a few statements
+Every statement takes whole columns as arrays (``unnest(%b::text[], ...)``): a batch is a few statements
 whatever its size, each prepared once per connection (psycopg prepares a query after its fifth run), and
 no statement text grows with the batch.
 """
@@ -18,7 +18,7 @@ from storage.statements import MAX_METADATA_KEYS, PATCH_COLUMNS
 LOCK_CONVERSATIONS = """
 INSERT INTO conversations (id, source, created_at, updated_at)
 SELECT v.id, v.source, v.at, v.at
-FROM unnest(%s::text[], %s::text[], %s::float8[]) AS v (id, source, at)
+FROM unnest(%b::text[], %b::text[], %b::float8[]) AS v (id, source, at)
 WHERE NOT EXISTS (SELECT 1 FROM tombstones AS t WHERE t.conversation_id = v.id)
 ORDER BY v.id COLLATE "C"
 ON CONFLICT (id) DO UPDATE SET rev = conversations.rev + 1
@@ -26,11 +26,11 @@ RETURNING id, xmax = 0
 """
 
 # A conversation inserted by LOCK_CONVERSATIONS whose every delivery turned out to be stored already.
-DROP_UNUSED_CONVERSATIONS = "DELETE FROM conversations WHERE id = ANY(%s::text[]) AND message_count = 0"
+DROP_UNUSED_CONVERSATIONS = "DELETE FROM conversations WHERE id = ANY(%b::text[]) AND message_count = 0"
 
 COUNT_DROPPED = """
 UPDATE tombstones AS t SET dropped = t.dropped + v.n, last_dropped_at = %s
-FROM unnest(%s::text[], %s::int8[]) AS v (id, n)
+FROM unnest(%b::text[], %b::int8[]) AS v (id, n)
 WHERE t.conversation_id = v.id
 """
 
@@ -38,13 +38,13 @@ WHERE t.conversation_id = v.id
 # tries the same key at the same time (the second waits on the first's index entry, then skips it).
 CLAIM_EVENTS = """
 INSERT INTO events (delivery_key, source, event_type, conversation_id, received_at, body, problems)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::bytea[], %s::int4[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], %b::bytea[], %b::int4[])
 ON CONFLICT (delivery_key) DO NOTHING
 RETURNING delivery_key
 """
 
 FLOAT_PATCH_COLUMNS = frozenset({"started_at", "ended_at", "recording_duration"})
-_PATCH_TYPES = ", ".join(f"%s::{'float8' if c in FLOAT_PATCH_COLUMNS else 'text'}[]" for c in PATCH_COLUMNS)
+_PATCH_TYPES = ", ".join(f"%b::{'float8' if c in FLOAT_PATCH_COLUMNS else 'text'}[]" for c in PATCH_COLUMNS)
 
 # The fresh deliveries' changes, merged per conversation beforehand (one row per conversation: an UPDATE
 # ... FROM matching a row twice would apply only one of them). 'ended' and 'failed' are sticky, a column
@@ -60,7 +60,7 @@ UPDATE conversations AS c SET
     metadata = CASE WHEN v.metadata IS NULL THEN c.metadata
                     ELSE merged_metadata(c.metadata, v.metadata, {MAX_METADATA_KEYS}) END,
     updated_at = greatest(c.updated_at, v.updated_at)
-FROM unnest(%s::text[], %s::text[], {_PATCH_TYPES}, %s::jsonb[], %s::float8[])
+FROM unnest(%b::text[], %b::text[], {_PATCH_TYPES}, %b::jsonb[], %b::float8[])
     AS v (id, status, {", ".join(PATCH_COLUMNS)}, metadata, updated_at)
 WHERE c.id = v.id
 """  # noqa: S608 (built from constants only)
@@ -69,8 +69,8 @@ MESSAGE_COLUMNS = (
     "conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,"
     " vendor_role, external_id, created_at"
 )
-MESSAGE_TYPES = "%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], %s::float8[], %s::float8[],"
-MESSAGE_TYPES += " %s::float8[], %s::text[], %s::text[], %s::text[], %s::float8[]"
+MESSAGE_TYPES = "%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], %b::float8[], %b::float8[],"
+MESSAGE_TYPES += " %b::float8[], %b::text[], %b::text[], %b::text[], %b::float8[]"
 
 # A position already stored (a re-delivery, or the same position twice in the batch) is skipped; the
 # returned keys are the rows inserted, attributed to deliveries afterwards.
@@ -87,8 +87,8 @@ UPDATE_CHANGED_MESSAGES = """
 UPDATE messages AS m SET
     role = v.role, content = v.content, timestamp = v.timestamp, seconds_from_start = v.seconds_from_start,
     duration = v.duration, inference_id = v.inference_id, vendor_role = v.vendor_role
-FROM unnest(%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], %s::float8[], %s::float8[],
-            %s::float8[], %s::text[], %s::text[])
+FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], %b::float8[], %b::float8[],
+            %b::float8[], %b::text[], %b::text[])
     AS v (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
           vendor_role)
 WHERE m.conversation_id = v.conversation_id AND m.source = v.source AND m.seq = v.seq
@@ -125,7 +125,7 @@ UPDATE conversations AS c SET
     message_count = c.message_count + v.n,
     last_message_at = CASE WHEN v.last IS NULL THEN NULL
                            ELSE greatest(coalesce(c.last_message_at, v.last), v.last) END
-FROM unnest(%s::text[], %s::int8[], %s::float8[]) AS v (id, n, last)
+FROM unnest(%b::text[], %b::int8[], %b::float8[]) AS v (id, n, last)
 WHERE c.id = v.id
 """
 

@@ -36,6 +36,7 @@ from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
+from storage.postgres.statements import FLOAT_PATCH_COLUMNS
 from storage.statements import PATCH_COLUMNS
 
 log = logging.getLogger("transcriptd.storage")
@@ -210,6 +211,10 @@ def _null(value: Any) -> Any:
     return None if value != value else value  # NaN is the one value unequal to itself
 
 
+def _real(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
@@ -255,7 +260,7 @@ def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[se
     ids = sorted(first)
     rows = conn.execute(
         sql.LOCK_CONVERSATIONS,
-        (ids, [first[cid].source for cid in ids], [first[cid].received_at for cid in ids]),
+        (ids, [first[cid].source for cid in ids], [float(first[cid].received_at) for cid in ids]),
     ).fetchall()
     return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
 
@@ -280,7 +285,7 @@ def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
             [d.source for d in batch],
             [d.event_type for d in batch],
             [d.conversation_id for d in batch],
-            [d.received_at for d in batch],
+            [float(d.received_at) for d in batch],
             [d.body for d in batch],
             [d.problems for d in batch],
         ),
@@ -323,13 +328,21 @@ def _patch_conversations(conn: Connection, fresh: Sequence[Delivery]) -> None:
     ids = sorted(patches)
     ordered = [patches[cid] for cid in ids]
     params: list[list[Any]] = [ids, [p.status for p in ordered]]
-    params.extend([p.columns.get(column) for p in ordered] for column in PATCH_COLUMNS)
+    for column in PATCH_COLUMNS:
+        values = [p.columns.get(column) for p in ordered]
+        params.append([None if v is None else float(v) for v in values] if column in FLOAT_PATCH_COLUMNS else values)
     params.append([f"[{','.join(p.metadata)}]" if p.metadata else None for p in ordered])
-    params.append([p.updated_at for p in ordered])
+    params.append([float(p.updated_at) for p in ordered])
     conn.execute(sql.PATCH_CONVERSATIONS, params)
 
 
 MessageKey = tuple[str, str, int]
+# Positions in a message row (storage.deliveries.VendorMessageRow; a plain row lacks VENDOR_ROLE). Binary
+# arrays are typed by their elements, so reals go in as floats even where a parser kept an int.
+NULLABLE_REALS = (5, 6, 7)
+NULLABLE_TEXTS = (8, 9, 10)
+VENDOR_ROLE = 9
+CREATED_AT = 11
 
 
 def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
@@ -340,13 +353,17 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
     for delivery in fresh:
         if not delivery.rows:
             continue
-        counted = tally[id(delivery)]
-        vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
-        for row in delivery.rows:
-            owners.append(counted)
-            values = row if vendor else (*row[:9], None, *row[9:])
-            for column, value in zip(columns, values, strict=True):
-                column.append(_null(value))
+        owners.extend([tally[id(delivery)]] * len(delivery.rows))
+        transposed: list[Sequence[Any]] = list(zip(*delivery.rows, strict=True))
+        if len(transposed) != VENDOR_ROW_WIDTH:
+            transposed.insert(VENDOR_ROLE, [None] * len(delivery.rows))
+        for column, values in zip(columns, transposed, strict=True):
+            column.extend(values)
+    for i in NULLABLE_REALS:
+        columns[i] = [None if v is None or v != v else float(v) for v in columns[i]]
+    for i in NULLABLE_TEXTS:
+        columns[i] = [None if v != v else v for v in columns[i]]
+    columns[CREATED_AT] = [float(v) for v in columns[CREATED_AT]]
     if not owners:
         return
     inserted: set[MessageKey] = {tuple(row) for row in conn.execute(sql.INSERT_MESSAGES, columns).fetchall()}
@@ -422,4 +439,4 @@ def _count_messages(conn: Connection, fresh: Sequence[Delivery], tally: dict[int
             counts[delivery.conversation_id] = (count + inserted, last)
     if counts:
         ids = sorted(counts)
-        conn.execute(sql.COUNT_MESSAGES, (ids, [counts[cid][0] for cid in ids], [counts[cid][1] for cid in ids]))
+        conn.execute(sql.COUNT_MESSAGES, (ids, [counts[cid][0] for cid in ids], [_real(counts[cid][1]) for cid in ids]))
