@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.pg_report import postgres_section
+
 RESULTS = Path(__file__).parent / "results"
 OUTPUT = Path(__file__).parent.parent / "BENCHMARKS.md"
 CHART = "load.png"
@@ -575,6 +577,7 @@ def render(results: Path) -> str:
     load = load_json(results / "load.json")
     ingest = load_json(results / "ingest_limit.json")
     reads = load_json(results / "read_path.json")
+    postgres = load_json(results / "pg_ceiling.json")
     drawn = chart(load, results / CHART) if load else False
     lines = [
         "# Benchmarks",
@@ -600,6 +603,7 @@ def render(results: Path) -> str:
     lines += [*load_section(load, CHART if drawn else None, ingest), ""] if load else [missing.format("load.json"), ""]
     lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
     lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
+    lines += [*postgres_section(postgres), ""] if postgres else [missing.format("pg_ceiling.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

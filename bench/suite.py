@@ -7,7 +7,9 @@
 3. ingest against the storage limit, and what keeping raw bodies costs (``bench.ingest_limit``);
 4. the read path, cached and not (``bench.read_path``);
 5. the load comparison of transcriptd and the write-up's handlers (``bench.compare``);
-6. BENCHMARKS.md and the chart from the results (``bench.report``).
+6. the PostgreSQL server's ceiling beside the PostgreSQL group commit (``bench.pg_ceiling``; needs the
+   server, and fails without it);
+7. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -61,6 +63,10 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 str(results / "ingest_limit.json"),
                 *(["--scale", "0.05"] if quick else []),
             ),
+        ),
+        (
+            "postgres ceiling",
+            module("bench.pg_ceiling", "pg_ceiling.json", *(["--transcripts", "32", "--rounds", "1"] if quick else [])),
         ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]
