@@ -360,3 +360,38 @@ def test_sqlite_is_untouched_by_a_postgres_batch(tmp_path: Path) -> None:
         assert isinstance(lite, sqlite3.Connection)
     finally:
         lite.close()
+
+
+def test_a_batch_chosen_as_a_deadlock_victim_is_retried_whole(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with connect(postgres_url) as setup:
+        pg_write_batch(setup, [ready("c-a", turns=1), ready("c-b", turns=1)])
+    other = connect(postgres_url)
+    writer = connect(postgres_url)
+    # The writer gives up waiting first, so it is the victim (deadlock_timeout: when a waiter checks).
+    writer.execute("SET deadlock_timeout = '100ms'")
+    other.execute("SET deadlock_timeout = '10s'")
+    try:
+        other.execute("BEGIN")
+        other.execute("UPDATE conversations SET rev = rev WHERE id = 'c-b'")
+        batch = [append("c-a", [{"role": "user", "content": "x"}]), append("c-b", [{"role": "user", "content": "y"}])]
+        outcomes: list[list[Outcome]] = []
+        thread = threading.Thread(target=lambda: outcomes.append(pg_write_batch(writer, batch)))
+        thread.start()
+        # The writer holds c-a (locked first, in id order) and waits for c-b.
+        deadline = time.monotonic() + 10
+        while not other.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (writer.info.backend_pid,)
+        ).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        other.execute("UPDATE conversations SET rev = rev WHERE id = 'c-a'")  # the cycle: the writer is refused
+        other.execute("COMMIT")
+        thread.join(timeout=30)
+        assert outcomes == [[WriteResult(1, 1, 0), WriteResult(1, 1, 0)]]
+        assert "batch retried whole after DeadlockDetected" in caplog.text
+        assert other.execute("SELECT count(*) FROM messages WHERE source = 'api'").fetchone() == (2,)
+    finally:
+        other.close()
+        writer.close()
