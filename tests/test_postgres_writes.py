@@ -80,6 +80,9 @@ def scenario() -> list[list[Delivery]]:
             append("c-g", [{"role": "user", "content": "four", "id": "m4"}], at=NOW + 13),
             with_metadata(event("c-a", "system.shutdown", {"shutdown_reason": "done"}, at=NOW + 14), {"x": "1"}),
             with_metadata(event("c-a", "system.replica_joined", {"replica_id": "r-2"}, at=NOW + 15), {"team": "b"}),
+            # Past 32 keys: this delivery's keys are dropped whole; the next one's merge again.
+            with_metadata(event("c-a", "system.pal_joined", {}, at=NOW + 17), {f"k{i}": "v" for i in range(31)}),
+            with_metadata(event("c-a", "application.recording_ready", {}, at=NOW + 18), {"y": "2"}),
             surrogate,
             vendor(vapi.parse, "vapi/events-status-update.json", at=NOW + 16),
         ],
@@ -87,7 +90,16 @@ def scenario() -> list[list[Delivery]]:
             ready("c-erased", turns=2, at=NOW + 30),
             append("c-g", [{"role": "user", "content": "five"}], at=NOW + 31),
         ],
+        # Refused by the database itself (a position past 64 bits): both backends write this batch again
+        # one delivery per savepoint, and keep the others.
+        [ready("c-d", turns=2, at=NOW + 40), out_of_range("c-big"), append("c-g", [{"role": "user", "content": "6"}])],
     ]
+
+
+def out_of_range(cid: str) -> Delivery:
+    delivery = ready(cid, turns=2, at=NOW + 41)
+    delivery.rows = [*delivery.rows[:1], (*delivery.rows[1][:2], 2**70, *delivery.rows[1][3:])]
+    return delivery
 
 
 TABLES = {
@@ -148,7 +160,9 @@ def test_a_batchs_rows_and_outcomes_equal_sqlites(postgres_url: str, tmp_path: P
             assert stored[table] == expected[table], table
         assert len(stored["messages"]) > 40  # the scenario wrote what it meant to
         assert stored["tombstones"] == [("c-erased", 1.0, 1)]
-        assert [row[3] for row in stored["dead_letters"]] == ["c-bad"]
+        assert sorted(row[3] for row in stored["dead_letters"]) == ["c-bad", "c-big"]
+        (metadata,) = [row[-1] for row in stored["conversations"] if row[0] == "c-a"]
+        assert metadata == {"team": "a", "x": "1", "y": "2"}  # the second replica_joined is a duplicate
     finally:
         lite.close()
         pg.close()
@@ -338,14 +352,14 @@ def test_a_connection_killed_before_the_batch_raises_the_storage_error(postgres_
 def test_a_refusal_by_the_server_isolates_that_delivery(postgres_url: str) -> None:
     too_big = append("c-huge", [{"role": "user", "content": "seq out of range"}])
     # A position past bigint: psycopg sends it as numeric, and the server refuses it (22003).
-    big = ready("c-big", turns=2)
-    big.rows = [(*big.rows[0][:2], 2**70, *big.rows[0][3:])]
+    big = out_of_range("c-big")
     good = ready("c-good", turns=2)
     with connect(postgres_url) as conn:
         outcomes = pg_write_batch(conn, [good, big, too_big])
         assert isinstance(outcomes[1], StorageRejected)
         assert outcomes[0] == WriteResult(received=3, inserted=3, updated=0)
         assert outcomes[2] == WriteResult(received=1, inserted=1, updated=0)
+        assert "bigint" in str(outcomes[1]) or "out of range" in str(outcomes[1])
         assert conn.execute("SELECT conversation_id FROM dead_letters").fetchall() == [("c-big",)]
         assert conn.execute("SELECT count(*) FROM conversations WHERE id = 'c-big'").fetchone() == (0,)
 
