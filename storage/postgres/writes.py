@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,37 +81,22 @@ def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
 
 def unstorable(delivery: Delivery) -> str | None:
     """Why PostgreSQL would refuse ``delivery``'s text, or None: checked before the batch, so one such
-    delivery never aborts the transaction of the others."""
-    for text in _texts(delivery):
-        if "\x00" in text:
-            return "text holds U+0000 (NUL), which PostgreSQL's text type cannot store"
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                return "text holds a lone surrogate (U+D800..U+DFFF), which is not valid UTF-8"
+    delivery never aborts the transaction of the others. All its text is joined and checked at once (a
+    check per string was a tenth of the writer's time on 100-message transcripts)."""
+    patch = delivery.patch
+    texts = [delivery.key, delivery.source, delivery.event_type, delivery.conversation_id, delivery.metadata or ""]
+    texts += [value for column in PATCH_COLUMNS if (value := getattr(patch, column)).__class__ is str]
+    texts += [value for row in delivery.rows for value in row if value.__class__ is str]
+    texts += [value for row in delivery.append_rows for value in row if value.__class__ is str]
+    joined = "".join(texts)
+    if "\x00" in joined:
+        return "text holds U+0000 (NUL), which PostgreSQL's text type cannot store"
+    if not joined.isascii():
+        try:
+            joined.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text holds a lone surrogate (U+D800..U+DFFF), which is not valid UTF-8"
     return None
-
-
-def _texts(delivery: Delivery) -> Iterable[str]:
-    yield delivery.key
-    yield delivery.source
-    yield delivery.event_type
-    yield delivery.conversation_id
-    if delivery.metadata is not None:
-        yield delivery.metadata
-    for column in PATCH_COLUMNS:
-        value = getattr(delivery.patch, column)
-        if isinstance(value, str):
-            yield value
-    for row in delivery.rows:
-        for value in row:
-            if isinstance(value, str):
-                yield value
-    for append in delivery.append_rows:
-        for value in append:
-            if isinstance(value, str):
-                yield value
 
 
 def _write_in_one_transaction(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
