@@ -40,8 +40,13 @@ def fresh_database(server_url: str = SERVER_URL) -> Iterator[str]:
     try:
         admin = connect(server_url)
     except ServerUnreachable as exc:
+        unreachable = str(exc)
+    else:
+        unreachable = ""
+    if unreachable:
         pytest.fail(
-            f"these tests need a PostgreSQL server ({exc}); start the local one, or set TRANSCRIPTD_TEST_POSTGRES",
+            f"these tests need a PostgreSQL server ({unreachable}); start the local one, or set"
+            " TRANSCRIPTD_TEST_POSTGRES",
             pytrace=False,
         )
     name = f"transcriptd_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
