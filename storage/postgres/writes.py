@@ -110,7 +110,11 @@ def _write_in_one_transaction(conn: Connection, batch: Sequence[Delivery], refus
 
 def _write_isolated(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
     """The slow path: each delivery in a savepoint of its own, at most ``MAX_SAVEPOINTS`` per transaction.
-    A delivery the server refuses is rolled back alone and dead-lettered in its savepoint."""
+    A delivery the server refuses is rolled back alone and dead-lettered in its savepoint.
+
+    A batch of more than ``MAX_SAVEPOINTS`` deliveries commits in several transactions; if a later one
+    fails (a fault, or a deadlock and the batch's retry), the deliveries of the committed ones are answered
+    as failed, or as duplicates on the retry, though stored: their senders' retries are deduplicated."""
     outcomes: list[Outcome] = []
     for start in range(0, len(batch), MAX_SAVEPOINTS):
         chunk: list[Outcome] = []
