@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.pg_report import postgres_section
+
 RESULTS = Path(__file__).parent / "results"
 OUTPUT = Path(__file__).parent.parent / "BENCHMARKS.md"
 CHART = "load.png"
@@ -578,6 +580,7 @@ def render(results: Path) -> str:
     ingest = load_json(results / "ingest_limit.json")
     reads = load_json(results / "read_path.json")
     overhead = load_json(results / "overhead.json")
+    postgres = load_json(results / "pg_ceiling.json")
     drawn = chart(load, results / CHART) if load else False
     lines = [
         "# Benchmarks",
@@ -608,6 +611,7 @@ def render(results: Path) -> str:
     outbox = load_json(results / "outbox_cost.json")
     lines += [*outbox_section(outbox), ""] if outbox else [missing.format("outbox_cost.json"), ""]
     lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
+    lines += [*postgres_section(postgres), ""] if postgres else [missing.format("pg_ceiling.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

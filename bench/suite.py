@@ -9,7 +9,9 @@
 5. the load comparison of transcriptd and the write-up's handlers (``bench.compare``);
 6. what the transactional outbox costs durable ingest (``bench.outbox_cost``);
 7. what the delivery log and the hardening cost durable ingest (``bench.overhead``);
-8. BENCHMARKS.md and the chart from the results (``bench.report``).
+8. the PostgreSQL server's ceiling beside the PostgreSQL group commit (``bench.pg_ceiling``; needs the
+   server, and fails without it);
+9. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -79,6 +81,10 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 "overhead.json",
                 *(["--rounds", "2", "--requests", "100", "--log-lines", "1000", "--no-instructions"] if quick else []),
             ),
+        ),
+        (
+            "postgres ceiling",
+            module("bench.pg_ceiling", "pg_ceiling.json", *(["--transcripts", "32", "--rounds", "1"] if quick else [])),
         ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]

@@ -138,3 +138,21 @@ def db(db_path: Path) -> Iterator[Callable[[str, tuple[Any, ...]], list[tuple[An
     yield query
     for conn in conns:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """One PostgreSQL database for the session (tests/postgres_tools.py): fails, never skips, without a server."""
+    from tests.postgres_tools import fresh_database
+
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A migrated schema of its own for one test: the URL its connections use."""
+    from tests.postgres_tools import fresh_schema
+
+    with fresh_schema(postgres_database) as url:
+        yield url

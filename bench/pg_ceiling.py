@@ -1,0 +1,183 @@
+"""The PostgreSQL server's ceiling for transcript rows, beside the group commit, measured in one run.
+
+The same message rows (100-turn Tavus transcripts, parsed as the daemon parses them), committed in groups
+of ``--per-commit`` transcripts, into a fresh database on the server, three ways:
+
+1. ``COPY messages FROM STDIN``: the fastest way rows get into the table (the ceiling);
+2. a plain loop of one ``INSERT ... SELECT FROM unnest(...)`` per transcript: set-based SQL, nothing else;
+3. transcriptd's group commit (``storage.postgres.writes.write_batch``) driven directly: conversations
+   locked and patched, events claimed with their raw bodies, messages counted.
+
+For 1 and 2 the conversation rows (the messages' foreign key) are inserted before the clock starts; the
+group commit writes its own. ``synchronous_commit = on`` for all three (``storage.synchronous = full``).
+An unreachable server fails the step: a benchmark that skips quietly publishes nothing true.
+
+    python -m bench.pg_ceiling [--url postgresql://postgres@127.0.0.1:5432/postgres] [--transcripts 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.ingest_limit import make_bodies
+from bench.machine import describe
+from daemon.sources import tavus
+from storage.deliveries import Delivery
+from storage.postgres.connection import Connection, ServerUnreachable, connect
+from storage.postgres.migrations import migrate
+from storage.postgres.statements import MESSAGE_COLUMNS, MESSAGE_TYPES
+from storage.postgres.writes import write_batch
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_URL = os.environ.get("TRANSCRIPTD_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+COPY = f"COPY messages ({MESSAGE_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+REALS = (5, 6, 7, 11)
+COPY_TYPES = ["text", "text", "int8", "text", "text", "float8", "float8", "float8", "text", "text", "text", "float8"]
+UNNEST = f"INSERT INTO messages ({MESSAGE_COLUMNS}) SELECT * FROM unnest({MESSAGE_TYPES})"  # noqa: S608 (constants)
+
+
+def columns_of(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Message rows (SQLite's NaN-as-NULL included) as the twelve column arrays the statements take."""
+    width = 12
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        values = row if len(row) == width else (*row[:9], None, *row[9:])
+        for column, value in zip(columns, values, strict=True):
+            column.append(None if value != value else value)  # NaN is NULL
+    for i in REALS:  # binary: a real column takes floats only
+        columns[i] = [None if v is None else float(v) for v in columns[i]]
+    return columns
+
+
+def fresh(conn: Connection) -> None:
+    conn.execute("TRUNCATE conversations, messages, events, dead_letters, tombstones")
+
+
+def with_conversations(conn: Connection, deliveries: list[Delivery]) -> None:
+    """The messages' foreign key needs their conversations: inserted before the clock starts."""
+    ids = [d.conversation_id for d in deliveries]
+    conn.execute(
+        "INSERT INTO conversations (id, source, created_at, updated_at)"
+        " SELECT id, 'tavus', 0, 0 FROM unnest(%s::text[]) AS id",
+        (ids,),
+    )
+
+
+def measured(conn: Connection, started: float, commits: int) -> dict[str, float]:
+    elapsed = time.perf_counter() - started
+    (rows,) = conn.execute("SELECT count(*) FROM messages").fetchone() or (0,)
+    return {
+        "rows": rows,
+        "commits": commits,
+        "seconds": elapsed,
+        "rows_per_s": rows / elapsed,
+        "commits_per_s": commits / elapsed,
+    }
+
+
+def copy_ceiling(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+    fresh(conn)
+    with_conversations(conn, deliveries)
+    rows = [list(zip(*columns_of(list(d.rows)), strict=True)) for d in deliveries]
+    commits = 0
+    started = time.perf_counter()
+    for i in range(0, len(rows), per_commit):
+        with conn.transaction(), conn.cursor() as cursor, cursor.copy(COPY) as copy:
+            copy.set_types(COPY_TYPES)
+            for transcript in rows[i : i + per_commit]:
+                for row in transcript:
+                    copy.write_row(row)
+        commits += 1
+    return measured(conn, started, commits)
+
+
+def unnest_loop(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+    fresh(conn)
+    with_conversations(conn, deliveries)
+    arrays = [columns_of(list(d.rows)) for d in deliveries]
+    commits = 0
+    started = time.perf_counter()
+    for i in range(0, len(arrays), per_commit):
+        with conn.transaction():
+            for columns in arrays[i : i + per_commit]:
+                conn.execute(UNNEST, columns)
+        commits += 1
+    return measured(conn, started, commits)
+
+
+def group_commit(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+    fresh(conn)
+    commits = 0
+    started = time.perf_counter()
+    for i in range(0, len(deliveries), per_commit):
+        write_batch(conn, deliveries[i : i + per_commit])
+        commits += 1
+    return measured(conn, started, commits)
+
+
+def run(url: str, transcripts: int, turns: int, per_commit: int, rounds: int) -> dict[str, Any]:
+    try:
+        admin = connect(url)
+    except ServerUnreachable as exc:
+        raise SystemExit(f"bench.pg_ceiling needs a PostgreSQL server: {exc}") from None
+    name = f"transcriptd_bench_{os.getpid()}"
+    head, _, _ = url.rpartition("/")
+    with admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
+        try:
+            with connect(f"{head}/{name}", synchronous="full") as conn:
+                migrate(conn)
+                (version,) = conn.execute("SHOW server_version").fetchone() or ("?",)
+                bodies = make_bodies(transcripts, turns)
+                deliveries = [tavus.parse(b, {}, received_at=time.time())[0] for b in bodies]
+                results: dict[str, list[dict[str, float]]] = {"copy": [], "unnest": [], "group_commit": []}
+                # Alternated rounds, so that the server's state drifts over all three alike; the median is kept.
+                for _ in range(rounds):
+                    results["copy"].append(copy_ceiling(conn, deliveries, per_commit))
+                    results["unnest"].append(unnest_loop(conn, deliveries, per_commit))
+                    results["group_commit"].append(group_commit(conn, deliveries, per_commit))
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    medians = {what: sorted(runs, key=lambda r: r["rows_per_s"])[len(runs) // 2] for what, runs in results.items()}
+    return {
+        "settings": {
+            "transcripts": transcripts,
+            "turns": turns,
+            "per_commit": per_commit,
+            "rounds": rounds,
+            "synchronous_commit": "on",
+        },
+        "server_version": version,
+        "machine": describe(),
+        **medians,
+        "rounds": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=DEFAULT_URL, help="the server (a database is created on it and dropped)")
+    parser.add_argument("--transcripts", type=int, default=800, help="transcripts per round (default 800)")
+    parser.add_argument("--turns", type=int, default=100, help="messages per transcript besides the system one")
+    parser.add_argument("--per-commit", type=int, default=16, help="transcripts per commit (default 16)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds; the median is reported")
+    parser.add_argument("--output", type=Path, default=RESULTS / "pg_ceiling.json")
+    args = parser.parse_args(argv)
+    result = run(args.url, args.transcripts, args.turns, args.per_commit, args.rounds)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    for what in ("copy", "unnest", "group_commit"):
+        r = result[what]
+        print(f"{what:>12}: {r['rows_per_s']:>10,.0f} rows/s {r['commits_per_s']:>8,.1f} commits/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
