@@ -28,6 +28,8 @@ from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
 from daemon.timeline import Timeline
+from daemon.ui import ROUTES as VIEWER_ROUTES
+from daemon.ui.pages import Viewer
 from storage.checkpointer import Checkpointer
 from storage.queries import Reader
 from storage.writer import Writer, WriterSettings
@@ -150,6 +152,9 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
+            app.state.viewer = Viewer(
+                app.state.api, app.state.timeline, config.api.token, retry_after_s=ingest.retry_after_s
+            )
             app.state.openapi = OpenAPI()
             app.state.erasure = Eraser(writer, cache, config.api.token)
             log.info(
@@ -178,7 +183,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     log.error("transcriptd stopped after %.0f s with deliveries not drained", budget.mailboxes_s)
 
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *VIEWER_ROUTES],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -93,13 +93,13 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
 
         # A path with a conversation id matches on the raw path, so that an id holding "/" (%2F) still fits.
         kind = RawPathRoute if "{" + PARAM + "}" in path else Route
-        built.append(_anchored(kind(path, dispatch, methods=list(handlers))))
+        built.append(anchored(kind(path, dispatch, methods=list(handlers))))
         # The same with a trailing slash: nothing redirects, so no token ever lands in a Location header.
-        built.append(_anchored(kind(f"{path}/", dispatch, methods=list(handlers))))
+        built.append(anchored(kind(f"{path}/", dispatch, methods=list(handlers))))
     return built
 
 
-def _anchored(route: Route) -> Route:
+def anchored(route: Route) -> Route:
     """Starlette ends a path's pattern with ``$``, which also matches before a final newline: ``/conversations/%0A``
     would be the list with a slash, not the conversation ``"\\n"``. ``\\Z`` ends at the end only."""
     pattern = route.path_regex.pattern

@@ -254,6 +254,15 @@ class Reader:
         cursor = after or (None, None, None)
         return await self._all(TIMELINE, (conversation_id, limit, bodies, *cursor))
 
+    async def event_body(self, conversation_id: str, kind: int, row_id: int) -> bytes | None:
+        """The raw body of one timeline entry (kind 0: ``events``, 1: ``dead_letters``), None if not stored."""
+        table = "dead_letters" if kind else "events"
+        rows = await self._all(
+            f"SELECT body FROM {table} WHERE id = ? AND conversation_id = ?",  # noqa: S608 (one of two names)
+            (row_id, conversation_id),
+        )
+        return bytes(rows[0][0]) if rows else None
+
 
 # A conversation's delivery timeline: its stored events, and the deliveries the database refused and that are
 # still unresolved in dead_letters, in the order they arrived. Bodies are read only when asked for (length()
