@@ -19,6 +19,7 @@ from daemon.config import Config
 from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.health import Health
+from daemon.indexing import Indexer
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
 from daemon.logs import RedactSecrets, config_secrets
@@ -27,6 +28,7 @@ from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
+from daemon.search_api import Search
 from daemon.timeline import Timeline
 from daemon.ui import ROUTES as VIEWER_ROUTES
 from daemon.ui.pages import Viewer
@@ -117,6 +119,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             )
             janitor = Janitor(writer, cache, config.storage.retention_days)
             await tg.start(janitor.run)
+            indexer = Indexer(writer, enabled=config.search.enabled)
+            await tg.start(indexer.run)
             await reader.open()
             stack.push_async_callback(reader.close)
             intake = Intake(
@@ -152,8 +156,13 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
+            app.state.search = Search(reader, config.api.token, enabled=config.search.enabled)
             app.state.viewer = Viewer(
-                app.state.api, app.state.timeline, config.api.token, retry_after_s=ingest.retry_after_s
+                app.state.api,
+                app.state.timeline,
+                app.state.search,
+                config.api.token,
+                retry_after_s=ingest.retry_after_s,
             )
             app.state.openapi = OpenAPI()
             app.state.erasure = Eraser(writer, cache, config.api.token)
@@ -172,6 +181,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 with anyio.CancelScope(shield=True):
                     reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
+                    indexer.stop()
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()

@@ -110,6 +110,12 @@ class ReconcileConfig(_Section, frozen=True):
     max_concurrent_requests: Count = 4  # per vendor
 
 
+class SearchConfig(_Section, frozen=True):
+    # The full-text index over messages (GET /search): kept in step with every write. Off empties it and
+    # saves its cost at ingest; on again rebuilds it in the background.
+    enabled: bool = True
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -119,6 +125,7 @@ class Config(_Section, frozen=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
+    search: SearchConfig = msgspec.field(default_factory=SearchConfig)
 
 
 class ConfigError(Exception):

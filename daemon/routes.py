@@ -18,6 +18,7 @@ from daemon.erasing import ErasedAnswer
 from daemon.health import Readiness
 from daemon.ids import PARAM, RawPathRoute
 from daemon.intake import Dropped, Enqueued, Stored
+from daemon.search_api import SearchAnswer, SearchParams
 from daemon.sources import SOURCES, Source
 from daemon.timeline import EventPage, EventsQuery
 from storage.queries import Conversation
@@ -198,6 +199,21 @@ ENDPOINTS = [
         query=EventsQuery,
         responses={200: ("a page of the timeline", EventPage)},
         errors={**ID_READ_ERRORS, 404: "nothing received for this id"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/search",
+        "GET",
+        ("search", "search"),
+        'Full-text search across every message: words, "phrases", prefix* and -exclusions, best first',
+        "read",
+        query=SearchParams,
+        responses={200: ("a page of hits, each with its snippet and the matched spans", SearchAnswer)},
+        errors={
+            **READ_ERRORS,
+            404: "search is turned off (`search.enabled = false`)",
+            422: "a bad query parameter, or a query `q` that cannot be read",
+        },
         bearer=True,
     ),
     Endpoint("/livez", "GET", ("health", "livez"), "The process is up", "health", responses={200: ("alive", None)}),

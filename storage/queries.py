@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import aiosqlite
 import msgspec
 
+from storage import search as fts
 from storage.connection import open_reader
 from storage.statements import PATCH_COLUMNS
 
@@ -245,6 +246,18 @@ class Reader:
             tuple(params),
         )
         return [Message(*row) for row in rows]
+
+    async def search(self, query: fts.SearchQuery) -> fts.SearchPage:
+        """One page of full-text hits (storage.search); QuerySyntaxError or CursorError for bad input."""
+        for text in (query.text, query.source, query.role, query.conversation_id):
+            fts.check_text(text)
+        expression = fts.fts_expression(fts.parse(query.text))
+        ranked = await self._all(*fts.candidates(query, expression).astuple())
+        partial = bool(await self._all("SELECT 1 FROM search_backfill WHERE id = 1", ()))
+        rows = []
+        if ranked:
+            rows = await self._all(*fts.details(expression, [r[0] for r in ranked[: query.limit]]).astuple())
+        return fts.page(query, [(r[0], r[1]) for r in ranked], rows, partial)
 
     async def timeline(
         self, conversation_id: str, *, limit: int, after: tuple[float, int, int] | None, bodies: bool

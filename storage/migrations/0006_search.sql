@@ -1,0 +1,45 @@
+-- Full-text search over messages (storage.search): an FTS5 index of their text, kept in step with every
+-- insert, update and delete by the triggers below, in the writer's own transaction.
+
+-- External content: the text is stored once, in messages; the index holds only its tokens. Case and
+-- accents are folded away, so "reservation" finds "Réservation".
+CREATE VIRTUAL TABLE messages_fts USING fts5(
+    content,
+    content = 'messages',
+    content_rowid = 'id',
+    tokenize = 'unicode61 remove_diacritics 2'
+);
+
+-- The messages not indexed yet: those with next_id <= id <= last_id, while a row is here. The index of
+-- an existing database is filled in chunks after this migration (storage.search_index.backfill: at
+-- start-up, or `transcriptd search rebuild`), with progress; searches meanwhile say they are partial.
+-- disabled = 1: search.enabled is false, the range covers every id and nothing is indexed.
+CREATE TABLE search_backfill (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    next_id     INTEGER NOT NULL,
+    last_id     INTEGER NOT NULL,
+    disabled    INTEGER NOT NULL DEFAULT 0
+);
+
+INSERT INTO search_backfill (id, next_id, last_id) SELECT 1, min(id), max(id) FROM messages HAVING count(*) > 0;
+
+-- A message is in the index exactly when no backfill range covers its id: the triggers and the backfill
+-- both keep to that, so nothing is indexed twice or missed (a reused id below next_id is indexed here).
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages
+WHEN NOT EXISTS (SELECT 1 FROM search_backfill WHERE new.id BETWEEN next_id AND last_id)
+BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages
+WHEN NOT EXISTS (SELECT 1 FROM search_backfill WHERE old.id BETWEEN next_id AND last_id)
+BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages
+WHEN old.content IS NOT new.content AND NOT EXISTS (SELECT 1 FROM search_backfill WHERE old.id BETWEEN next_id AND last_id)
+BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
