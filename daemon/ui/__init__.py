@@ -35,6 +35,7 @@ _PAGES: list[tuple[str, str, list[str]]] = [
     ("/ui/conversations/{conversation_id}", "conversation", ["GET"]),
     ("/ui/conversations/{conversation_id}/events", "events", ["GET"]),
     ("/ui/conversations/{conversation_id}/events/{kind}/{row_id}", "event_body", ["GET"]),
+    ("/ui/search", "search", ["GET"]),
     ("/ui/login", "login_form", ["GET"]),
     ("/ui/static/viewer.css", "stylesheet", ["GET"]),
 ]

@@ -18,6 +18,7 @@ from daemon.api import MAX_PAGE, Api, MessagePage, MessagesQuery, parse_query_pa
 from daemon.auth import same_secret
 from daemon.errors import InvalidPayload, NotFound, Problem, TranscriptdError, from_storage, log_rejection
 from daemon.ids import path_id
+from daemon.search_api import Search, run, search_query
 from daemon.sources import NAMES
 from daemon.timeline import EventsQuery, Timeline
 from daemon.ui import session
@@ -35,12 +36,14 @@ Page = Callable[[Request], Awaitable[Response]]
 
 
 class Viewer:
-    def __init__(self, api: Api, timeline: Timeline, token: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, api: Api, timeline: Timeline, search: Search, token: str, *, retry_after_s: int = 1) -> None:
         self.api = api
         self.timeline = timeline
+        self.search_api = search
         self.token = token
         self.retry_after_s = retry_after_s
         self.templates = environment()
+        self.templates.globals["search_enabled"] = search.enabled
 
     # --- the pages ------------------------------------------------------------------------------
 
@@ -55,6 +58,9 @@ class Viewer:
 
     async def event_body(self, request: Request) -> Response:
         return await self._guarded(request, self._event_body)
+
+    async def search(self, request: Request) -> Response:
+        return await self._guarded(request, self._search)
 
     async def _conversations(self, request: Request) -> Response:
         given = {name: value for name, value in request.query_params.items() if value != ""}
@@ -109,6 +115,19 @@ class Viewer:
             stream=query.source or conversation.source,
             following=None if more is None else f"?{urlencode(more)}",
         )
+
+    async def _search(self, request: Request) -> Response:
+        given = {name: value for name, value in request.query_params.items() if value != ""}
+        if not self.search_api.enabled:
+            raise NotFound("search is turned off (search.enabled = false)")
+        if "q" not in given:
+            return self._render(request, "search.html", chosen=given, found=None, following=None, sources=NAMES)
+        given.setdefault("limit", str(PAGE_SIZE // 2))
+        found = await run(self.search_api.reader, search_query(given))
+        following = None
+        if found.next is not None:
+            following = "/ui/search?" + urlencode(given | {"cursor": found.next})
+        return self._render(request, "search.html", chosen=given, found=found, following=following, sources=NAMES)
 
     async def _events(self, request: Request) -> Response:
         cid = path_id(request)

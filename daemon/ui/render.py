@@ -69,20 +69,19 @@ def role_class(role: str) -> str:
     return f"role-{role}" if role in KNOWN_ROLES else "role-other"
 
 
-def marked(snippet: str, start: str, end: str) -> Markup:
-    """A search snippet with its matches between ``start`` and ``end`` markers as ``<mark>``; everything else,
-    the transcript's own ``<`` and ``&`` included, escaped."""
+def marked(snippet: str, marks: list[tuple[int, int]]) -> Markup:
+    """A search snippet with its matched spans (``[start, end)`` offsets) as ``<mark>``; everything else, the
+    transcript's own ``<`` and ``&`` included, escaped."""
     parts: list[str] = []
-    rest = snippet
-    while start in rest:
-        before, _, after = rest.partition(start)
-        match, found, rest = after.partition(end)
-        parts.append(str(escape(before)))
-        parts.append(f"<mark>{escape(match)}</mark>")
-        if not found:
-            rest = ""
-    parts.append(str(escape(rest)))
-    return Markup("".join(parts))  # noqa: S704 (every piece escaped above)
+    done = 0
+    for start, end in sorted(marks):
+        if start < done or end > len(snippet):
+            continue  # overlapping or out of range: left unmarked rather than cut the text
+        parts.append(str(escape(snippet[done:start])))
+        parts.append(f"<mark>{escape(snippet[start:end])}</mark>")
+        done = end
+    parts.append(str(escape(snippet[done:])))
+    return Markup("".join(parts))  # noqa: S704 (every piece is escaped above)
 
 
 def environment() -> Environment:
@@ -94,5 +93,5 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(when=when, iso=iso, clock=clock, pretty=pretty, q=quoted, role_class=role_class)
-    env.globals.update(web_link=web_link)
+    env.globals.update(web_link=web_link, marked=marked)
     return env
