@@ -66,7 +66,7 @@ def check_headers(answer: httpx.Response) -> None:
     assert "script-src" not in csp, where
     assert "unsafe-inline" not in csp, where
     assert answer.headers.get("x-content-type-options") == "nosniff", where
-    assert answer.headers.get("referrer-policy") == "no-referrer", where
+    assert answer.headers.get("referrer-policy") == "same-origin", where
 
 
 async def sign_in(client: httpx.AsyncClient, token: str = TOKEN, next_path: str = "/ui/") -> httpx.Response:

@@ -34,7 +34,8 @@ _PURPOSE = b"transcriptd viewer session v1"
 
 # Every /ui response: no script runs at all (there is none to run: a <script> said in a call is text), styles
 # only from our own stylesheet, forms only to ourselves, no framing (clickjacking), and no Referer carrying a
-# conversation id to a recording's host.
+# conversation id to another site (a recording's host); "same-origin", not "no-referrer", which would make
+# the browser send `Origin: null` with our own forms.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -42,7 +43,7 @@ SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 # Transcripts are personal data: no shared cache keeps a page, and the back button after sign-out reloads it.
 NO_STORE = {"Cache-Control": "no-store"}
