@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Playwright, ViewportSize, sync_playwright
 
 from tests.daemon_process import Daemon, managed, start_daemon
 from tests.payloads import encode, transcription_ready
@@ -21,7 +21,7 @@ from tests.payloads import encode, transcription_ready
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "read-s3cret"  # api.token, from TEST_SECRETS
 HOSTILE = '<script>window.pwned = 1; alert("x")</script><img src=x onerror="window.pwned = 2; alert(1)"> & done'
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
