@@ -59,6 +59,8 @@ class SearchAnswer(msgspec.Struct):
 def search_query(params: Mapping[str, str]) -> SearchQuery:
     """A SearchQuery from query parameters (``SearchParams``); a bad one is InvalidPayload naming it. The
     syntax of ``q`` is checked by the search itself: see :func:`run`."""
+    if "q" not in params:
+        raise InvalidPayload([Problem("give what to search for in `q`", "query.q")])
     try:
         given = msgspec.convert(dict(params), SearchParams, strict=False)
     except msgspec.ValidationError as exc:
