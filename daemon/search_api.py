@@ -20,7 +20,7 @@ from daemon.decoding import epoch_seconds, validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.sources.model import Role
 from storage.queries import Reader
-from storage.search import CursorError, QuerySyntaxError, SearchHit, SearchPage, SearchQuery
+from storage.search import RANK_WINDOW, CursorError, QuerySyntaxError, SearchHit, SearchPage, SearchQuery
 
 MAX_SEARCH_PAGE = 100
 
@@ -53,6 +53,13 @@ class SearchAnswer(msgspec.Struct):
     next: Annotated[str | None, msgspec.Meta(description="the URL of the following page; null on the last")]
     partial: Annotated[
         bool, msgspec.Meta(description="the index is still being built: older messages may be missing")
+    ] = False
+    older_not_ranked: Annotated[
+        bool,
+        msgspec.Meta(
+            description=f"more than {RANK_WINDOW} messages matched: the hits rank the newest {RANK_WINDOW} of them; "
+            "narrow the query (a phrase, a filter, `until`) to reach older ones"
+        ),
     ] = False
 
 
@@ -113,5 +120,5 @@ class Search:
         next_link = None
         if found.next is not None:
             next_link = "/search?" + urlencode({**params, "cursor": found.next})
-        answer = SearchAnswer(found.hits, next_link, found.partial)
+        answer = SearchAnswer(found.hits, next_link, found.partial, found.older_not_ranked)
         return Response(msgspec.json.encode(answer), media_type="application/json")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.migrations import _statements, available
-from storage.search import QuerySyntaxError, SearchQuery, candidates, fts_expression, parse
+from storage.search import MAX_ID, MIN_ID, RANK_WINDOW, QuerySyntaxError, SearchQuery, candidates, fts_expression, parse
 from tests.daemon_process import Daemon, managed, rows, start_daemon, transcriptd
 from tests.payloads import encode, transcription_ready
 
@@ -278,7 +278,7 @@ def test_whatever_parses_is_an_expression_sqlite_runs(fts_db: sqlite3.Connection
         expression = fts_expression(parse(q))
     except QuerySyntaxError:
         return
-    statement = candidates(SearchQuery(text=q), expression)
+    statement = candidates(SearchQuery(text=q), expression, None, MIN_ID, MAX_ID)
     fts_db.execute(statement.sql, statement.params).fetchall()  # raises if FTS5 cannot read it
 
 
@@ -364,3 +364,27 @@ def test_turned_off_the_index_is_emptied_and_turned_on_it_is_rebuilt(tmp_path: P
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert [hit["seq"] for hit in found["hits"]] == [0, 1] or [hit["seq"] for hit in found["hits"]] == [1, 0]
+
+
+def test_a_word_in_more_messages_than_the_window_ranks_the_newest(tmp_path: Path) -> None:
+    db = tmp_path / "big.db"
+    old_database(db, RANK_WINDOW + 50)
+    assert transcriptd("search", "rebuild", "--db", str(db), cwd=tmp_path).returncode == 0
+    with managed(start_daemon(tmp_path, db)) as running, httpx.Client(base_url=running.base_url) as client:
+        seen: list[int] = []
+        url: str | None = "/search?q=lighthouse&limit=100"
+        while url is not None:
+            page = client.get(url).json()
+            assert page["older_not_ranked"] is True
+            seen += [hit["seq"] for hit in page["hits"]]
+            url = page["next"]
+            if len(seen) == 100:
+                new = client.post("/conversations/new/messages", json=[{"role": "user", "content": "lighthouse"}])
+                assert new.status_code == 200
+        # A message arriving while the pages are read waits for a new search: the window stays put.
+        assert sorted(seen) == list(range(50, RANK_WINDOW + 50))
+        rare = client.get("/search", params={"q": "number7"}).json()
+        assert rare["older_not_ranked"] is False
+        assert [hit["seq"] for hit in rare["hits"]] == [7]
+        newest = client.get("/search", params={"q": "lighthouse", "limit": 1, "conversation_id": "new"}).json()
+        assert [hit["conversation_id"] for hit in newest["hits"]] == ["new"]
