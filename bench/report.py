@@ -600,6 +600,10 @@ def render(results: Path) -> str:
     lines += [*load_section(load, CHART if drawn else None, ingest), ""] if load else [missing.format("load.json"), ""]
     lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
     lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
+    from bench.search_report import search_section  # here: that module uses this one's table()
+
+    search = load_json(results / "search.json")
+    lines += [*search_section(search), ""] if search else [missing.format("search.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

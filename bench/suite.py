@@ -7,7 +7,8 @@
 3. ingest against the storage limit, and what keeping raw bodies costs (``bench.ingest_limit``);
 4. the read path, cached and not (``bench.read_path``);
 5. the load comparison of transcriptd and the write-up's handlers (``bench.compare``);
-6. BENCHMARKS.md and the chart from the results (``bench.report``).
+6. full-text search: its cost at ingest, and search latency over a million messages (``bench.search``);
+7. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -62,6 +63,7 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 *(["--scale", "0.05"] if quick else []),
             ),
         ),
+        ("search", module("bench.search", "search.json", *(["--quick"] if quick else []))),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
     ]
 

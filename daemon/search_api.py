@@ -20,7 +20,7 @@ from daemon.decoding import epoch_seconds, validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.sources.model import Role
 from storage.queries import Reader
-from storage.search import CursorError, QuerySyntaxError, SearchHit, SearchPage, SearchQuery
+from storage.search import RANK_WINDOW, CursorError, QuerySyntaxError, SearchHit, SearchPage, SearchQuery
 
 MAX_SEARCH_PAGE = 100
 
@@ -54,11 +54,20 @@ class SearchAnswer(msgspec.Struct):
     partial: Annotated[
         bool, msgspec.Meta(description="the index is still being built: older messages may be missing")
     ] = False
+    older_not_ranked: Annotated[
+        bool,
+        msgspec.Meta(
+            description=f"more than {RANK_WINDOW} messages matched: the hits rank the newest {RANK_WINDOW} of them; "
+            "narrow the query (a phrase, a filter, `until`) to reach older ones"
+        ),
+    ] = False
 
 
 def search_query(params: Mapping[str, str]) -> SearchQuery:
     """A SearchQuery from query parameters (``SearchParams``); a bad one is InvalidPayload naming it. The
     syntax of ``q`` is checked by the search itself: see :func:`run`."""
+    if "q" not in params:
+        raise InvalidPayload([Problem("give what to search for in `q`", "query.q")])
     try:
         given = msgspec.convert(dict(params), SearchParams, strict=False)
     except msgspec.ValidationError as exc:
@@ -111,5 +120,5 @@ class Search:
         next_link = None
         if found.next is not None:
             next_link = "/search?" + urlencode({**params, "cursor": found.next})
-        answer = SearchAnswer(found.hits, next_link, found.partial)
+        answer = SearchAnswer(found.hits, next_link, found.partial, found.older_not_ranked)
         return Response(msgspec.json.encode(answer), media_type="application/json")

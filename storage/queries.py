@@ -252,12 +252,24 @@ class Reader:
         for text in (query.text, query.source, query.role, query.conversation_id):
             fts.check_text(text)
         expression = fts.fts_expression(fts.parse(query.text))
-        ranked = await self._all(*fts.candidates(query, expression).astuple())
+        cursor = None if query.cursor is None else fts.decode_cursor(query.cursor)
+        if cursor is not None:
+            low, high, older = cursor.low, cursor.high, cursor.older
+        else:
+            ((first, last),) = await self._all(*fts.bounds(query).astuple())
+            low, high = fts.MIN_ID if first is None else first, fts.MIN_ID if last is None else last
+            left_out = await self._all(*fts.window(query, expression, low, high).astuple())
+            older = bool(left_out)
+            if left_out:
+                low = left_out[0][0] + 1
+        ranked = await self._all(*fts.candidates(query, expression, cursor, low, high).astuple())
         partial = bool(await self._all("SELECT 1 FROM search_backfill WHERE id = 1", ()))
         rows = []
         if ranked:
             rows = await self._all(*fts.details(expression, [r[0] for r in ranked[: query.limit]]).astuple())
-        return fts.page(query, [(r[0], r[1]) for r in ranked], rows, partial)
+        offset = 0 if cursor is None else cursor.offset
+        ranks = [(r[0], r[1]) for r in ranked]
+        return fts.page(query, offset, ranks, rows, low=low, high=high, older=older, partial=partial)
 
     async def timeline(
         self, conversation_id: str, *, limit: int, after: tuple[float, int, int] | None, bodies: bool
