@@ -16,7 +16,15 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from daemon.api import MAX_PAGE, Api, MessagePage, MessagesQuery, parse_query_params
 from daemon.auth import same_secret
-from daemon.errors import InvalidPayload, NotFound, Problem, TranscriptdError, from_storage, log_rejection
+from daemon.errors import (
+    InvalidPayload,
+    NotFound,
+    Problem,
+    TranscriptdError,
+    Unauthorized,
+    from_storage,
+    log_rejection,
+)
 from daemon.ids import path_id
 from daemon.search_api import Search, run, search_query
 from daemon.sources import NAMES
@@ -166,6 +174,7 @@ class Viewer:
         if not self.token:
             return RedirectResponse(next_path, status_code=303, headers=session.SECURITY_HEADERS)
         if not same_secret(form.get("token", ""), self.token):
+            log_rejection(request, Unauthorized("wrong token"))  # one line, as for the API: never the token
             return self._login(request, next_path, status=401, wrong=True)
         response = RedirectResponse(next_path, status_code=303, headers=session.SECURITY_HEADERS)
         session.set_cookie(response, request, session.issue(self.token, time.time()), session.SESSION_S)
