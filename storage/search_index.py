@@ -10,14 +10,14 @@ rows in one statement (1.06 s against 0.22 s for 40,000 messages). (SQLite 3.40'
 trigger's delete with "no such table" right after another connection changed the schema.)
 
 The migration that creates ``messages_fts`` leaves the messages already stored as a range of ids to
-index (the ``search_backfill`` row); the triggers skip that range and index everything else. ``step``
+index (the ``search_backfill`` row); the writes skip that range and index everything else. ``step``
 indexes the next chunk of the range in one short transaction and moves the range on; once it is empty the
 row goes, and the index is complete. The daemon runs the steps as writer jobs at start-up (between two
 commits, so intake goes on), and ``transcriptd search rebuild`` runs them from the command line with
 progress on the terminal. Until the row is gone a search says ``partial``: what it finds is right, but
 older messages may be missing.
 
-Off (``search.enabled = false``): the range covers every id, so the triggers index nothing, and the index
+Off (``search.enabled = false``): the range covers every id, so the writes index nothing, and the index
 is emptied. On again: the range becomes every id stored, and the backfill fills it as after the migration.
 """
 

@@ -231,7 +231,7 @@ def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_
     elif delivery.rows:
         before = search_index.last_id(conn)
         inserted = sql.insert_rows(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
-        # Indexed before any update below: the update trigger re-indexes a changed row, so it must be there.
+        # Indexed before any update below: reindex() replaces a changed row's entry, so it must be there.
         search_index.index_after(conn, before)
         if inserted < len(delivery.rows):
             vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
