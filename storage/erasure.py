@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 from storage import statements as sql
 from storage.connection import immediate
+from storage.search_index import UNINDEX_CONVERSATION
 
 # (what, statement): every table holding a conversation's data, by conversation id (?1). The conversation
 # row goes last; messages are deleted explicitly, whether or not the connection enforces foreign keys.
 ERASED: tuple[tuple[str, str], ...] = (
+    ("search_entries", UNINDEX_CONVERSATION),  # first: it reads the text it removes from messages
     ("messages", "DELETE FROM messages WHERE conversation_id = ?1"),
     ("events", "DELETE FROM events WHERE conversation_id = ?1"),
     ("dead_letters", "DELETE FROM dead_letters WHERE conversation_id = ?1"),
@@ -51,6 +53,7 @@ class Erased:
     dead_letters: int
     conversations: int
     deleted_at: float
+    search_entries: int = 0  # the messages' entries in the search index
 
     @property
     def anything(self) -> bool:

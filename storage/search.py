@@ -2,9 +2,9 @@
 
 The index is ``messages_fts``, an FTS5 table over ``messages.content`` (external content: the text is
 stored once, in ``messages``), tokenised by ``unicode61 remove_diacritics 2``, so case and accents do not
-matter: ``reservation`` finds ``Réservation``. Triggers on ``messages`` keep it in step with every insert,
-update and delete, in the writer's own transaction: a message answered 200 is found at once, and an
-erasure takes its index entries with it (see storage.search_index for the triggers and the backfill).
+matter: ``reservation`` finds ``Réservation``. Every insert, update and delete of messages keeps it in step,
+in the same transaction: a message answered 200 is found at once,
+and an erasure takes its index entries with it (see storage.search_index).
 
 The query language (docs/search.md), words separated by spaces, every one required:
 

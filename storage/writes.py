@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from storage import erasure
+from storage import erasure, search_index
 from storage import statements as sql
 from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
 from storage.errors import StorageRejected
@@ -162,6 +162,7 @@ def write_deliveries(
 
     if batch_wide:
         # Each delivery's rows have one shape (storage.deliveries.VendorMessageRow): one statement per shape.
+        before = search_index.last_id(conn)
         plain: list[Row] = []
         vendor: list[Row] = []
         for d in fresh:
@@ -172,6 +173,7 @@ def write_deliveries(
             inserted += sql.insert_rows(conn, sql.INSERT_VENDOR_MESSAGES, vendor, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(plain) + len(vendor):
             raise _RowsAlreadyThere
+        search_index.index_after(conn, before)
 
     results: list[WriteResult] = []
     counts: dict[str, tuple[int, float | None]] = {}
@@ -227,15 +229,44 @@ def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_
     if transcript_written:
         inserted = len(delivery.rows)
     elif delivery.rows:
+        before = search_index.last_id(conn)
         inserted = sql.insert_rows(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
+        # Indexed before any update below: reindex() replaces a changed row's entry, so it must be there.
+        search_index.index_after(conn, before)
         if inserted < len(delivery.rows):
             vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
             changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
+            texts = _changed_texts(conn, CHANGED_TEXT, [(*row[:3], row[4]) for row in changed])
             updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, changed).rowcount
+            search_index.reindex(conn, texts)
     if delivery.append_rows:
+        before = search_index.last_id(conn)
         appended = conn.executemany(sql.APPEND_MESSAGE, delivery.append_rows).rowcount
+        search_index.index_after(conn, before)
         if appended < len(delivery.append_rows):
             with_ids = [row[:6] for row in delivery.append_rows if row[5] is not None]
+            texts = _changed_texts(conn, CHANGED_TEXT_BY_EXTERNAL_ID, [(*row[:2], row[5], row[3]) for row in with_ids])
             updated += conn.executemany(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, with_ids).rowcount
+            search_index.reindex(conn, texts)
         inserted += appended
     return inserted, updated
+
+
+# The stored text of a message an update is about to change, for the search index (?4: the new text).
+CHANGED_TEXT = (
+    "SELECT id, content FROM messages WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3 AND content IS NOT ?4"
+)
+CHANGED_TEXT_BY_EXTERNAL_ID = (
+    "SELECT id, content FROM messages "  # the external id's partial index serves it
+    "WHERE conversation_id = ?1 AND source = ?2 AND external_id = ?3 AND content IS NOT ?4"
+)
+
+
+def _changed_texts(conn: sqlite3.Connection, query: str, keys: list[tuple[object, ...]]) -> list[tuple[int, str]]:
+    """(id, text now) of each message whose text the update will change: only a re-delivery that differs
+    from what is stored comes here, a few rows at a time."""
+    found: dict[int, str] = {}
+    for key in keys:
+        for rowid, content in conn.execute(query, key):
+            found.setdefault(rowid, content)
+    return list(found.items())

@@ -294,12 +294,14 @@ def old_database(path: Path, messages: int) -> None:
             for statement in _statements(migration.sql):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (migration.version, migration.name))
+        conn.execute("BEGIN")  # one transaction, not one per row
         conn.execute("INSERT INTO conversations (id, source, created_at, updated_at) VALUES ('old', 'api', 0, 0)")
         conn.executemany(
             "INSERT INTO messages (conversation_id, source, seq, role, content, created_at) "
             "VALUES ('old', 'api', ?, ?, ?, 0)",
             [(i, "user", f"old message number{i} about a lighthouse") for i in range(messages)],
         )
+        conn.execute("COMMIT")
     conn.close()
 
 
@@ -388,3 +390,38 @@ def test_a_word_in_more_messages_than_the_window_ranks_the_newest(tmp_path: Path
         assert [hit["seq"] for hit in rare["hits"]] == [7]
         newest = client.get("/search", params={"q": "lighthouse", "limit": 1, "conversation_id": "new"}).json()
         assert [hit["conversation_id"] for hit in newest["hits"]] == ["new"]
+
+
+def index_agrees(db: Path) -> None:
+    """FTS5's own check of an external-content index against the messages table: raises if they differ."""
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute("INSERT INTO messages_fts (messages_fts, rank) VALUES ('integrity-check', 1)")
+    conn.close()
+
+
+def test_the_index_agrees_with_the_messages_after_every_kind_of_write(http: httpx.Client, daemon: Daemon) -> None:
+    # Runs after the tests above in this module (inserts, changed messages, erasure) on the same database.
+    post(
+        http, "agree-1", [{"role": "user", "content": "one", "id": "a"}, {"role": "user", "content": "two", "id": "a"}]
+    )
+    body = transcription_ready("agree-2", turns=3)
+    assert http.post("/webhooks/tavus", content=encode(body)).status_code == 200
+    body["properties"]["transcript"][2]["content"] = "a changed turn about a capybara"
+    body["webhook_id"] = "another delivery"
+    assert http.post("/webhooks/tavus", content=encode(body)).status_code == 200
+    assert hits(http, "capybara") == [("agree-2", 2)]
+    assert hits(http, "two", conversation_id="agree-1") == [("agree-1", 0)]
+    assert hits(http, "one", conversation_id="agree-1") == []
+    index_agrees(daemon.db_path)
+
+
+def test_retention_takes_the_index_entries_with_the_messages(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    old_database(db, 100)
+    assert transcriptd("search", "rebuild", "--db", str(db), cwd=tmp_path).returncode == 0
+    assert rows(db, "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'lighthouse'") == [(100,)]
+    pruned = transcriptd("prune", "--older-than-days", "1", "--db", str(db), cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stderr
+    assert rows(db, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'lighthouse'") == [(0,)]
+    index_agrees(db)
