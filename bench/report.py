@@ -612,6 +612,10 @@ def render(results: Path) -> str:
     lines += [*outbox_section(outbox), ""] if outbox else [missing.format("outbox_cost.json"), ""]
     lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
     lines += [*postgres_section(postgres), ""] if postgres else [missing.format("pg_ceiling.json"), ""]
+    from bench.search_report import search_section  # here: that module uses this one's table()
+
+    search = load_json(results / "search.json")
+    lines += [*search_section(search), ""] if search else [missing.format("search.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

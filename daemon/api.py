@@ -102,9 +102,13 @@ class MessagePage(msgspec.Struct):
     next: str | None
 
 
-def parse_query(request: Request, type_: type[Q], params: dict[str, str] | None = None) -> Q:
+def parse_query(request: Request, type_: type[Q]) -> Q:
+    return parse_query_params(dict(request.query_params), type_)
+
+
+def parse_query_params(params: dict[str, str], type_: type[Q]) -> Q:
     try:
-        return msgspec.convert(dict(request.query_params) if params is None else params, type_, strict=False)
+        return msgspec.convert(params, type_, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidPayload([validation_problem(exc, "query")]) from None
 
@@ -117,9 +121,13 @@ class Api:
 
     async def list_conversations(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        params = dict(request.query_params)
+        return _json(await self.conversation_page(dict(request.query_params)))
+
+    async def conversation_page(self, params: dict[str, str]) -> ConversationPage:
+        """A page of the list for these query parameters (the JSON API's and the viewer's)."""
+        params = dict(params)
         wanted = {key: params.pop(key) for key in list(params) if key.startswith(METADATA_PREFIX)}
-        query = parse_query(request, ConversationsQuery, params)
+        query = parse_query_params(params, ConversationsQuery)
         where = conversation_filter(query, wanted)
         before = _decode_cursor(query.cursor) if query.cursor else None
         rows = await self.reader.conversations(query.limit + 1, before, where)
@@ -133,25 +141,28 @@ class Api:
             following |= {name: value for name, value in carried.items() if value is not None} | wanted
             next_link = "/conversations?" + urlencode(following)
         # Not cached: every commit changes this list, so it would only ever be evicted.
-        return _json(ConversationPage(rows, next_link))
+        return ConversationPage(rows, next_link)
 
     async def get_conversation(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        conversation = await self._conversation(path_id(request))
+        conversation = await self.conversation(path_id(request))
         return _json(conversation)
 
     async def list_messages(self, request: Request) -> Response:
         check_bearer(request, self.token)
-        conversation = await self._conversation(path_id(request))
-        query = parse_query(request, MessagesQuery)
+        conversation = await self.conversation(path_id(request))
+        body = await self.message_page(conversation, parse_query(request, MessagesQuery))
+        return Response(body, media_type="application/json")
+
+    async def message_page(self, conversation: Conversation, query: MessagesQuery) -> bytes:
+        """A page of messages as JSON (a :class:`MessagePage`), from the cache or the database."""
         if query.page is not None and query.after is not None:
             raise InvalidPayload([Problem("give either `page` or `after`, not both", "query.after")])
         source = query.source or conversation.source
         if query.role is not None and query.role not in NORMAL_ROLES:
             await self._check_role(conversation.id, query.role)
         key = ("conv", conversation.id, "messages", source, query.page, query.after, query.limit, query.role)
-        body = await self._cached((*key, query.include_system), lambda: self._message_page(conversation, source, query))
-        return Response(body, media_type="application/json")
+        return await self._cached((*key, query.include_system), lambda: self._message_page(conversation, source, query))
 
     async def _check_role(self, cid: str, role: str) -> None:
         """A role outside the normalised four filters only if some message of the conversation has it (the
@@ -162,7 +173,8 @@ class Api:
                 [Problem(f"no message of this conversation has the role {role!r}; the roles are {roles}", "query.role")]
             )
 
-    async def _conversation(self, cid: str) -> Conversation:
+    async def conversation(self, cid: str) -> Conversation:
+        """The conversation's record, from the cache or the database; 404 if nothing of it is stored."""
         conversation = await self._cached(("conv", cid, "record"), lambda: self.reader.conversation(cid))
         if conversation is None:
             raise NotFound(f"no conversation {cid!r}")

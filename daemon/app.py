@@ -21,6 +21,7 @@ from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
 from daemon.feed import Feed
 from daemon.health import Health
+from daemon.indexing import Indexer
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
 from daemon.logs import RedactSecrets, config_secrets
@@ -29,7 +30,10 @@ from daemon.metrics import Metrics
 from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
+from daemon.search_api import Search
 from daemon.timeline import Timeline
+from daemon.ui import ROUTES as VIEWER_ROUTES
+from daemon.ui.pages import Viewer
 from storage.checkpointer import Checkpointer
 from storage.queries import Reader
 from storage.writer import Writer, WriterSettings
@@ -124,6 +128,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             )
             janitor = Janitor(writer, cache, config.storage.retention_days)
             await tg.start(janitor.run)
+            indexer = Indexer(writer, enabled=config.search.enabled)
+            await tg.start(indexer.run)
             await reader.open()
             stack.push_async_callback(reader.close)
             intake = Intake(
@@ -166,6 +172,14 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 max_wait_s=config.changes.max_wait_s,
                 heartbeat_s=config.changes.heartbeat_s,
             )
+            app.state.search = Search(reader, config.api.token, enabled=config.search.enabled)
+            app.state.viewer = Viewer(
+                app.state.api,
+                app.state.timeline,
+                app.state.search,
+                config.api.token,
+                retry_after_s=ingest.retry_after_s,
+            )
             app.state.openapi = OpenAPI()
             app.state.erasure = Eraser(writer, cache, config.api.token, changes_signal)
             log.info(
@@ -183,6 +197,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 with anyio.CancelScope(shield=True):
                     reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
+                    indexer.stop()
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await writer.close()
@@ -197,7 +212,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
     # daemon.server.DrainingServer), before it waits for the requests in flight, which open feeds are.
     changes_signal = ChangesSignal()
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *VIEWER_ROUTES],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -120,6 +120,12 @@ class ChangesConfig(_Section, frozen=True):
     heartbeat_s: Positive = 15.0
 
 
+class SearchConfig(_Section, frozen=True):
+    # The full-text index over messages (GET /search): kept in step with every write. Off empties it and
+    # saves its cost at ingest; on again rebuilds it in the background.
+    enabled: bool = True
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -130,6 +136,7 @@ class Config(_Section, frozen=True):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     changes: ChangesConfig = msgspec.field(default_factory=ChangesConfig)
+    search: SearchConfig = msgspec.field(default_factory=SearchConfig)
 
 
 class ConfigError(Exception):

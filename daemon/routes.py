@@ -19,6 +19,7 @@ from daemon.feed import ChangePage, ChangesQuery, StreamQuery
 from daemon.health import Readiness
 from daemon.ids import PARAM, RawPathRoute
 from daemon.intake import Dropped, Enqueued, Stored
+from daemon.search_api import SearchAnswer, SearchParams
 from daemon.sources import SOURCES, Source
 from daemon.timeline import EventPage, EventsQuery
 from storage.queries import Conversation
@@ -94,13 +95,13 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
 
         # A path with a conversation id matches on the raw path, so that an id holding "/" (%2F) still fits.
         kind = RawPathRoute if "{" + PARAM + "}" in path else Route
-        built.append(_anchored(kind(path, dispatch, methods=list(handlers))))
+        built.append(anchored(kind(path, dispatch, methods=list(handlers))))
         # The same with a trailing slash: nothing redirects, so no token ever lands in a Location header.
-        built.append(_anchored(kind(f"{path}/", dispatch, methods=list(handlers))))
+        built.append(anchored(kind(f"{path}/", dispatch, methods=list(handlers))))
     return built
 
 
-def _anchored(route: Route) -> Route:
+def anchored(route: Route) -> Route:
     """Starlette ends a path's pattern with ``$``, which also matches before a final newline: ``/conversations/%0A``
     would be the list with a slash, not the conversation ``"\\n"``. ``\\Z`` ends at the end only."""
     pattern = route.path_regex.pattern
@@ -223,6 +224,21 @@ ENDPOINTS = [
         query=StreamQuery,
         responses={200: ("an event stream (text/event-stream)", None)},
         errors={**READ_ERRORS, 422: "a bad query parameter or `Last-Event-ID`"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/search",
+        "GET",
+        ("search", "search"),
+        'Full-text search across every message: words, "phrases", prefix* and -exclusions, best first',
+        "read",
+        query=SearchParams,
+        responses={200: ("a page of hits, each with its snippet and the matched spans", SearchAnswer)},
+        errors={
+            **READ_ERRORS,
+            404: "search is turned off (`search.enabled = false`)",
+            422: "a bad query parameter, or a query `q` that cannot be read",
+        },
         bearer=True,
     ),
     Endpoint("/livez", "GET", ("health", "livez"), "The process is up", "health", responses={200: ("alive", None)}),

@@ -73,20 +73,35 @@ class Timeline:
         check_bearer(request, self.token)
         cid = path_id(request)
         query = parse_query(request, EventsQuery)
+        rows, cursor = await self.rows(cid, query)
+        next_link = None
+        if cursor is not None:
+            params: dict[str, Any] = {"limit": query.limit, "cursor": cursor}
+            if query.include_body:
+                params["include_body"] = "true"
+            next_link = f"/conversations/{quoted(cid)}/events?{urlencode(params)}"
+        page = EventPage(cid, [entry for _, _, entry in rows], next_link)
+        # Not cached: it is an audit view, read rarely, and every delivery of the conversation changes it.
+        return Response(msgspec.json.encode(page), media_type="application/json")
+
+    async def rows(self, cid: str, query: EventsQuery) -> tuple[list[tuple[int, int, TimelineEntry]], str | None]:
+        """One page of the timeline as (kind: 0 event, 1 dead letter, row id, entry), and the next page's cursor."""
         after = _decode_cursor(query.cursor) if query.cursor else None
         rows = await self.reader.timeline(cid, limit=query.limit + 1, after=after, bodies=query.include_body)
         if not rows and after is None:
             raise NotFound(f"no deliveries of conversation {cid!r}")
-        next_link = None
+        cursor = None
         if len(rows) > query.limit:
             rows = rows[: query.limit]
-            params: dict[str, Any] = {"limit": query.limit, "cursor": _encode_cursor(rows[-1])}
-            if query.include_body:
-                params["include_body"] = "true"
-            next_link = f"/conversations/{quoted(cid)}/events?{urlencode(params)}"
-        page = EventPage(cid, [self._entry(row) for row in rows], next_link)
-        # Not cached: it is an audit view, read rarely, and every delivery of the conversation changes it.
-        return Response(msgspec.json.encode(page), media_type="application/json")
+            cursor = _encode_cursor(rows[-1])
+        return [(row[0], row[1], self._entry(row)) for row in rows], cursor
+
+    async def body(self, cid: str, kind: int, row_id: int) -> str:
+        """One entry's raw body as text, masked as the timeline masks it."""
+        body = await self.reader.event_body(cid, kind, row_id)
+        if body is None:
+            raise NotFound(f"no such delivery of conversation {cid!r}")
+        return self.mask.redact(body.decode("utf-8", "replace"))
 
     def _entry(self, row: tuple[Any, ...]) -> TimelineEntry:
         kind, _, event_type, source, received_at, key, size, problems, error, attempts, body = row

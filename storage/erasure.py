@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from storage import outbox
 from storage import statements as sql
 from storage.connection import immediate
+from storage.search_index import UNINDEX_CONVERSATION
 
 # (what, statement): every table holding a conversation's data, by conversation id (?1). The conversation
 # row goes last; messages are deleted explicitly, whether or not the connection enforces foreign keys.
 ERASED: tuple[tuple[str, str], ...] = (
+    ("search_entries", UNINDEX_CONVERSATION),  # first: it reads the text it removes from messages
     ("messages", "DELETE FROM messages WHERE conversation_id = ?1"),
     ("events", "DELETE FROM events WHERE conversation_id = ?1"),
     ("dead_letters", "DELETE FROM dead_letters WHERE conversation_id = ?1"),
@@ -58,6 +60,7 @@ class Erased:
     changes: int = 0
     # The change the erasure recorded ({"erased": 1}), so that the app hears of it.
     position: int | None = None
+    search_entries: int = 0  # the messages' entries in the search index
 
     @property
     def anything(self) -> bool:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import aiosqlite
 import msgspec
 
+from storage import search as fts
 from storage.connection import open_reader
 from storage.statements import PATCH_COLUMNS
 
@@ -250,6 +251,30 @@ class Reader:
         """Rows of :data:`CHANGES` after position ``after``, in position order."""
         return await self._all(CHANGES, (after, limit))
 
+    async def search(self, query: fts.SearchQuery) -> fts.SearchPage:
+        """One page of full-text hits (storage.search); QuerySyntaxError or CursorError for bad input."""
+        for text in (query.text, query.source, query.role, query.conversation_id):
+            fts.check_text(text)
+        expression = fts.fts_expression(fts.parse(query.text))
+        cursor = None if query.cursor is None else fts.decode_cursor(query.cursor)
+        if cursor is not None:
+            low, high, older = cursor.low, cursor.high, cursor.older
+        else:
+            ((first, last),) = await self._all(*fts.bounds(query).astuple())
+            low, high = fts.MIN_ID if first is None else first, fts.MIN_ID if last is None else last
+            left_out = await self._all(*fts.window(query, expression, low, high).astuple())
+            older = bool(left_out)
+            if left_out:
+                low = left_out[0][0] + 1
+        ranked = await self._all(*fts.candidates(query, expression, cursor, low, high).astuple())
+        partial = bool(await self._all("SELECT 1 FROM search_backfill WHERE id = 1", ()))
+        rows = []
+        if ranked:
+            rows = await self._all(*fts.details(expression, [r[0] for r in ranked[: query.limit]]).astuple())
+        offset = 0 if cursor is None else cursor.offset
+        ranks = [(r[0], r[1]) for r in ranked]
+        return fts.page(query, offset, ranks, rows, low=low, high=high, older=older, partial=partial)
+
     async def timeline(
         self, conversation_id: str, *, limit: int, after: tuple[float, int, int] | None, bodies: bool
     ) -> list[tuple[Any, ...]]:
@@ -257,6 +282,15 @@ class Reader:
         delivery_key, size, problems, error, attempts, body or None)."""
         cursor = after or (None, None, None)
         return await self._all(TIMELINE, (conversation_id, limit, bodies, *cursor))
+
+    async def event_body(self, conversation_id: str, kind: int, row_id: int) -> bytes | None:
+        """The raw body of one timeline entry (kind 0: ``events``, 1: ``dead_letters``), None if not stored."""
+        table = "dead_letters" if kind else "events"
+        rows = await self._all(
+            f"SELECT body FROM {table} WHERE id = ? AND conversation_id = ?",  # noqa: S608 (one of two names)
+            (row_id, conversation_id),
+        )
+        return bytes(rows[0][0]) if rows else None
 
 
 # The outbox (storage.outbox), by position: the change feed's page.

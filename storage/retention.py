@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from storage.connection import immediate
+from storage.search_index import unindex_where
 
 # A batch also stops growing past this many messages, so one long conversation or many make no long lock.
 MAX_BATCH_MESSAGES = 20_000
@@ -32,6 +33,7 @@ OLDEST = "SELECT message_count FROM conversations WHERE updated_at < ?1 ORDER BY
 _BATCH = "SELECT id FROM conversations WHERE updated_at < ?1 ORDER BY updated_at, id LIMIT ?2"
 DELETE_EVENTS = f"DELETE FROM events WHERE conversation_id IN ({_BATCH})"  # noqa: S608 (constant text)
 DELETE_MESSAGES = f"DELETE FROM messages WHERE conversation_id IN ({_BATCH})"  # noqa: S608 (constant text)
+UNINDEX_MESSAGES = unindex_where(f"conversation_id IN ({_BATCH})")
 DELETE_CONVERSATIONS = f"DELETE FROM conversations WHERE id IN ({_BATCH})"  # noqa: S608 (constant text)
 
 
@@ -91,6 +93,7 @@ def prune_batch_counts(conn: sqlite3.Connection, cutoff: float, max_conversation
         # whether or not this connection enforces foreign keys (the cascade then finds nothing left).
         # Conversations go last: until then, the batch's selection is unchanged.
         events = conn.execute(DELETE_EVENTS, (cutoff, size)).rowcount
+        conn.execute(UNINDEX_MESSAGES, (cutoff, size))  # before the messages: it reads their text
         deleted_messages = conn.execute(DELETE_MESSAGES, (cutoff, size)).rowcount
         conversations = conn.execute(DELETE_CONVERSATIONS, (cutoff, size)).rowcount
     return Pruned(conversations, deleted_messages, events)

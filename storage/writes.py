@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from storage import erasure
+from storage import erasure, search_index
 from storage import statements as sql
 from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
 from storage.errors import StorageRejected
@@ -188,6 +188,7 @@ def write_deliveries(
 
     if batch_wide:
         # Each delivery's rows have one shape (storage.deliveries.VendorMessageRow): one statement per shape.
+        before = search_index.last_id(conn)
         plain: list[Row] = []
         vendor: list[Row] = []
         for d in fresh:
@@ -198,6 +199,7 @@ def write_deliveries(
             inserted += sql.insert_rows(conn, sql.INSERT_VENDOR_MESSAGES, vendor, sql.INSERT_MESSAGES_TAIL)
         if inserted < len(plain) + len(vendor):
             raise _RowsAlreadyThere
+        search_index.index_after(conn, before)
 
     results: list[WriteResult] = []
     noted: list[tuple[str, int, int, list[int]]] = []
@@ -266,30 +268,65 @@ def _write_messages(
             positions = [row[2] for row in delivery.rows]
             seqs = [min(positions), max(positions)]
     elif delivery.rows:
+        before = search_index.last_id(conn)
         seqs = [
             row[0]
             for row in sql.insert_returning(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
         ]
         inserted = len(seqs)
+        # Indexed before any update below: reindex() replaces a changed row's entry, so it must be there.
+        search_index.index_after(conn, before)
         if inserted < len(delivery.rows):
             vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
             # Every row, not only the skipped ones: a delivery may repeat a position (a client id sent
             # twice), and its later entry wins, as it would on a later delivery.
             changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
+            texts = _changed_texts(conn, CHANGED_TEXT, [(*row[:3], row[4]) for row in changed])
             # Row by row, to learn which positions changed (executemany cannot return rows); only on a
             # re-delivery that repeats stored positions.
             for row in changed:
                 if (found := conn.execute(sql.UPDATE_CHANGED_MESSAGE, row).fetchone()) is not None:
                     updated += 1
                     seqs.append(found[0])
-    for append_row in delivery.append_rows:
+            search_index.reindex(conn, texts)
+    if delivery.append_rows:
+        before = search_index.last_id(conn)
         # The generic endpoint carries a few messages a request: one statement each, returning its position.
-        if (found := conn.execute(sql.APPEND_MESSAGE, append_row).fetchone()) is not None:
-            inserted += 1
-            seqs.append(found[0])
-        elif append_row[5] is not None and (
-            found := conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, append_row[:6]).fetchone()
-        ):
-            updated += 1
-            seqs.append(found[0])
+        # A client id already stored is an update, made after the appends (and their index entries).
+        repeated: list[tuple[object, ...]] = []
+        for append_row in delivery.append_rows:
+            if (found := conn.execute(sql.APPEND_MESSAGE, append_row).fetchone()) is not None:
+                inserted += 1
+                seqs.append(found[0])
+            elif append_row[5] is not None:
+                repeated.append(append_row[:6])
+        search_index.index_after(conn, before)
+        if repeated:
+            keys: list[tuple[object, ...]] = [(*row[:2], row[5], row[3]) for row in repeated]
+            texts = _changed_texts(conn, CHANGED_TEXT_BY_EXTERNAL_ID, keys)
+            for key in repeated:
+                if (found := conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, key).fetchone()) is not None:
+                    updated += 1
+                    seqs.append(found[0])
+            search_index.reindex(conn, texts)
     return inserted, updated, seqs
+
+
+# The stored text of a message an update is about to change, for the search index (?4: the new text).
+CHANGED_TEXT = (
+    "SELECT id, content FROM messages WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3 AND content IS NOT ?4"
+)
+CHANGED_TEXT_BY_EXTERNAL_ID = (
+    "SELECT id, content FROM messages "  # the external id's partial index serves it
+    "WHERE conversation_id = ?1 AND source = ?2 AND external_id = ?3 AND content IS NOT ?4"
+)
+
+
+def _changed_texts(conn: sqlite3.Connection, query: str, keys: list[tuple[object, ...]]) -> list[tuple[int, str]]:
+    """(id, text now) of each message whose text the update will change: only a re-delivery that differs
+    from what is stored comes here, a few rows at a time."""
+    found: dict[int, str] = {}
+    for key in keys:
+        for rowid, content in conn.execute(query, key):
+            found.setdefault(rowid, content)
+    return list(found.items())
