@@ -20,6 +20,7 @@ import asyncio
 import json
 import random
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -130,7 +131,7 @@ def ingest(rounds: int, webhooks: int) -> dict[str, Any]:
                     f"(indexed {run['indexed']:,} of {run['rows']:,})",
                     flush=True,
                 )
-    medians = {variant: sorted(r["rows_per_s"] for r in runs[variant])[len(runs[variant]) // 2] for variant in VARIANTS}
+    medians = {variant: statistics.median(r["rows_per_s"] for r in runs[variant]) for variant in VARIANTS}
     return {
         "senders": SENDERS,
         "webhooks": webhooks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench.report import table
@@ -16,13 +17,13 @@ def search_section(search: dict[str, Any]) -> list[str]:
         ("search.enabled=false", "index off (`search.enabled = false`)"),
     ):
         runs = ingest["runs"][variant]
-        p99s = sorted(run["latency_ms"]["p99"] for run in runs)
+        p99 = statistics.median(run["latency_ms"]["p99"] for run in runs)
         rows.append(
             [
                 label,
                 f"{medians[variant]:,.0f}",
                 " / ".join(f"{run['rows_per_s']:,.0f}" for run in runs),
-                f"{p99s[len(p99s) // 2]} ms",
+                f"{p99:.1f} ms",
             ]
         )
     kinds = [

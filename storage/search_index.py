@@ -32,7 +32,7 @@ from storage.search import FTS_TABLE
 MIN_ID = -(2**63)
 MAX_ID = 2**63 - 1
 # One step's transaction: long enough to be efficient, short enough not to hold deliveries up for long
-# (measured: ~4,000 messages of ordinary length index in about 50 ms on one core).
+# (measured: 40,000 messages of 4 to 40 words indexed in 0.22 s of CPU, one statement per 1,000).
 CHUNK = 4000
 
 
