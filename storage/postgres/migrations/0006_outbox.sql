@@ -1,0 +1,18 @@
+-- The transactional outbox (storage/migrations/0006_outbox.sql): one change per conversation per commit, in
+-- the same transaction as the data. Positions come from an identity column. Unlike SQLite's single writer,
+-- several replicas hand them out before they commit, so position order is not commit order across
+-- conversations. The feed and the sender on PostgreSQL must read only positions below the oldest
+-- transaction still open (they are not built yet: docs/postgresql.md).
+
+CREATE TABLE changes (
+    position        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    conversation_id text COLLATE "C" NOT NULL,
+    source          text COLLATE "C" NOT NULL,
+    status          text,
+    kinds           text NOT NULL,
+    first_seq       bigint,
+    last_seq        bigint,
+    committed_at    double precision NOT NULL
+);
+
+CREATE INDEX changes_by_conversation ON changes (conversation_id, position);
