@@ -1,5 +1,5 @@
 """The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor, the
-ack-timeout task and the reconciler run in it; it closes the actor registry, then the writer."""
+ack-timeout task, the reconciler and the notifier run in it; it closes the actor registry, then the writer."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from daemon.janitor import Janitor
 from daemon.logs import RedactSecrets, config_secrets
 from daemon.memory import Trimmer
 from daemon.metrics import Metrics
+from daemon.notifier import Notifier
 from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
@@ -91,10 +92,13 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
 
         metrics = Metrics(scrape_tokens=(config.api.token, config.api.metrics_token))
         checkpointer = Checkpointer(config.storage.path)
+        woken: list[Notifier] = []  # the notifier, once it exists: a commit wakes it
 
         def committed(rows: int, seconds: float) -> None:
             metrics.commit(rows, seconds)
             checkpointer.notify()
+            for notifier in woken:
+                notifier.wake()
 
         writer = Writer(writer_settings(config, writer_connection), on_commit=evict, on_commit_stats=committed)
         reader = Reader(config.storage.path)
@@ -134,6 +138,10 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 await tg.start(intake.expire_acks)
             reconciler = Reconciler(config, registry, metrics)
             await tg.start(reconciler.run)
+            notifier = Notifier(config.notify, config.storage.path, writer)
+            await tg.start(notifier.run)
+            woken.append(notifier)
+            metrics.watch_notify(notifier)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,
@@ -147,7 +155,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler, notifier)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
@@ -167,8 +175,10 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 with anyio.CancelScope(shield=True):
                     reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
+                    notifier.stop()  # attempts in flight are abandoned: sent again after the restart
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
+                    await notifier.stopped()  # it records the finished attempts through the writer
                     await writer.close()
                     checkpointer.stop()
                     trimmer.stop()
