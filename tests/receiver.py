@@ -9,6 +9,7 @@ signature is verified with the Standard Webhooks reference library as it arrives
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -129,7 +130,8 @@ class Receiver:
         if self._server is None:
             return
         self._server.should_exit = True
-        assert self._thread is not None and self._sock is not None
+        assert self._thread is not None
+        assert self._sock is not None
         self._thread.join(STOP_TIMEOUT_S)
         self._sock.close()
         self._server = self._thread = self._sock = None
@@ -146,4 +148,4 @@ def receiving(**kwargs: Any) -> Iterator[Receiver]:
 
 
 def gaps(times: list[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
