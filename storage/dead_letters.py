@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from storage.connection import immediate
+from storage.outbox import ChangeSet
 from storage.replay import Parse, StoredEvent, parse_stored
 from storage.writes import write_in_savepoint
 
@@ -108,13 +109,15 @@ def retry(conn: sqlite3.Connection, parsers: Mapping[str, Parse], ids: Iterable[
             found = {event.id for event in letters}
             summary.unknown_ids = [i for i in wanted if i not in found]
         now = time.time()
+        changes = ChangeSet()
         for event in letters:
-            outcome = _retry_one(conn, parsers, event)
+            outcome = _retry_one(conn, parsers, event, changes)
             summary.outcomes.append(outcome)
             if outcome.status == "failed":
                 conn.execute(STILL_FAILING, (outcome.error, now, event.id))
             else:
                 conn.execute(RESOLVE, (now, event.id))
+        changes.record(conn)
     return summary
 
 
@@ -126,7 +129,9 @@ def _unresolved(conn: sqlite3.Connection, ids: list[int] | None) -> list[StoredE
     return [StoredEvent(*row) for row in rows]
 
 
-def _retry_one(conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: StoredEvent) -> RetryOutcome:
+def _retry_one(
+    conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: StoredEvent, changes: ChangeSet
+) -> RetryOutcome:
     def failed(error: str) -> RetryOutcome:
         return RetryOutcome(event.id, event.source, event.event_type, event.conversation_id, "failed", error=error)
 
@@ -138,7 +143,7 @@ def _retry_one(conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: St
         delivery = parse_stored(parse, event)
     except Exception as exc:  # whatever the parser raises, this body cannot be parsed now
         return failed(f"the parser refuses it: {exc.__class__.__name__}: {exc}")
-    result = write_in_savepoint(conn, delivery)
+    result = write_in_savepoint(conn, delivery, changes)
     if isinstance(result, Exception):
         return failed(f"the database refused it: {result.__class__.__name__}: {result}")
     status: RetryStatus = "already_stored" if result.duplicate_delivery else "stored"

@@ -1,10 +1,12 @@
 """Erasure: everything of one conversation goes in one transaction, and a tombstone stays behind.
 
 ``ERASED`` is the one list of what a conversation owns. Whatever is added later that holds a
-conversation's data (a search index, an outbox of changes) gets its line here, and is erased with the
+conversation's data (a search index) gets its line here, and is erased with the
 rest in the same transaction. The tombstone keeps a late re-delivery from bringing the conversation
 back: the writer drops any delivery whose conversation has one (see ``tombstoned``), answers it 2xx
-and stores nothing of it.
+and stores nothing of it. The conversation's changes (storage.outbox) go too, and one change
+``{"erased": 1}`` (status NULL) is recorded in their place, so that the app hears of the erasure; undoing
+it records nothing (nothing comes back).
 
 Both ``erase`` and ``undo`` take a connection in autocommit mode with no transaction open: the daemon's
 writer connection (run as a writer job, between two commits) or an operator command's own.
@@ -12,11 +14,13 @@ writer connection (run as a writer job, between two commits) or an operator comm
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from storage import outbox
 from storage import statements as sql
 from storage.connection import immediate
 
@@ -51,6 +55,9 @@ class Erased:
     dead_letters: int
     conversations: int
     deleted_at: float
+    changes: int = 0
+    # The change the erasure recorded ({"erased": 1}), so that the app hears of it.
+    position: int | None = None
 
     @property
     def anything(self) -> bool:
@@ -75,11 +82,18 @@ def erase(conn: sqlite3.Connection, conversation_id: str, *, now: float | None =
     conn.execute("PRAGMA secure_delete = ON")
     try:
         with immediate(conn):
+            source = outbox.erased_source(conn, conversation_id)
             counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
             erased = Erased(conversation_id, **counts, deleted_at=deleted_at)
             if not erased.anything:
                 return None  # committed on the way out: nothing was changed
             conn.execute(TOMBSTONE, (conversation_id, deleted_at))
+            # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
+            changes = conn.execute(outbox.DELETE_CHANGES, (conversation_id,)).rowcount
+            position = None
+            if source is not None:  # it has data, so it has a source: this change tells the app it is gone
+                position = outbox.record_erased(conn, conversation_id, source, deleted_at)
+            erased = dataclasses.replace(erased, changes=changes, position=position)
     finally:
         conn.execute(f"PRAGMA secure_delete = {int(secure)}")
     return erased

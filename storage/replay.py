@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from storage.connection import immediate
 from storage.deliveries import Delivery, MessageRow
+from storage.outbox import ChangeSet
 from storage.writes import write_in_savepoint
 
 
@@ -234,14 +235,16 @@ def _write(
     done = ReplayStats()
     refused: list[tuple[StoredEvent, str]] = []
     with immediate(conn):
+        changes = ChangeSet()
         for event, delivery in batch:
-            result = write_in_savepoint(conn, delivery, store_events=False)
+            result = write_in_savepoint(conn, delivery, changes, store_events=False)
             if isinstance(result, Exception):
                 refused.append((event, f"the database refused its rows: {result.__class__.__name__}: {result}"))
                 continue
             done.events += 1
             done.inserted += result.inserted
             done.updated += result.updated
+        changes.record(conn)
     stats.events += done.events
     stats.inserted += done.inserted
     stats.updated += done.updated

@@ -92,6 +92,7 @@ SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration =
 WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3
   AND (role IS NOT ?4 OR content IS NOT ?5 OR timestamp IS NOT ?6 OR seconds_from_start IS NOT ?7
        OR duration IS NOT ?8 OR inference_id IS NOT ?9 OR vendor_role IS NOT ?10)
+RETURNING seq
 """
 
 # The position is computed per row inside the statement, so rows still append in order; a client id
@@ -103,6 +104,7 @@ SELECT ?1, ?2, (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversatio
        ?3, ?4, ?5, ?6, ?7
 WHERE true
 ON CONFLICT DO NOTHING
+RETURNING seq
 """
 
 # A client re-sending its message by id replaces it; a timestamp it leaves out is kept.
@@ -110,6 +112,7 @@ UPDATE_CHANGED_BY_EXTERNAL_ID = """
 UPDATE messages SET role = ?3, content = ?4, timestamp = coalesce(?5, timestamp)
 WHERE conversation_id = ?1 AND external_id = ?6 AND source = ?2
   AND (role IS NOT ?3 OR content IS NOT ?4 OR coalesce(?5, timestamp) IS NOT timestamp)
+RETURNING seq
 """
 
 COUNT_MESSAGES = """
@@ -178,6 +181,14 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[obj
     with the padding rows filtered out; the number of rows the statements changed."""
     filtered_head, filtered_tail = _filtering(head, tail)
     return sum(cursor.rowcount for cursor in _executed(conn, filtered_head, rows, filtered_tail))
+
+
+def insert_returning(
+    conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str, returning: str = "seq"
+) -> list[Any]:
+    """``insert_rows``, returning ``returning`` of each row the statements changed (not of skipped ones)."""
+    filtered_head, filtered_tail = _filtering(head, tail)
+    return select_rows(conn, filtered_head, rows, f"{filtered_tail} RETURNING {returning}")
 
 
 @functools.cache

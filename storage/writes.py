@@ -6,6 +6,9 @@ the batch is rolled back and written again one delivery per savepoint: counts co
 a refused one is reported, and every other one still commits. A refused delivery is also kept, raw
 body and error, in ``dead_letters`` (in the same transaction, so it commits with the others), for
 ``transcriptd dead-letters retry`` once the cause is fixed.
+
+Either way the transaction records what it changed, one change per conversation, in ``changes``
+(storage.outbox), before it commits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from storage import erasure
 from storage import statements as sql
 from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
 from storage.errors import StorageRejected
+from storage.outbox import ChangeSet
 
 log = logging.getLogger("transcriptd.storage")
 
@@ -26,7 +30,16 @@ Outcome = WriteResult | StorageRejected
 
 
 def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Outcome]:
-    """Write ``batch`` in one transaction and commit; one outcome per delivery, in order.
+    """Write ``batch`` in one transaction and commit; one outcome per delivery, in order (see ``commit_batch``)."""
+    outcomes, _ = commit_batch(conn, batch)
+    return outcomes
+
+
+def commit_batch(
+    conn: sqlite3.Connection, batch: Sequence[Delivery], *, record_changes: bool = True
+) -> tuple[list[Outcome], int | None]:
+    """Write ``batch`` in one transaction, with its changes, and commit: one outcome per delivery, in order,
+    and the position of the last change recorded (None: nothing changed).
 
     ``sqlite3.OperationalError`` (disk full, locked, read-only, I/O) is a fault of the storage, not of a
     delivery: it propagates, the transaction is rolled back, and nothing of the batch is stored.
@@ -34,7 +47,8 @@ def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Out
     conn.execute("BEGIN IMMEDIATE")
     try:
         try:
-            outcomes: list[Outcome] = list(write_deliveries(conn, batch, batch_wide=True))
+            changes = ChangeSet(enabled=record_changes)
+            outcomes: list[Outcome] = list(write_deliveries(conn, batch, changes, batch_wide=True))
         except sqlite3.OperationalError:
             raise
         except (_RowsAlreadyThere, *REFUSALS):
@@ -42,13 +56,15 @@ def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Out
             # encoded, such as lone surrogates, at bind time): one delivery at a time, each in a savepoint.
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
-            outcomes = [_write_isolated(conn, delivery) for delivery in batch]
+            changes = ChangeSet(enabled=record_changes)
+            outcomes = [_write_isolated(conn, delivery, changes) for delivery in batch]
+        position = changes.record(conn)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return outcomes
+    return outcomes, position
 
 
 # What the database raises when it refuses a delivery's rows (ValueError: strings that cannot be encoded,
@@ -58,13 +74,14 @@ REFUSALS = (sqlite3.DatabaseError, ValueError, OverflowError)
 
 
 def write_in_savepoint(
-    conn: sqlite3.Connection, delivery: Delivery, *, store_events: bool = True
+    conn: sqlite3.Connection, delivery: Delivery, changes: ChangeSet, *, store_events: bool = True
 ) -> WriteResult | Exception:
     """Write one delivery inside the open transaction, in a savepoint of its own: if the database refuses
-    its rows, only they are rolled back, and the refusal is returned rather than raised."""
+    its rows, only they are rolled back, and the refusal is returned rather than raised. What it changed
+    is noted in ``changes``, for the caller to record once, before its commit."""
     conn.execute("SAVEPOINT delivery")
     try:
-        (result,) = write_deliveries(conn, [delivery], store_events=store_events)
+        (result,) = write_deliveries(conn, [delivery], changes, store_events=store_events)
     except sqlite3.OperationalError:
         raise
     except REFUSALS as exc:
@@ -75,8 +92,8 @@ def write_in_savepoint(
     return result
 
 
-def _write_isolated(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
-    result = write_in_savepoint(conn, delivery)
+def _write_isolated(conn: sqlite3.Connection, delivery: Delivery, changes: ChangeSet) -> Outcome:
+    result = write_in_savepoint(conn, delivery, changes)
     if isinstance(result, Exception):
         log.error("delivery rejected by the database: %s: %s", result.__class__.__name__, result)
         _dead_letter(conn, delivery, f"{result.__class__.__name__}: {result}")
@@ -118,7 +135,12 @@ class _RowsAlreadyThere(Exception):
 
 
 def write_deliveries(
-    conn: sqlite3.Connection, batch: Sequence[Delivery], *, batch_wide: bool = False, store_events: bool = True
+    conn: sqlite3.Connection,
+    batch: Sequence[Delivery],
+    changes: ChangeSet,
+    *,
+    batch_wide: bool = False,
+    store_events: bool = True,
 ) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; a delivery seen before (same
     key, in the database or earlier in this batch) changes nothing.
@@ -132,6 +154,9 @@ def write_deliveries(
 
     A delivery whose conversation was erased (has a tombstone) stores nothing, not even its event: its
     result says ``erased``, and its tombstone counts it.
+
+    What the deliveries change is noted in ``changes`` only once all of them are written: if this raises,
+    nothing of it was noted.
     """
     # One query for the whole batch: deliveries for an erased conversation are dropped, stored nowhere.
     erased = erasure.tombstoned(conn, [d.conversation_id for d in batch])
@@ -147,6 +172,7 @@ def write_deliveries(
             seen.add(delivery.key)
             fresh.append(delivery)
     fresh_ids = {id(d) for d in fresh}
+    changes.track(conn, [d.conversation_id for d in fresh])
     if store_events:
         sql.insert_rows(
             conn,
@@ -174,6 +200,7 @@ def write_deliveries(
             raise _RowsAlreadyThere
 
     results: list[WriteResult] = []
+    noted: list[tuple[str, int, int, list[int]]] = []
     counts: dict[str, tuple[int, float | None]] = {}
     for delivery in batch:
         if delivery.conversation_id in erased:
@@ -182,8 +209,10 @@ def write_deliveries(
         if id(delivery) not in fresh_ids:
             results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, duplicate_delivery=True))
             continue
-        inserted, updated = _write_messages(conn, delivery, transcript_written=batch_wide)
+        inserted, updated, seqs = _write_messages(conn, delivery, transcript_written=batch_wide)
         results.append(WriteResult(delivery.received, inserted, updated, delivery.rejected))
+        if inserted or updated:
+            noted.append((delivery.conversation_id, inserted, updated, seqs))
         if inserted:
             count, last = counts.get(delivery.conversation_id, (0, None))
             stamp = delivery.last_message_at
@@ -193,6 +222,8 @@ def write_deliveries(
         sql.insert_rows(
             conn, sql.COUNT_MESSAGES, [(cid, n, last) for cid, (n, last) in counts.items()], sql.COUNT_MESSAGES_TAIL
         )
+    for cid, inserted, updated, seqs in noted:
+        changes.messages(cid, inserted, updated, seqs)
     return results
 
 
@@ -222,20 +253,43 @@ def _insert_for(rows: Rows) -> str:
     return sql.INSERT_VENDOR_MESSAGES if len(rows[0]) == VENDOR_ROW_WIDTH else sql.INSERT_MESSAGES
 
 
-def _write_messages(conn: sqlite3.Connection, delivery: Delivery, *, transcript_written: bool) -> tuple[int, int]:
+def _write_messages(
+    conn: sqlite3.Connection, delivery: Delivery, *, transcript_written: bool
+) -> tuple[int, int, list[int]]:
+    """Messages inserted, messages updated, and the positions of both (for the change's seq range: on
+    the batch-wide path the two ends of the delivery's rows, all of which went in)."""
     inserted = updated = 0
+    seqs: list[int] = []
     if transcript_written:
         inserted = len(delivery.rows)
+        if delivery.rows:
+            positions = [row[2] for row in delivery.rows]
+            seqs = [min(positions), max(positions)]
     elif delivery.rows:
-        inserted = sql.insert_rows(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
+        seqs = [
+            row[0]
+            for row in sql.insert_returning(conn, _insert_for(delivery.rows), delivery.rows, sql.INSERT_MESSAGES_TAIL)
+        ]
+        inserted = len(seqs)
         if inserted < len(delivery.rows):
             vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
+            # Every row, not only the skipped ones: a delivery may repeat a position (a client id sent
+            # twice), and its later entry wins, as it would on a later delivery.
             changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
-            updated = conn.executemany(sql.UPDATE_CHANGED_MESSAGE, changed).rowcount
-    if delivery.append_rows:
-        appended = conn.executemany(sql.APPEND_MESSAGE, delivery.append_rows).rowcount
-        if appended < len(delivery.append_rows):
-            with_ids = [row[:6] for row in delivery.append_rows if row[5] is not None]
-            updated += conn.executemany(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, with_ids).rowcount
-        inserted += appended
-    return inserted, updated
+            # Row by row, to learn which positions changed (executemany cannot return rows); only on a
+            # re-delivery that repeats stored positions.
+            for row in changed:
+                if (found := conn.execute(sql.UPDATE_CHANGED_MESSAGE, row).fetchone()) is not None:
+                    updated += 1
+                    seqs.append(found[0])
+    for append_row in delivery.append_rows:
+        # The generic endpoint carries a few messages a request: one statement each, returning its position.
+        if (found := conn.execute(sql.APPEND_MESSAGE, append_row).fetchone()) is not None:
+            inserted += 1
+            seqs.append(found[0])
+        elif append_row[5] is not None and (
+            found := conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, append_row[:6]).fetchone()
+        ):
+            updated += 1
+            seqs.append(found[0])
+    return inserted, updated, seqs
