@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon import __version__, exposure, reconcile_command
+from daemon import __version__, exposure, notifications_command, reconcile_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage_options(dead_retry)
     reconcile_command.add_parser(commands, _add_storage_options)
+    notifications_command.add_parser(commands, _add_storage_options)
     return parser
 
 
@@ -530,4 +531,5 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "dead-letters": dead_letters_command,
     "delete": delete_command,
     "reconcile": reconcile_command.run,
+    "notifications": notifications_command.run,
 }

@@ -224,7 +224,17 @@ class Notifier:
 
     async def _attempt(self, receiver: _Receiver, change: state.Due) -> None:
         if not change.in_outbox:
-            self._record(receiver, change, "failed", None, "the change is no longer in the outbox", 0.0)
+            self._settled.append(
+                state.Attempted(
+                    receiver.url,
+                    change.position,
+                    change.conversation_id,
+                    "dropped",
+                    self.clock(),
+                    error="left the outbox before it was sent (conversation erased)",
+                )
+            )
+            self._woken.set()
             return
         messages = None
         if self.config.include_messages:

@@ -34,6 +34,12 @@ DELIVERED = """
 UPDATE notifications SET attempts = attempts + 1, last_status = ?3, last_error = NULL, delivered_at = ?4
 WHERE receiver = ?1 AND position = ?2 AND delivered_at IS NULL
 """
+# A change that left the outbox before it was sent (its conversation was erased): nothing left to send; it
+# counts as settled, and the erasure's own change tells the receiver.
+DROPPED = """
+UPDATE notifications SET last_error = ?3, delivered_at = ?4
+WHERE receiver = ?1 AND position = ?2 AND delivered_at IS NULL
+"""
 RETRY_LATER = """
 UPDATE notifications SET attempts = attempts + 1, last_status = ?3, last_error = ?4, next_attempt_at = ?5
 WHERE receiver = ?1 AND position = ?2 AND delivered_at IS NULL AND failed_at IS NULL
@@ -110,7 +116,7 @@ class Due:
     first_seq: int | None
     last_seq: int | None
     committed_at: float | None
-    in_outbox: bool  # False: the change was removed from the outbox; nothing left to send
+    in_outbox: bool  # False: the change left the outbox (its conversation was erased); nothing to send
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +126,7 @@ class Attempted:
     receiver: str
     position: int
     conversation_id: str
-    outcome: str  # "delivered", "retry" or "failed"
+    outcome: str  # "delivered", "retry", "failed" or "dropped" (no longer in the outbox)
     at: float  # when the attempt ended
     status: int | None = None
     error: str | None = None
@@ -157,6 +163,8 @@ def record(conn: sqlite3.Connection, attempted: Sequence[Attempted]) -> None:
     for a in attempted:
         if a.outcome == "delivered":
             conn.execute(DELIVERED, (a.receiver, a.position, a.status, a.at))
+        elif a.outcome == "dropped":
+            conn.execute(DROPPED, (a.receiver, a.position, a.error, a.at))
         elif a.outcome == "retry":
             conn.execute(RETRY_LATER, (a.receiver, a.position, a.status, a.error, a.next_attempt_at))
         else:

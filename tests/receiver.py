@@ -87,6 +87,14 @@ class Receiver:
                 raise AssertionError(f"{what}: not within {timeout:g} s; received {len(self.all())} requests")
             time.sleep(0.05)
 
+    async def until(self, predicate: Any, timeout: float, what: str) -> None:  # noqa: ASYNC109 (a bound, not a scope)
+        """``wait_for`` for a test running on an event loop (the daemon in-process): it keeps running."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout:g} s; received {len(self.all())} requests")
+            await anyio.sleep(0.05)
+
     async def _answer(self, request: Request) -> Response:
         raw = await request.body()
         with self.lock:
