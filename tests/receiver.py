@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +57,8 @@ class Receiver:
     default: Answer = field(default_factory=Answer)
     answers: deque[Answer] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
+    # When nothing is scripted: how to answer each request (None: ``default``), e.g. a flaky receiver.
+    chaos: Callable[[], Answer] | None = None
     port: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     _server: uvicorn.Server | None = None
@@ -98,7 +100,10 @@ class Receiver:
     async def _answer(self, request: Request) -> Response:
         raw = await request.body()
         with self.lock:
-            answer = self.answers.popleft() if self.answers else self.default
+            if self.answers:
+                answer = self.answers.popleft()
+            else:
+                answer = self.chaos() if self.chaos is not None else self.default
         if answer.delay_s:
             await anyio.sleep(answer.delay_s)
         try:
