@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from daemon.actors import ActorRegistry
 from daemon.api import Api
 from daemon.cache import PrefixTTLCache
+from daemon.changes_signal import ChangesSignal
 from daemon.config import Config
 from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
@@ -74,6 +75,7 @@ def writer_settings(
         max_pending_rows=config.ingest.batch_max_rows * 10,
         drain_deadline_s=shutdown_budget(config).storage_s,
         connection_factory=connection_factory,
+        record_changes=config.changes.enabled,
     )
 
 
@@ -100,11 +102,17 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             for notifier in woken:
                 notifier.wake()
 
-        writer = Writer(writer_settings(config, writer_connection), on_commit=evict, on_commit_stats=committed)
+        writer = Writer(
+            writer_settings(config, writer_connection),
+            on_commit=evict,
+            on_commit_stats=committed,
+            on_changes=changes_signal.publish,
+        )
         reader = Reader(config.storage.path)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
+            changes_signal.publish(writer.opened_at_position)
             await tg.start(checkpointer.run)
             trimmer = Trimmer()
             await tg.start(trimmer.run)
@@ -159,7 +167,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.openapi = OpenAPI()
-            app.state.erasure = Eraser(writer, cache, config.api.token)
+            app.state.erasure = Eraser(writer, cache, config.api.token, changes_signal)
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
                 config.storage.path,
@@ -187,11 +195,15 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 else:
                     log.error("transcriptd stopped after %.0f s with deliveries not drained", budget.mailboxes_s)
 
+    # Made before the lifespan starts: the server closes it as soon as it is told to stop (see
+    # daemon.server.DrainingServer), before it waits for the requests in flight, which open feeds are.
+    changes_signal = ChangesSignal()
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.state.changes_signal = changes_signal
     # Every route also answers with a trailing slash (see daemon.routes), so nothing is ever redirected: a
     # redirect would put the webhook token into a Location header.
     app.router.redirect_slashes = False

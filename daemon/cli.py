@@ -255,8 +255,12 @@ def serve(config: Config) -> int:
     if (problem := storage_problem(config)) is not None:
         log.error("cannot use the database at %s: %s", config.storage.path, problem)
         return 3
+    app = create_app(config)
     server = build_server(
-        config, create_app(config), graceful_shutdown_s=max(1, int(shutdown_budget(config).requests_s))
+        config,
+        app,
+        graceful_shutdown_s=max(1, int(shutdown_budget(config).requests_s)),
+        on_exit=app.state.changes_signal.close,
     )
     server.run()
     # uvicorn returns normally on SIGTERM/SIGINT after the lifespan drained; a failed start-up sets started=False.

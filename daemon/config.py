@@ -111,6 +111,16 @@ class ReconcileConfig(_Section, frozen=True):
     max_concurrent_requests: Count = 4  # per vendor
 
 
+class ChangesConfig(_Section, frozen=True):
+    # Record every commit's changes in the outbox (the feed and outbound notifications read it). Off only for
+    # deployments that neither notify nor read the feed.
+    enabled: bool = True
+    # The longest a `GET /changes?wait=` long-poll may wait; a larger `wait` is a 422.
+    max_wait_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    # Seconds between the comment lines that keep an idle `GET /changes/stream` open through proxies.
+    heartbeat_s: Positive = 15.0
+
+
 class NotifyConfig(_Section, frozen=True):
     # Where each committed change is POSTed: a URL, a list of them, or (from the environment) several
     # separated by spaces. Empty: no outbound webhooks.
@@ -175,6 +185,7 @@ class Config(_Section, frozen=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
+    changes: ChangesConfig = msgspec.field(default_factory=ChangesConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
 
 

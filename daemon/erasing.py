@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from daemon.auth import check_bearer
 from daemon.cache import PrefixTTLCache
+from daemon.changes_signal import ChangesSignal
 from daemon.errors import NotFound
 from daemon.ids import path_id
 from storage import erasure
@@ -45,8 +46,9 @@ class ErasedAnswer(msgspec.Struct, kw_only=True, tag_field="status", tag="erased
 
 
 class Eraser:
-    def __init__(self, writer: Writer, cache: PrefixTTLCache, token: str) -> None:
+    def __init__(self, writer: Writer, cache: PrefixTTLCache, token: str, changes: ChangesSignal) -> None:
         self.writer = writer
+        self.changes = changes
         self.cache = cache
         self.token = token
 
@@ -62,6 +64,7 @@ class Eraser:
             raise NotFound(f"no conversation {cid!r}")
         # Committed: evict now, before answering (a commit's own eviction covers only deliveries).
         pages = self.cache.evict_prefix(("conv", cid))
+        self.changes.publish(erased.position)
         log.info(
             "erased conversation %r: %d messages, %d events, %d dead letters, %d cached pages",
             cid,

@@ -17,10 +17,12 @@ while the event loop was stalled. The protocol here puts a limit and a time on e
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import resource
 import signal
+import socket
 import struct
 import termios
 import threading
@@ -30,6 +32,7 @@ from asyncio.events import TimerHandle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar
 
 import msgspec
@@ -386,6 +389,27 @@ def http_limits(config: Config) -> HttpLimits:
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn's server, exiting 0 after a drain, and telling the app at once that it is stopping.
+
+    ``on_exit`` runs on the event loop as soon as SIGTERM or SIGINT arrives: uvicorn then waits for the
+    requests in flight before the lifespan's shutdown, and an open change stream or long-poll is one, so
+    the app has to end those itself (daemon.changes_signal.ChangesSignal.close)."""
+
+    def __init__(self, config: uvicorn.Config, *, on_exit: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self.on_exit is not None and self._loop is not None:
+            # From a signal handler: only the thread-safe call may touch the loop.
+            self._loop.call_soon_threadsafe(self.on_exit)
+
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises the signal after its graceful shutdown, which turns a clean drain into death
@@ -409,8 +433,11 @@ def event_loop() -> str:
     return "uvloop"
 
 
-def build_server(config: Config, app: ASGIApp, *, graceful_shutdown_s: int) -> DrainingServer:
-    """The uvicorn server for ``app`` with the limits of ``config`` (and the open-file limit raised)."""
+def build_server(
+    config: Config, app: ASGIApp, *, graceful_shutdown_s: int, on_exit: Callable[[], None] | None = None
+) -> DrainingServer:
+    """The uvicorn server for ``app`` with the limits of ``config`` (and the open-file limit raised);
+    ``on_exit`` runs on the loop when a stop signal arrives."""
     limits = http_limits(config)
     return DrainingServer(
         uvicorn.Config(
@@ -426,5 +453,6 @@ def build_server(config: Config, app: ASGIApp, *, graceful_shutdown_s: int) -> D
             server_header=False,
             timeout_keep_alive=config.server.keepalive_timeout_s,
             timeout_graceful_shutdown=graceful_shutdown_s,
-        )
+        ),
+        on_exit=on_exit,
     )

@@ -27,7 +27,8 @@ from storage.connection import Synchronous, immediate, open_writer
 from storage.deliveries import Delivery
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
 from storage.migrations import migrate
-from storage.writes import Outcome, write_batch
+from storage.outbox import latest_position
+from storage.writes import Outcome, commit_batch
 
 log = logging.getLogger("transcriptd.writer")
 
@@ -50,6 +51,8 @@ class WriterSettings:
     drain_deadline_s: float = 20.0
     # sqlite3's Connection subclass hook (see open_writer); the bench's simulated round trips use it.
     connection_factory: type[sqlite3.Connection] = sqlite3.Connection
+    # Record each commit's changes in the outbox (changes.enabled).
+    record_changes: bool = True
 
 
 class _Job:
@@ -74,6 +77,7 @@ class Writer:
         *,
         on_commit: Callable[[Iterable[str]], None] | None = None,
         on_commit_stats: Callable[[int, float], None] | None = None,
+        on_changes: Callable[[int | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.state: State = "starting"
@@ -83,6 +87,10 @@ class Writer:
         self.dropped_erased = 0
         self._on_commit = on_commit
         self._on_commit_stats = on_commit_stats
+        # Called on the loop after each commit with the position of its last change (None: none).
+        self._on_changes = on_changes
+        # The highest change position when the database was opened (0: none yet).
+        self.opened_at_position = 0
         # Shared with the writer thread, under _cond.
         self._cond = threading.Condition()
         self._queue: deque[Unit | _Job] = deque()
@@ -138,6 +146,7 @@ class Writer:
             raise
         if applied:
             log.info("applied migrations %s to %s", applied, s.path)
+        self.opened_at_position = latest_position(conn)
         return conn
 
     def offer(self, unit: Unit) -> bool:
@@ -278,7 +287,7 @@ class Writer:
         """Write and commit one batch; returns the acknowledged deliveries that must be retried."""
         started = time.perf_counter()
         try:
-            outcomes = write_batch(conn, batch)
+            outcomes, position = commit_batch(conn, batch, record_changes=self.settings.record_changes)
         except Exception as exc:  # a fault of the storage (or of this code): nothing in the batch is stored
             message = f"{exc.__class__.__name__}: {exc}"
             if message != self.last_error:
@@ -288,7 +297,7 @@ class Writer:
             return [d for d in batch if not d.awaited]
         seconds = time.perf_counter() - started
         log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * seconds)
-        self._call_soon(self._resolve, batch, outcomes, seconds)
+        self._call_soon(self._resolve, batch, outcomes, seconds, position)
         return []
 
     # --- back on the event loop --------------------------------------------------------------------
@@ -297,7 +306,7 @@ class Writer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(callback, *args)
 
-    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome], seconds: float) -> None:
+    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome], seconds: float, position: int | None) -> None:
         self.commits += 1
         if self._on_commit_stats is not None:
             written = sum(o.inserted + o.updated for o in outcomes if not isinstance(o, StorageRejected))
@@ -308,6 +317,8 @@ class Writer:
         if self._on_commit is not None:
             # Before any ack, so that a client reading after its answer sees its data.
             self._on_commit({d.conversation_id for d in batch})
+        if self._on_changes is not None:
+            self._on_changes(position)
         # Released first: a delivery settling lets its actor offer the next unit, which needs the room.
         self._release(sum(d.size for d in batch))
         for delivery, outcome in zip(batch, outcomes, strict=True):
