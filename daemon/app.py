@@ -94,13 +94,10 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
 
         metrics = Metrics(scrape_tokens=(config.api.token, config.api.metrics_token))
         checkpointer = Checkpointer(config.storage.path)
-        woken: list[Notifier] = []  # the notifier, once it exists: a commit wakes it
 
         def committed(rows: int, seconds: float) -> None:
             metrics.commit(rows, seconds)
             checkpointer.notify()
-            for notifier in woken:
-                notifier.wake()
 
         writer = Writer(
             writer_settings(config, writer_connection),
@@ -146,9 +143,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 await tg.start(intake.expire_acks)
             reconciler = Reconciler(config, registry, metrics)
             await tg.start(reconciler.run)
-            notifier = Notifier(config.notify, config.storage.path, writer)
+            notifier = Notifier(config.notify, config.storage.path, writer, changes_signal)
             await tg.start(notifier.run)
-            woken.append(notifier)
             metrics.watch_notify(notifier)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,

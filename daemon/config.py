@@ -188,6 +188,10 @@ class Config(_Section, frozen=True):
     changes: ChangesConfig = msgspec.field(default_factory=ChangesConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
 
+    def __post_init__(self) -> None:
+        if self.notify.receivers and not self.changes.enabled:
+            raise ValueError("notify.url is set with changes.enabled = false: there would be nothing to send")
+
 
 class ConfigError(Exception):
     """A setting that cannot be used; the message names it."""

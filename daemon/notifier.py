@@ -4,7 +4,8 @@ One scheduling loop per daemon, a task in the lifespan's task group. Each turn i
 attempts came to and takes new changes in, in one short job on the writer's connection, then reads (on a
 connection of its own, in a worker thread) which conversations' heads are due, and starts an attempt for
 each, at most ``notify.max_parallel`` per receiver and never two of one conversation at once. A commit wakes
-it; it also looks again every ``poll_s``, for what an operator command wrote from another process.
+it (``daemon.changes_signal``); it also looks again every ``poll_s``, for what an operator command wrote
+from another process.
 
 Nothing is lost by a crash: an attempt not recorded as delivered is made again after the restart (the
 receiver dedupes by ``webhook-id``). Intake never waits on a receiver: an attempt holds no lock and no
@@ -13,6 +14,7 @@ database connection, and a turn's job is one small transaction.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import sqlite3
@@ -30,6 +32,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from daemon import notification
+from daemon.changes_signal import ChangesSignal
 from daemon.config import NotifyConfig, url_label
 from daemon.signatures import parse_secrets
 from storage import notifications as state
@@ -41,6 +44,7 @@ log = logging.getLogger("transcriptd.notify")
 T = TypeVar("T")
 DAY_S = 86_400.0
 TAKE_IN_LIMIT = 1000  # changes taken in per receiver per turn: bounded memory and a short job
+TAKE_IN_EVERY_S = 5.0  # changes committed by another process (replay, reconcile) are taken in this late
 MIN_TURN_S = 0.05  # commits come faster than this under load: one turn serves many
 JITTER = 0.25  # an attempt waits its scheduled delay and up to this much more, at random
 FAILING_AFTER = 3  # consecutive failed attempts before /readyz warns about a receiver
@@ -73,6 +77,7 @@ class Notifier:
         config: NotifyConfig,
         db_path: str | Path,
         writer: Writer,
+        signal: ChangesSignal | None = None,
         *,
         poll_s: float = 1.0,
         retention_interval_s: float = 3600.0,
@@ -82,6 +87,7 @@ class Notifier:
         self.config = config
         self.db_path = db_path
         self.writer = writer
+        self.signal = signal
         self.keys = parse_secrets(config.signing_secret)
         self.schedule = config.schedule
         self.poll_s = poll_s
@@ -106,6 +112,10 @@ class Notifier:
         self._reader_lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
         self._last_error: str | None = None
+        self._retry_times: list[float] = []  # a heap: when the retries scheduled here are due
+        self._more = False  # the last take-in stopped at its limit
+        self._taken_upto: int | None = None  # the signal's position at the last take-in
+        self._taken_at = 0.0
 
     # --- what the rest of the daemon reads ---------------------------------------------------------
 
@@ -153,6 +163,8 @@ class Notifier:
             task_status.started(self)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._retention)
+                if self.receivers and self.signal is not None:
+                    tg.start_soon(self._watch, self.signal)
                 if self.receivers:
                     timeout = httpx.Timeout(self.config.timeout_s)
                     limits = httpx.Limits(max_connections=self.config.max_parallel * len(self.receivers))
@@ -173,10 +185,24 @@ class Notifier:
     async def _schedule(self, tg: TaskGroup) -> None:
         while not self._stop.is_set():
             await self._turn(tg)
-            with anyio.move_on_after(self.poll_s):
+            now = self.clock()
+            while self._retry_times and self._retry_times[0] <= now:
+                heapq.heappop(self._retry_times)
+            # Until the next retry this process scheduled, if sooner than the next look.
+            wait_s = min(self.poll_s, self._retry_times[0] - now) if self._retry_times else self.poll_s
+            with anyio.move_on_after(wait_s):
                 await self._woken.wait()
             self._woken = anyio.Event()
             await anyio.sleep(MIN_TURN_S)
+
+    async def _watch(self, signal: ChangesSignal) -> None:
+        """Wake the scheduler when a commit records a change (not for commits that record none)."""
+        seen = signal.latest
+        while not self._stop.is_set() and not signal.closed:
+            latest = await signal.wait_beyond(seen, self.poll_s)
+            if latest > seen:
+                seen = latest
+                self.wake()
 
     async def _turn(self, tg: TaskGroup) -> None:
         now = self.clock()
@@ -194,14 +220,28 @@ class Notifier:
             count, oldest = await self._read(state.pending_stats, receiver.url)
             receiver.state.pending, receiver.oldest_pending_at = count, oldest
 
+    def _take_in_now(self, now: float) -> bool:
+        """Whether this turn takes changes in: a commit recorded some since the last time, the last time
+        left more, or a while has passed (another process may have committed some)."""
+        latest = self.signal.latest if self.signal is not None else None
+        due = self._more or latest is None or latest != self._taken_upto or now - self._taken_at >= TAKE_IN_EVERY_S
+        if due:
+            self._taken_upto, self._taken_at = latest, now
+        return due
+
     async def _settle(self, now: float, *, take_in: bool = False) -> bool:
         """Record the finished attempts (and take new changes in); False if the storage refused."""
         settled, self._settled = self._settled, []
-        receivers = list(self.receivers) if take_in else []
+        receivers = list(self.receivers) if take_in and self._take_in_now(now) else []
+        if not settled and not receivers:
+            return True  # nothing to write: no job for the writer
         try:
-            await self.writer.run_job(partial(state.settle_and_take_in, settled, receivers, now, TAKE_IN_LIMIT))
+            self._more = await self.writer.run_job(
+                partial(state.settle_and_take_in, settled, receivers, now, TAKE_IN_LIMIT)
+            )
         except Exception as exc:
             self._settled[:0] = settled  # recorded at the next turn
+            self._taken_upto = None  # and the take-in made again
             message = f"{exc.__class__.__name__}: {exc}"
             if message != self._last_error:
                 log.warning("notify: cannot record attempts or take changes in: %s", message)
@@ -304,6 +344,7 @@ class Notifier:
                 )
             else:
                 self.retried += 1
+                heapq.heappush(self._retry_times, now + delay_s)
         self._settled.append(
             state.Attempted(
                 receiver.url, change.position, change.conversation_id, outcome, now, status, error, now + delay_s

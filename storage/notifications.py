@@ -150,12 +150,15 @@ class Pending:
 
 def settle_and_take_in(
     attempted: Sequence[Attempted], receivers: Iterable[str], now: float, limit: int, conn: sqlite3.Connection
-) -> None:
-    """Record ``attempted`` and take in up to ``limit`` new changes per receiver, in one transaction."""
+) -> bool:
+    """Record ``attempted`` and take in up to ``limit`` new changes per receiver, in one transaction; True
+    if some receiver took ``limit`` in (there may be more)."""
     with immediate(conn):
         record(conn, attempted)
-        for receiver in receivers:
-            take_in(conn, receiver, now, limit)
+        more = False
+        for receiver in receivers:  # every one: no short cut once one has more
+            more |= take_in(conn, receiver, now, limit) >= limit
+        return more
 
 
 def record(conn: sqlite3.Connection, attempted: Sequence[Attempted]) -> None:

@@ -102,7 +102,6 @@ async def test_retry_schedule_and_retry_after_are_honoured(app_client: AppClient
     assert waited[1] >= 0.9  # schedule[1]
     assert waited[2] >= 1.9  # Retry-After: 2 wins over schedule[1] (1.0, repeating)
     assert waited[3] >= 0.9  # Retry-After: 1
-    assert waited[2] > waited[1]
 
 
 async def test_an_attempt_that_gets_no_answer_in_time_is_tried_again(app_client: AppClient) -> None:
