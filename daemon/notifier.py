@@ -184,7 +184,14 @@ class Notifier:
 
     async def _schedule(self, tg: TaskGroup) -> None:
         while not self._stop.is_set():
-            await self._turn(tg)
+            try:
+                await self._turn(tg)
+            except Exception as exc:
+                # A read that failed (storage fault): the sender must not take the daemon down with it.
+                message = f"{exc.__class__.__name__}: {exc}"
+                if message != self._last_error:
+                    log.warning("notify: cannot read what is due: %s (looking again shortly)", message)
+                self._last_error = message
             now = self.clock()
             while self._retry_times and self._retry_times[0] <= now:
                 heapq.heappop(self._retry_times)
@@ -263,6 +270,15 @@ class Notifier:
     # --- one attempt -------------------------------------------------------------------------------
 
     async def _attempt(self, receiver: _Receiver, change: state.Due) -> None:
+        try:
+            await self._send(receiver, change)
+        except Exception as exc:
+            # Ours, not the receiver's (the messages could not be read, the body not built): counted as a
+            # failed attempt, so the conversation is not stuck in flight and the change is tried again.
+            log.exception("notify: attempt of %s failed before it was sent", notification.change_id(change.position))
+            self._record(receiver, change, "retry", None, f"{exc.__class__.__name__}: {exc}", self._delay(1, None))
+
+    async def _send(self, receiver: _Receiver, change: state.Due) -> None:
         if not change.in_outbox:
             self._settled.append(
                 state.Attempted(

@@ -57,8 +57,9 @@ class Receiver:
     default: Answer = field(default_factory=Answer)
     answers: deque[Answer] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
-    # When nothing is scripted: how to answer each request (None: ``default``), e.g. a flaky receiver.
-    chaos: Callable[[], Answer] | None = None
+    # When nothing is scripted: how to answer each request, given its JSON body (None: ``default``), e.g. a
+    # flaky receiver.
+    chaos: Callable[[dict[str, Any]], Answer] | None = None
     port: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     _server: uvicorn.Server | None = None
@@ -99,11 +100,12 @@ class Receiver:
 
     async def _answer(self, request: Request) -> Response:
         raw = await request.body()
+        body = json.loads(raw)
         with self.lock:
             if self.answers:
                 answer = self.answers.popleft()
             else:
-                answer = self.chaos() if self.chaos is not None else self.default
+                answer = self.chaos(body) if self.chaos is not None else self.default
         if answer.delay_s:
             await anyio.sleep(answer.delay_s)
         try:
@@ -112,9 +114,7 @@ class Receiver:
         except WebhookVerificationError:
             verified = False
         headers = {"Retry-After": answer.retry_after} if answer.retry_after is not None else None
-        record = Received(
-            time.monotonic(), request.headers.get("webhook-id", ""), json.loads(raw), verified, answer.status
-        )
+        record = Received(time.monotonic(), request.headers.get("webhook-id", ""), body, verified, answer.status)
         with self.lock:
             self.received.append(record)
         return Response(b"", status_code=answer.status, headers=headers)

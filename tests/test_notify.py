@@ -204,3 +204,24 @@ async def test_delivered_changes_leave_the_outbox_after_keep_days(app_client: Ap
         async with app_client(**notify(receiver, **{"notify.keep_days": 1e-6})):
             await receiver.until(lambda _: not db("SELECT * FROM changes"), 20, "the delivered change pruned")
         assert db("SELECT * FROM notifications") == []
+
+
+async def test_an_erased_conversation_s_unsent_changes_are_dropped_and_its_erasure_sent(
+    app_client: AppClient, db: Any
+) -> None:
+    def erasures_only(body: dict[str, Any]) -> Answer:
+        return Answer(200) if body["type"] == "conversation.erased" else Answer(500)
+
+    with receiving(chaos=erasures_only) as receiver:
+        async with app_client(**notify(receiver, **{"notify.retry_schedule": [0.2]})) as client:
+            await ingest(client, "erased", 2)
+            await receiver.until(lambda r: len(r.all()) >= 1, 10, "the first change attempted")
+            assert (await client.delete("/conversations/erased")).status_code == 200
+            await receiver.until(lambda r: len(r.delivered()) == 1, 20, "the erasure delivered")
+    (erasure,) = receiver.delivered()
+    assert erasure.body["data"]["conversation_id"] == "erased"
+    assert erasure.body["data"]["changes"] == {"erased": 1}
+    assert all(r.body["type"] == "conversation.changed" for r in receiver.all() if r.status != 200)
+    settled = db("SELECT last_error, delivered_at IS NOT NULL FROM notifications ORDER BY position")
+    assert settled[0] == ("left the outbox before it was sent (conversation erased)", 1)
+    assert settled[-1] == (None, 1)

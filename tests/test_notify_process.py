@@ -8,6 +8,7 @@ import signal
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def flaky(seed: int) -> Receiver:
     chance = random.Random(seed)
     lock = threading.Lock()
 
-    def answer() -> Answer:
+    def answer(body: dict[str, Any]) -> Answer:
         with lock:
             roll = chance.random()
         if roll < 0.12:
