@@ -19,6 +19,7 @@ from daemon.changes_signal import ChangesSignal
 from daemon.config import Config
 from daemon.erasing import Eraser
 from daemon.errors import EXCEPTION_HANDLERS
+from daemon.feed import Feed
 from daemon.health import Health
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
@@ -162,6 +163,13 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler, notifier)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
+            app.state.feed = Feed(
+                reader,
+                changes_signal,
+                config.api.token,
+                max_wait_s=config.changes.max_wait_s,
+                heartbeat_s=config.changes.heartbeat_s,
+            )
             app.state.openapi = OpenAPI()
             app.state.erasure = Eraser(writer, cache, config.api.token, changes_signal)
             log.info(

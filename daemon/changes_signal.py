@@ -23,6 +23,11 @@ class ChangesSignal:
         # every waiter of the old one wakes once.
         self._moved: anyio.Event | None = None
 
+    @property
+    def awaited(self) -> bool:
+        """Someone has waited since the last move (a test waits for a long-poll to be in place)."""
+        return self._moved is not None
+
     def publish(self, position: int | None) -> None:
         """A commit made ``position`` the highest one (on the event loop; None: it recorded nothing)."""
         if position is None or position <= self.latest:

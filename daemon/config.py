@@ -115,7 +115,7 @@ class ChangesConfig(_Section, frozen=True):
     # Record every commit's changes in the outbox (the feed and outbound notifications read it). Off only for
     # deployments that neither notify nor read the feed.
     enabled: bool = True
-    # The longest a `GET /changes?wait=` long-poll may wait; a larger `wait` is a 422.
+    # The longest a `GET /changes?wait=` long-poll waits, whatever longer `wait` it asks for.
     max_wait_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
     # Seconds between the comment lines that keep an idle `GET /changes/stream` open through proxies.
     heartbeat_s: Positive = 15.0

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from daemon.api import ConversationPage, ConversationsQuery, MessagePage, MessagesQuery
 from daemon.erasing import ErasedAnswer
+from daemon.feed import ChangePage, ChangesQuery, StreamQuery
 from daemon.health import Readiness
 from daemon.ids import PARAM, RawPathRoute
 from daemon.intake import Dropped, Enqueued, Stored
@@ -198,6 +199,30 @@ ENDPOINTS = [
         query=EventsQuery,
         responses={200: ("a page of the timeline", EventPage)},
         errors={**ID_READ_ERRORS, 404: "nothing received for this id"},
+        bearer=True,
+    ),
+    Endpoint(
+        "/changes",
+        "GET",
+        ("feed", "list_changes"),
+        "The change feed: every change committed after a position, in position order (one per conversation "
+        "per commit); `wait` long-polls until one comes",
+        "feed",
+        query=ChangesQuery,
+        responses={200: ("a page of changes and the `next` position", ChangePage)},
+        errors=READ_ERRORS,
+        bearer=True,
+    ),
+    Endpoint(
+        "/changes/stream",
+        "GET",
+        ("feed", "stream"),
+        "The change feed as Server-Sent Events (`id:` the position, `event: change`, `data:` the change), "
+        "resuming after `Last-Event-ID`; a comment line every `changes.heartbeat_s` while idle",
+        "feed",
+        query=StreamQuery,
+        responses={200: ("an event stream (text/event-stream)", None)},
+        errors={**READ_ERRORS, 422: "a bad query parameter or `Last-Event-ID`"},
         bearer=True,
     ),
     Endpoint("/livez", "GET", ("health", "livez"), "The process is up", "health", responses={200: ("alive", None)}),

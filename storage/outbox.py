@@ -129,7 +129,8 @@ def _kinds(before: Snapshot | None, after: Snapshot, messages: _Messages | None)
         kinds["created"] = 1
     for kind, columns in _SLICES.items():
         if before is None:
-            if kind == "status" or any(value is not None for value in after[columns]):
+            # New: its status, and a recording or analysis it came with (details are the creation itself).
+            if kind == "status" or (kind != "details" and any(value is not None for value in after[columns])):
                 kinds[kind] = 1
         elif before[columns] != after[columns]:
             kinds[kind] = 1

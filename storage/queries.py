@@ -246,6 +246,10 @@ class Reader:
         )
         return [Message(*row) for row in rows]
 
+    async def changes(self, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """Rows of :data:`CHANGES` after position ``after``, in position order."""
+        return await self._all(CHANGES, (after, limit))
+
     async def timeline(
         self, conversation_id: str, *, limit: int, after: tuple[float, int, int] | None, bodies: bool
     ) -> list[tuple[Any, ...]]:
@@ -254,6 +258,12 @@ class Reader:
         cursor = after or (None, None, None)
         return await self._all(TIMELINE, (conversation_id, limit, bodies, *cursor))
 
+
+# The outbox (storage.outbox), by position: the change feed's page.
+CHANGES = """
+SELECT position, conversation_id, source, status, kinds, first_seq, last_seq, committed_at
+FROM changes WHERE position > ? ORDER BY position LIMIT ?
+"""
 
 # A conversation's delivery timeline: its stored events, and the deliveries the database refused and that are
 # still unresolved in dead_letters, in the order they arrived. Bodies are read only when asked for (length()
