@@ -600,6 +600,10 @@ def render(results: Path) -> str:
     lines += [*load_section(load, CHART if drawn else None, ingest), ""] if load else [missing.format("load.json"), ""]
     lines += [*ingest_section(ingest), ""] if ingest else [missing.format("ingest_limit.json"), ""]
     lines += [*reads_section(reads), ""] if reads else [missing.format("read_path.json"), ""]
+    from bench.outbox_report import outbox_section  # imported here: it uses this module's table()
+
+    outbox = load_json(results / "outbox_cost.json")
+    lines += [*outbox_section(outbox), ""] if outbox else [missing.format("outbox_cost.json"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -7,7 +7,8 @@
 3. ingest against the storage limit, and what keeping raw bodies costs (``bench.ingest_limit``);
 4. the read path, cached and not (``bench.read_path``);
 5. the load comparison of transcriptd and the write-up's handlers (``bench.compare``);
-6. BENCHMARKS.md and the chart from the results (``bench.report``).
+6. what the transactional outbox costs durable ingest (``bench.outbox_cost``);
+7. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -60,6 +61,14 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
                 "--limit-from",
                 str(results / "ingest_limit.json"),
                 *(["--scale", "0.05"] if quick else []),
+            ),
+        ),
+        (
+            "outbox cost",
+            module(
+                "bench.outbox_cost",
+                "outbox_cost.json",
+                *(["--rounds", "1", "--requests", "64", "--writer-transcripts", "32"] if quick else []),
             ),
         ),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -34,7 +35,12 @@ for _kind, _columns in KIND_COLUMNS.items():
     _SLICES[_kind] = slice(_start, _start + len(_columns))
     _start += len(_columns)
 
-SNAPSHOT = f"SELECT id, {', '.join(_COLUMNS)} FROM conversations WHERE id IN ("  # noqa: S608 (constants only)
+# One row, the whole snapshot as JSON, rather than a row per conversation: the writer shares the GIL with
+# the event loop, and sqlite3 lets go of it around each step of a statement, so each row fetched can wait
+# for a turn of the busy loop (see storage.statements). Measured on the writer alone, a two-delivery
+# commit spends ~0.05 ms in each snapshot and ~0.04 ms inserting its changes; its COMMIT writes ~0.3 ms
+# more (the changes table, its index and sqlite_sequence: three more pages in the WAL).
+SNAPSHOT = f"SELECT json_group_array(json_array(id, {', '.join(_COLUMNS)})) FROM conversations WHERE id IN ("  # noqa: S608
 SNAPSHOT_TAIL = ")"
 
 INSERT_CHANGES = "INSERT INTO changes (conversation_id, source, status, kinds, first_seq, last_seq, committed_at)"
@@ -108,14 +114,18 @@ class ChangeSet:
             rows.append((cid, current[0], current[1], msgspec.json.encode(kinds).decode(), first, last, committed_at))
         if not rows:
             return None
-        sql.insert_rows(conn, INSERT_CHANGES, rows)
-        (position,) = conn.execute("SELECT last_insert_rowid()").fetchone()
-        return int(position)
+        return sql.insert_rows_last_id(conn, INSERT_CHANGES, rows)
 
 
 def _snapshots(conn: sqlite3.Connection, conversation_ids: list[str]) -> dict[str, Snapshot]:
-    rows = sql.select_rows(conn, SNAPSHOT, [(cid,) for cid in conversation_ids], SNAPSHOT_TAIL)
-    return {row[0]: tuple(row[1:]) for row in rows}
+    found: dict[str, Snapshot] = {}
+    for (text,) in sql.select_rows(conn, SNAPSHOT, [(cid,) for cid in conversation_ids], SNAPSHOT_TAIL):
+        for item in _snapshot_rows.decode(text):
+            found[item[0]] = tuple(item[1:])
+    return found
+
+
+_snapshot_rows = msgspec.json.Decoder(list[list[Any]])
 
 
 def _kinds(before: Snapshot | None, after: Snapshot, messages: _Messages | None) -> dict[str, int]:

@@ -183,6 +183,15 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[obj
     return sum(cursor.rowcount for cursor in _executed(conn, filtered_head, rows, filtered_tail))
 
 
+def insert_rows_last_id(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str = "") -> int:
+    """``insert_rows``, returning the rowid of the last row inserted (no extra statement: the cursor has it)."""
+    filtered_head, filtered_tail = _filtering(head, tail)
+    last = 0
+    for cursor in _executed(conn, filtered_head, rows, filtered_tail):
+        last = cursor.lastrowid or last
+    return last
+
+
 def insert_returning(
     conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]], tail: str, returning: str = "seq"
 ) -> list[Any]:

@@ -16,8 +16,9 @@ from storage.deliveries import ConversationPatch, Delivery, MessageRow, WriteRes
 from storage.migrations import migrate
 from storage.writes import commit_batch
 from tests.conftest import AppClient
-from tests.daemon_process import WEBHOOK, rows
+from tests.daemon_process import WEBHOOK, connect, rows, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
+from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
 
 TURNS = 3  # and the system entry: 4 messages per transcript
 
@@ -215,3 +216,41 @@ async def test_erasure_deletes_the_changes_and_records_one_erased(app_client: Ap
         assert (await client.delete("/conversations/gone")).status_code == 404
         assert (await feed(client, after=4))["changes"] == []
         assert len(changes_in(db_path)) == 2
+
+
+@pytest.mark.anyio
+async def test_operator_commands_record_their_changes(app_client: AppClient, db_path: Path, tmp_path: Path) -> None:
+    async with app_client() as client:
+        with connect(db_path) as conn:  # the schema exists once the app has started
+            conn.execute(POISON_TRIGGER)
+        await store(client, transcription_ready("op-a", turns=TURNS))
+        await store(client, transcription_ready("op-b", turns=TURNS))
+        refused = await client.post(WEBHOOK, content=poisoned_body("op-poison"))
+        assert refused.status_code >= 500
+    assert [cid for _, cid, *_ in changes_in(db_path)] == ["op-a", "op-b"]
+    db = str(db_path)
+
+    # A replay that re-derives what is stored changes nothing, and records nothing.
+    replayed = transcriptd("replay", "--db", db, cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert len(changes_in(db_path)) == 2
+    # One that puts back lost messages records them.
+    with connect(db_path) as conn:
+        conn.execute("DELETE FROM messages WHERE conversation_id = 'op-a' AND seq >= 2")
+    replayed = transcriptd("replay", "--conversation", "op-a", "--db", db, cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert changes_in(db_path)[-1][1:] == ("op-a", "ended", f'{{"messages_added":{TURNS - 1}}}', 2, TURNS)
+
+    # A dead letter retried once its cause is gone: its conversation's first change.
+    with connect(db_path) as conn:
+        conn.execute("DROP TRIGGER poison")
+    retried = transcriptd("dead-letters", "retry", "--db", db, cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert changes_in(db_path)[-1][1:4] == ("op-poison", "ended", '{"messages_added":5,"created":1,"status":1}')
+
+    # The CLI's erasure: the conversation's changes go, and one {"erased": 1} is left.
+    deleted = transcriptd("delete", "--conversation", "op-b", "--db", db, cwd=tmp_path)
+    assert deleted.returncode == 0, deleted.stderr
+    assert [(cid, status, kinds) for _, cid, status, kinds, _, _ in changes_in(db_path) if cid == "op-b"] == [
+        ("op-b", None, '{"erased":1}')
+    ]
