@@ -39,6 +39,10 @@ async def test_a_trailing_slash_is_served_not_redirected_and_no_answer_has_a_loc
         for path in sorted(paths):
             for variant in {path, path.rstrip("/") or "/", path.rstrip("/") + "/"}:
                 for method in ("GET", "POST", "HEAD", "PUT"):
+                    if method in ("GET", "HEAD") and variant.rstrip("/") == "/changes/stream":
+                        # An event stream never ends, and the in-process transport waits for the whole body:
+                        # its GET (and HEAD, served as one) is checked over a real server (tests/test_change_stream.py).
+                        continue
                     answers.append(await client.request(method, variant, content=body))
         by_slash = {path: (await client.get(path)).status_code for path in ("/livez", "/livez/", "/readyz", "/readyz/")}
     # Stored, in the database file: the slash form is the same callback as the one without.
