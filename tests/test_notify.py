@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import anyio
 import httpx
 import pytest
 
+from storage.connection import open_writer
+from storage.migrations import migrate
 from tests.conftest import AppClient
 from tests.daemon_process import transcriptd
 from tests.payloads import encode, transcription_ready
@@ -225,3 +228,20 @@ async def test_an_erased_conversation_s_unsent_changes_are_dropped_and_its_erasu
     settled = db("SELECT last_error, delivered_at IS NOT NULL FROM notifications ORDER BY position")
     assert settled[0] == ("left the outbox before it was sent (conversation erased)", 1)
     assert settled[-1] == (None, 1)
+
+
+def test_the_notifications_commands_say_when_there_is_nothing_to_do(db_path: Path, tmp_path: Path) -> None:
+    missing = transcriptd("notifications", "list", "--db", str(db_path), cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "no database" in missing.stderr
+    with closing(open_writer(db_path)) as conn:
+        migrate(conn)
+    assert transcriptd("notifications", "list", "--db", str(db_path), cwd=tmp_path).stdout == "0 undelivered changes\n"
+    unknown = transcriptd("notifications", "retry", "--change", "chg_99", "--db", str(db_path), cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert "chg_99 is owed to no receiver" in unknown.stderr
+    bad = transcriptd("notifications", "retry", "--change", "ninety", "--db", str(db_path), cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "not a change id" in bad.stderr
+    neither = transcriptd("notifications", "retry", "--db", str(db_path), cwd=tmp_path)
+    assert neither.returncode == 2
