@@ -56,8 +56,10 @@ def test_the_stream_resumes_after_last_event_id_follows_commits_and_ends_on_sigt
             seen: list[dict[str, Any]] = []
             comments: list[str] = []
             ended_cleanly = False
-            with client.stream("GET", "/changes/stream", headers={"Last-Event-ID": "1"}) as stream:
+            # With its trailing slash: served, not redirected (no route redirects).
+            with client.stream("GET", "/changes/stream/", headers={"Last-Event-ID": "1"}) as stream:
                 assert stream.status_code == 200
+                assert "location" not in stream.headers
                 assert stream.headers["content-type"].startswith("text/event-stream")
                 posted_live = stopped = False
                 for item in sse_items(stream.iter_lines()):

@@ -35,9 +35,19 @@ def test_the_cost_and_the_goal_follow_the_numbers(tmp_path: Path, on: float, off
     text = render(tmp_path)
     assert f"The outbox cost {cost} of the stored messages per second" in text
     assert f"{goal} the 10% goal" in text
+    assert "re-run on a quiet one" not in text  # every round alike
     assert "In the daemon's CPU time per message stored" in text
     assert "a check failed" not in text
     assert "| 8 | 5.50 ms | 5.00 ms | +0.50 ms | 10.0% |" in text
+
+
+def test_no_cost_and_a_wide_spread_are_said_so(tmp_path: Path) -> None:
+    rounds = [[run(110.0, 100), run(100.0, 0)], [run(80.0, 100), run(100.0, 0)], [run(105.0, 100), run(100.0, 0)]]
+    settings = {"rounds": 3, "requests": 100, "concurrency": 16, "turns": 100}
+    (tmp_path / "outbox_cost.json").write_text(json.dumps({"settings": settings, **summarise(rounds)}))
+    text = render(tmp_path)
+    assert "No cost of the outbox showed in the stored messages per second" in text
+    assert "re-run on a quiet one" in text
 
 
 def test_a_missing_change_is_called_out(tmp_path: Path) -> None:
