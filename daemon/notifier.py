@@ -376,7 +376,10 @@ class Notifier:
         while not self._stop.is_set():
             cutoff = self.clock() - self.config.keep_days * DAY_S
             try:
-                while not self._stop.is_set():
+                oldest = await self._read(state.oldest_change_at)
+                # Read first: no job for the writer (which would cut a batch held open short) when
+                # nothing is that old.
+                while oldest is not None and oldest < cutoff and not self._stop.is_set():
                     pruned = await self.writer.run_job(partial(state.prune, cutoff, list(self.receivers)))
                     self.pruned += pruned
                     if not pruned:

@@ -223,6 +223,12 @@ def retry(conn: sqlite3.Connection, now: float, position: int | None = None) -> 
         return conn.execute(RETRY_CHANGE, (position, now)).rowcount
 
 
+def oldest_change_at(conn: sqlite3.Connection) -> float | None:
+    """When the first change still in the outbox was committed (None: it is empty)."""
+    row = conn.execute("SELECT committed_at FROM changes ORDER BY position LIMIT 1").fetchone()
+    return None if row is None else float(row[0])
+
+
 def prune(cutoff: float, receivers: Sequence[str], conn: sqlite3.Connection, limit: int = 1000) -> int:
     """Delete up to ``limit`` changes committed before ``cutoff`` that every receiver has had (delivered),
     with their delivered rows, in one transaction; how many changes went."""
