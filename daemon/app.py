@@ -1,5 +1,5 @@
 """The Starlette app. Its lifespan owns one task group: the writer, the checkpointer, the janitor, the
-ack-timeout task and the reconciler run in it; it closes the actor registry, then the writer."""
+ack-timeout task, the reconciler and the notifier run in it; it closes the actor registry, then the writer."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from daemon.janitor import Janitor
 from daemon.logs import RedactSecrets, config_secrets
 from daemon.memory import Trimmer
 from daemon.metrics import Metrics
+from daemon.notifier import Notifier
 from daemon.openapi import OpenAPI
 from daemon.reconciler import Reconciler
 from daemon.routes import ROUTES
@@ -149,6 +150,9 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 await tg.start(intake.expire_acks)
             reconciler = Reconciler(config, registry, metrics)
             await tg.start(reconciler.run)
+            notifier = Notifier(config.notify, config.storage.path, writer, changes_signal)
+            await tg.start(notifier.run)
+            metrics.watch_notify(notifier)
             metrics.watch(
                 live_actors=lambda: registry.live_actors,
                 mailbox_depth=lambda: registry.queued,
@@ -162,7 +166,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler)
+            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler, notifier)
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.feed = Feed(
@@ -198,8 +202,10 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
                     janitor.stop()
                     indexer.stop()
+                    notifier.stop()  # attempts in flight are abandoned: sent again after the restart
                     intake.stop()
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
+                    await notifier.stopped()  # it records the finished attempts through the writer
                     await writer.close()
                     checkpointer.stop()
                     trimmer.stop()

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon import __version__, exposure, reconcile_command, search_command
+from daemon import __version__, exposure, notifications_command, reconcile_command, search_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_options(dead_retry)
     reconcile_command.add_parser(commands, _add_storage_options)
     search_command.add_parser(commands, _add_storage_options)
+    notifications_command.add_parser(commands, _add_storage_options)
     return parser
 
 
@@ -536,4 +537,5 @@ OPERATIONS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "delete": delete_command,
     "reconcile": reconcile_command.run,
     "search": search_command.run,
+    "notifications": notifications_command.run,
 }

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
+from daemon.signatures import parse_secrets
 from daemon.sources import WEBHOOK_SOURCES
 from daemon.sources.model import Secret, is_secret
 
@@ -126,6 +127,61 @@ class SearchConfig(_Section, frozen=True):
     enabled: bool = True
 
 
+class NotifyConfig(_Section, frozen=True):
+    # Where each committed change is POSTed: a URL, a list of them, or (from the environment) several
+    # separated by spaces. Empty: no outbound webhooks.
+    url: str | list[str] = ""
+    # Standard Webhooks signing key(s), whsec_<base64>; required with a url. Several, space-separated,
+    # sign with each (a rotation: receivers accept any).
+    signing_secret: Secret = ""
+    # Seconds between attempts of one change, the last one repeating (each waited up to 25% longer, at
+    # random); a 429 or 503 with Retry-After waits what the receiver asks instead. Space-separated in env.
+    retry_schedule: list[NonNegative] | str = msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0])
+    max_age_s: Positive = 86_400.0  # a change not delivered after this long (since committed) is marked failed
+    timeout_s: Positive = 10.0  # per attempt, the whole request
+    max_parallel: Count = 8  # attempts in flight per receiver, each to a different conversation
+    include_messages: bool = False  # the body carries the messages the change added or updated
+    keep_days: NonNegative = 7.0  # delivered changes older than this leave the outbox; 0: keep them all
+
+    def __post_init__(self) -> None:
+        receivers = self.receivers
+        for url in receivers:
+            if not re.fullmatch(r"https?://[^\s/]+.*", url):
+                raise ValueError(f"notify.url {url_label(url)!r} is not an http:// or https:// URL")
+        if receivers and not self.signing_secret.strip():
+            raise ValueError("notify.url is set without notify.signing_secret: every notification is signed")
+        try:
+            parse_secrets(self.signing_secret)
+        except ValueError as exc:
+            raise ValueError(f"notify.signing_secret: {exc}") from None
+        if not self.schedule:
+            raise ValueError("notify.retry_schedule needs at least one number of seconds")
+
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        urls = self.url.split() if isinstance(self.url, str) else self.url
+        return tuple(dict.fromkeys(u.strip() for u in urls if u.strip()))
+
+    @property
+    def schedule(self) -> tuple[float, ...]:
+        if not isinstance(self.retry_schedule, str):
+            return tuple(self.retry_schedule)
+        try:
+            seconds = tuple(float(part) for part in self.retry_schedule.replace(",", " ").split())
+        except ValueError:
+            raise ValueError(f"notify.retry_schedule is not seconds: {self.retry_schedule!r}") from None
+        if any(not 0 <= s < float("inf") for s in seconds):
+            raise ValueError(f"notify.retry_schedule must be seconds >= 0: {self.retry_schedule!r}")
+        return seconds
+
+
+def url_label(url: str) -> str:
+    """A URL without its query or credentials: what logs and errors may show of a receiver."""
+    head = url.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = head.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else head[:60]
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -137,6 +193,11 @@ class Config(_Section, frozen=True):
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     changes: ChangesConfig = msgspec.field(default_factory=ChangesConfig)
     search: SearchConfig = msgspec.field(default_factory=SearchConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
+
+    def __post_init__(self) -> None:
+        if self.notify.receivers and not self.changes.enabled:
+            raise ValueError("notify.url is set with changes.enabled = false: there would be nothing to send")
 
 
 class ConfigError(Exception):

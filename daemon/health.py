@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
+from daemon.notifier import Notifier, ReceiverState
 from daemon.reconciler import Reconciler, SourceState
 from storage.checkpointer import Checkpointer
 from storage.writer import Writer
@@ -26,6 +27,9 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     warnings: list[str] = []
     # By source: the reconciler's passes and its last error. Detail only: a vendor's outage is not ours.
     reconcile: dict[str, SourceState] | None = None
+    # By receiver (notify.url, without its query): what it is owed, and its failures. Detail only: an app
+    # that is down is not a reason to refuse deliveries; the outbox keeps its changes.
+    notify: dict[str, ReceiverState] | None = None
 
 
 class Health:
@@ -36,12 +40,14 @@ class Health:
         retry_after_s: int,
         checkpointer: Checkpointer | None = None,
         reconciler: Reconciler | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
         self.checkpointer = checkpointer
         self.reconciler = reconciler
+        self.notifier = notifier
 
     async def livez(self, request: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
@@ -61,6 +67,7 @@ class Health:
             storage_error=error,
             warnings=self._warnings(),
             reconcile=(self.reconciler.states or None) if self.reconciler is not None else None,
+            notify=(self.notifier.states() or None) if self.notifier is not None else None,
         )
         headers = None if ready else {"Retry-After": str(self.retry_after_s)}
         return Response(
@@ -72,4 +79,5 @@ class Health:
 
     def _warnings(self) -> list[str]:
         warning = None if self.checkpointer is None else self.checkpointer.warning()
-        return [] if warning is None else [warning]
+        notify = [] if self.notifier is None else self.notifier.warnings()
+        return ([] if warning is None else [warning]) + notify

@@ -76,6 +76,9 @@ def configure(config: Config, *, stream: TextIO | None = None) -> None:
         for own in list(logger.handlers):
             logger.removeHandler(own)
         logger.propagate = True
+    # httpx logs every request it makes at info, URL and all: one line per outbound notification would drown
+    # the log, and a receiver's URL may carry a token in its query. Its warnings still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Python warnings would otherwise be printed to stderr as they are: not masked, and not JSON.
     logging.captureWarnings(True)
     # Neither format prints a record's caller, thread or process: not collecting them (the logging module's

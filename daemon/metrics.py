@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from daemon.auth import check_bearer_any
 from daemon.cache import PrefixTTLCache
+from daemon.notifier import Notifier
 from daemon.sources import EVENT_TYPES
 from storage.deliveries import WriteResult
 
@@ -176,6 +177,34 @@ class Metrics:
                 dropped,
             )
         )
+
+    def watch_notify(self, notifier: Notifier) -> None:
+        """Outbound webhooks (daemon.notifier), read at scrape time, summed over the receivers."""
+        for name, help_, read in (
+            ("delivered", "Changes delivered to a receiver (answered 2xx)", lambda: notifier.delivered),
+            ("retried", "Attempts that failed and will be made again", lambda: notifier.retried),
+            (
+                "failed",
+                "Changes given up after notify.max_age_s (see transcriptd notifications list)",
+                lambda: notifier.failed,
+            ),
+        ):
+            self.registry.register(_CountCollector(f"transcriptd_notify_{name}", help_, read))
+        Gauge(
+            "transcriptd_notify_pending",
+            "Changes owed to a receiver, not delivered nor given up",
+            registry=self.registry,
+        ).set_function(lambda: notifier.pending)
+
+        def oldest_age() -> float:
+            oldest = notifier.oldest_pending_at
+            return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+        Gauge(
+            "transcriptd_notify_oldest_pending_age_seconds",
+            "Age of the oldest change owed to a receiver (0 when none)",
+            registry=self.registry,
+        ).set_function(oldest_age)
 
     def delivery(self, event_type: str, outcome: str, result: WriteResult | None, rejected: int = 0) -> None:
         """Count one answered delivery. Called per request: the labelled children are looked up once."""

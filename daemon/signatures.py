@@ -15,7 +15,7 @@ import binascii
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from daemon.errors import Unauthorized
 
@@ -109,6 +109,12 @@ class SignatureVerifier:
                 matched |= hmac.compare_digest(mac, candidate)
         if not matched:
             raise Unauthorized(f"{SIGNATURE_HEADER} does not match: wrong secret, or the body was altered")
+
+
+def sign(keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header of a delivery we send: one ``v1,<base64>`` entry per key."""
+    prefix = f"{webhook_id}.{timestamp}.".encode()
+    return " ".join("v1," + base64.b64encode(_mac(key, prefix, body)).decode("ascii") for key in keys)
 
 
 def _mac(key: bytes, prefix: bytes, body: bytes) -> bytes:

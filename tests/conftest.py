@@ -32,6 +32,7 @@ TEST_SECRETS: tuple[str, ...] = (
     "tavus-api-k3y-Secret",  # webhooks.tavus.api_key (tests/vendor_standin.py)
     "vapi-private-k3y-Secret",  # webhooks.vapi.api_key (tests/vendor_standin.py)
     "elevenlabs-xi-k3y-Secret",  # webhooks.elevenlabs.api_key (tests/vendor_standin.py)
+    "whsec_dHJhbnNjcmlwdGQtdGVzdC1ub3RpZnkta2V5LTE=",  # notify.signing_secret (tests/receiver.py)
 )
 # The tests' own HTTP client logs every URL it requests, token included: that is the test talking, not the
 # daemon, and it is left out of the check.

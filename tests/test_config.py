@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from daemon.config import Config, ConfigError, env_name, load_config, setting_paths
+from tests.receiver import SIGNING_SECRET
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,16 @@ def test_environment_strings_become_typed_values(tmp_path: Path) -> None:
         ("", {"TRANSCRIPTD_SERVER_PORT": "x"}, "server.port"),
         ("", {"TRANSCRIPTD_SERVER_PROT": "1"}, "TRANSCRIPTD_SERVER_PROT"),
         ("[server\n", {}, "not valid TOML"),
+        ("[notify]\nurl = 'https://app.test/hooks'\n", {}, "notify.signing_secret"),
+        (f"[notify]\nurl = 'ftp://app.test/hooks'\nsigning_secret = '{SIGNING_SECRET}'\n", {}, "notify.url"),
+        ("[notify]\nsigning_secret = 'whsec_!!'\n", {}, "notify.signing_secret"),
+        ("", {"TRANSCRIPTD_NOTIFY_RETRY_SCHEDULE": "soon"}, "notify.retry_schedule"),
+        ("[notify]\nretry_schedule = []\n", {}, "notify.retry_schedule"),
+        (
+            f"[changes]\nenabled = false\n[notify]\nurl = 'http://a.test/h'\nsigning_secret = '{SIGNING_SECRET}'\n",
+            {},
+            "changes.enabled",
+        ),
     ],
 )
 def test_a_bad_setting_stops_start_up_naming_it(tmp_path: Path, toml: str, env: dict[str, str], named: str) -> None:
@@ -91,3 +102,13 @@ def test_readme_documents_every_setting_and_its_environment_variable() -> None:
     for path in setting_paths():
         assert f"`{'.'.join(path)}`" in readme, f"README does not document {'.'.join(path)}"
         assert env_name(path) in readme
+
+
+def test_notify_takes_one_url_a_list_or_several_in_the_environment(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text(f"[notify]\nurl = ['http://a.test/h', 'http://b.test/h']\nsigning_secret = '{SIGNING_SECRET}'\n")
+    assert load_config(file, environ={}).notify.receivers == ("http://a.test/h", "http://b.test/h")
+    env = {"TRANSCRIPTD_NOTIFY_URL": "http://a.test/h http://b.test/h?t=1", "TRANSCRIPTD_NOTIFY_RETRY_SCHEDULE": "1 5"}
+    notify = load_config(file, environ=env).notify
+    assert notify.receivers == ("http://a.test/h", "http://b.test/h?t=1")
+    assert notify.schedule == (1.0, 5.0)

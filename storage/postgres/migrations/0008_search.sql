@@ -1,4 +1,4 @@
--- Full-text search over messages (storage/migrations/0007_search.sql): PostgreSQL's counterpart of SQLite's
+-- Full-text search over messages (storage/migrations/0008_search.sql): PostgreSQL's counterpart of SQLite's
 -- FTS5 table is a GIN index over the messages' text as a tsvector, with case and accents folded away as
 -- unicode61's remove_diacritics does. CREATE INDEX indexes the messages already stored. PostgreSQL keeps
 -- the index in step with every write itself, so nothing needs a backfill range. The /search query on
