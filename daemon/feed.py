@@ -142,12 +142,13 @@ class Feed:
                 after = msgspec.convert({"after": resume.strip()}, StreamQuery, strict=False).after
             except msgspec.ValidationError:
                 raise InvalidPayload([Problem("not a position this feed gave out", "header.Last-Event-ID")]) from None
-        return StreamingResponse(
-            self._events(after),
-            media_type="text/event-stream",
-            # Proxies must pass each event on as it comes, and keep none of them.
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        # Proxies must pass each event on as it comes, and keep none of them.
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":
+            # The headers a GET would get, and no body: a stream served for a HEAD would never end (the
+            # server drops its bytes, so nothing tells it the client went).
+            return Response(media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._events(after), media_type="text/event-stream", headers=headers)
 
     async def _events(self, after: int) -> AsyncIterator[bytes]:
         """Every change after ``after``, then each one as it commits, until the client goes (Starlette then

@@ -188,6 +188,17 @@ async def test_bad_parameters_are_422_naming_the_parameter(app_client: AppClient
 
 
 @pytest.mark.anyio
+async def test_head_of_the_stream_answers_its_headers_and_ends(app_client: AppClient) -> None:
+    async with app_client() as client:
+        response = await client.head("/changes/stream", params={"after": 0})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-store"
+        assert response.content == b""
+        assert (await client.head("/changes/stream", params={"after": -1})).status_code == 422
+
+
+@pytest.mark.anyio
 async def test_the_feed_needs_the_api_token(app_client: AppClient) -> None:
     async with app_client(**{"api.token": "read-token"}) as client:
         for path in ("/changes", "/changes/stream"):

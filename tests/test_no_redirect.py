@@ -14,7 +14,8 @@ from tests.payloads import encode, transcription_ready
 
 TAVUS_TOKEN = "t0ken-Secret-1234"
 # A stream never ends by itself in-process (it ends when its client goes, or the server stops): its GET is
-# checked against a real daemon, with its slash too (tests/test_change_stream.py); its other methods here.
+# checked against a real daemon, with its slash too (tests/test_change_stream.py); its other methods (HEAD
+# answers headers only) here.
 STREAMS = {"/changes/stream"}
 
 
@@ -42,7 +43,7 @@ async def test_a_trailing_slash_is_served_not_redirected_and_no_answer_has_a_loc
         for path in sorted(paths):
             for variant in {path, path.rstrip("/") or "/", path.rstrip("/") + "/"}:
                 for method in ("GET", "POST", "HEAD", "PUT"):
-                    if method in ("GET", "HEAD") and variant.rstrip("/") in STREAMS:
+                    if method == "GET" and variant.rstrip("/") in STREAMS:
                         continue
                     answers.append(await client.request(method, variant, content=body))
         by_slash = {path: (await client.get(path)).status_code for path in ("/livez", "/livez/", "/readyz", "/readyz/")}
