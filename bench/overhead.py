@@ -8,6 +8,11 @@ Three daemons serve at once, each on its own database, with ``ingest.ack = "dura
 
 - ``log-on``: this code on its defaults (one info line per delivery);
 - ``log-off``: this code with ``logging.deliveries = false``;
+
+both with the outbox and the search index off (``changes.enabled``, ``search.enabled``): each of those has
+its own step, with and without it (``bench.outbox_cost``, ``bench.search``), and here they would hide what
+the comparison with ``before`` is about;
+
 - ``before``: the code of commit ``--before`` (c8aee86: before the hardening of the HTTP server, the memory
   budget, the id checks, and the delivery log), taken out of this repository with ``git archive`` into a
   temporary directory and run with this interpreter and its packages. Without that commit (a shallow clone)
@@ -231,9 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         counted = f", {cost['instructions_per_line']:,} instructions" if cost["instructions_per_line"] else ""
         print(f"a delivery's log line, {fmt}: {cost['us_per_line']} us{counted}")
 
+    later = {"TRANSCRIPTD_CHANGES_ENABLED": "false", "TRANSCRIPTD_SEARCH_ENABLED": "false"}  # see the docstring
     daemons = [
-        Daemon("log-on", "this code, delivery log on (the default)", REPO, {}),
-        Daemon("log-off", "this code, delivery log off", REPO, {"TRANSCRIPTD_LOGGING_DELIVERIES": "false"}),
+        Daemon("log-on", "this code, delivery log on (the default)", REPO, later),
+        Daemon("log-off", "this code, delivery log off", REPO, {**later, "TRANSCRIPTD_LOGGING_DELIVERIES": "false"}),
     ]
     with tempfile.TemporaryDirectory(prefix="transcriptd-before-") as tree:
         commit = source_tree(args.before, Path(tree))
