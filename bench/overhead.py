@@ -79,6 +79,10 @@ class Daemon:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
+ON_LABEL = "this code (outbox and search index off), delivery log on (the default)"
+OFF_LABEL = "this code (outbox and search index off), delivery log off"
+
+
 def source_tree(commit: str, into: Path) -> str | None:
     """The files of ``commit`` under ``into``; the full commit id, or None when the repository (or git) lacks it."""
     git = shutil.which("git")
@@ -238,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     later = {"TRANSCRIPTD_CHANGES_ENABLED": "false", "TRANSCRIPTD_SEARCH_ENABLED": "false"}  # see the docstring
     daemons = [
-        Daemon("log-on", "this code, delivery log on (the default)", REPO, later),
-        Daemon("log-off", "this code, delivery log off", REPO, {**later, "TRANSCRIPTD_LOGGING_DELIVERIES": "false"}),
+        Daemon("log-on", ON_LABEL, REPO, later),
+        Daemon("log-off", OFF_LABEL, REPO, {**later, "TRANSCRIPTD_LOGGING_DELIVERIES": "false"}),
     ]
     with tempfile.TemporaryDirectory(prefix="transcriptd-before-") as tree:
         commit = source_tree(args.before, Path(tree))
