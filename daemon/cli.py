@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon import __version__, exposure, notifications_command, reconcile_command, search_command
+from daemon import __version__, exposure, notifications_command, operator_db, reconcile_command, search_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
 from daemon.decoding import epoch_seconds
@@ -27,7 +27,7 @@ from daemon.sources import SOURCES
 from storage import backup as backups
 from storage import dead_letters, erasure, retention
 from storage import export as exports
-from storage.connection import StorageVersionError, open_reader, open_writer
+from storage.connection import StorageVersionError, open_reader
 from storage.migrations import migrate
 from storage.replay import Parse, ReplayStats, StoredEvent, replay
 
@@ -230,7 +230,7 @@ def storage_problem(config: Config) -> str | None:
     SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
     than a traceback out of the server's start-up. None when the database is usable."""
     try:
-        with closing(_writer(Path(config.storage.path), config)) as conn:
+        with closing(operator_db.writer(config)) as conn:
             if applied := migrate(conn):
                 log.info("applied migrations %s to %s", applied, config.storage.path)
     except (sqlite3.Error, OSError, StorageVersionError) as exc:
@@ -301,10 +301,9 @@ def operate(args: argparse.Namespace) -> int:
 
 def _database(config: Config) -> Path:
     """The configured database file, which must exist: an operator command never creates one."""
-    path = Path(config.storage.path)
-    if not path.is_file():
-        raise Failed(f"no database at {path} (set --db, or storage.path in the config)")
-    return path
+    if (problem := operator_db.missing(config)) is not None:
+        raise Failed(problem)
+    return Path(config.storage.path)
 
 
 def export_command(args: argparse.Namespace, config: Config) -> int:
@@ -370,7 +369,7 @@ def replay_command(args: argparse.Namespace, config: Config) -> int:
                 file=sys.stderr,
             )
 
-    with closing(_writer(path, config)) as conn:
+    with closing(operator_db.writer(config)) as conn:
         if args.conversation is not None and not _has_events(conn, args.conversation):
             # As export does: a mistyped id is named, not reported as "replayed 0 events" with exit 0.
             raise Failed(f"no events of conversation {args.conversation!r} in {path}")
@@ -421,7 +420,7 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
         )
         return 0
     total, transactions = retention.Pruned(), 0
-    with closing(_writer(path, config)) as conn:
+    with closing(operator_db.writer(config)) as conn:
         while (pruned := retention.prune_batch_counts(conn, cutoff)).conversations:
             total += pruned
             transactions += 1
@@ -435,7 +434,7 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
 def delete_command(args: argparse.Namespace, config: Config) -> int:
     path = _database(config)
     cid: str = args.conversation
-    with closing(_writer(path, config)) as conn:
+    with closing(operator_db.writer(config)) as conn:
         migrate(conn)  # a database of an older version gets its tombstones table first
         if args.undo:
             lifted = erasure.undo(conn, cid)
@@ -473,7 +472,7 @@ def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
             )
         print(f"{len(letters)} unresolved dead letter{'' if len(letters) == 1 else 's'}")
         return 0
-    with closing(_writer(path, config)) as conn:
+    with closing(operator_db.writer(config)) as conn:
         summary = dead_letters.retry(conn, replay_parsers(), args.ids)
     for outcome in summary.outcomes:
         what = f"dead letter {outcome.id} ({outcome.source} {outcome.event_type}, "
@@ -504,15 +503,6 @@ def _dead_letter_json(letter: dead_letters.DeadLetter) -> dict[str, object]:
         "attempts": letter.attempts,
         "error": letter.error,
     }
-
-
-def _writer(path: Path, config: Config) -> sqlite3.Connection:
-    return open_writer(
-        path,
-        synchronous=config.storage.synchronous,
-        cache_size_mib=config.storage.cache_size_mib,
-        busy_timeout_ms=config.storage.busy_timeout_ms,
-    )
 
 
 def _iso(seconds: float) -> str:

@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from daemon import operator_db
 from daemon.config import Config, url_label
 from storage import notifications
-from storage.connection import open_reader, open_writer
+from storage.connection import open_reader
 from storage.migrations import migrate
 
 
@@ -65,20 +66,13 @@ def _position(text: str) -> int:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    path = Path(config.storage.path)
-    if not path.is_file():
-        print(f"transcriptd: no database at {path} (set --db, or storage.path in the config)", file=sys.stderr)
+    if (problem := operator_db.missing(config)) is not None:
+        print(f"transcriptd: {problem}", file=sys.stderr)
         return 1
+    path = Path(config.storage.path)
     if args.notifications_command == "list":
         return _list(args, config, path)
-    with closing(
-        open_writer(
-            path,
-            synchronous=config.storage.synchronous,
-            cache_size_mib=config.storage.cache_size_mib,
-            busy_timeout_ms=config.storage.busy_timeout_ms,
-        )
-    ) as conn:
+    with closing(operator_db.writer(config)) as conn:
         migrate(conn)  # a database of an older version gets the tables first
         count = notifications.retry(conn, time.time(), args.change)
     if args.change is not None and not count:

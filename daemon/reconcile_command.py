@@ -19,16 +19,15 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 
+from daemon import operator_db
 from daemon.config import Config
 from daemon.reconcile import Tally, deliveries_of, local_state, vendor_http
 from daemon.sources import SOURCES, Source
 from daemon.vendor_http import HttpPolicy, VendorApiError, VendorHttp
-from storage.connection import open_writer
 from storage.errors import StorageRejected
 from storage.migrations import migrate
 from storage.writes import write_batch
@@ -103,17 +102,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if http is None:
         print(f"transcriptd: reconcile needs webhooks.{source.name}.api_key (the vendor's API key)", file=sys.stderr)
         return 2
-    path = Path(config.storage.path)
-    if not path.is_file():
-        print(f"transcriptd: no database at {path} (set --db, or storage.path in the config)", file=sys.stderr)
+    if (problem := operator_db.missing(config)) is not None:
+        print(f"transcriptd: {problem}", file=sys.stderr)
         return 1
-    conn = open_writer(
-        path,
-        synchronous=config.storage.synchronous,
-        cache_size_mib=config.storage.cache_size_mib,
-        busy_timeout_ms=config.storage.busy_timeout_ms,
-    )
-    with closing(conn):
+    with closing(operator_db.writer(config)) as conn:
         migrate(conn)  # as serve does at start-up: the tables this version writes are there
         try:
             tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, conn, args, backend="asyncio")

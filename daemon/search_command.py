@@ -12,12 +12,11 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import closing
-from pathlib import Path
 from typing import Any, TextIO
 
+from daemon import operator_db
 from daemon.config import Config
 from storage import search_index
-from storage.connection import open_writer
 from storage.migrations import migrate
 
 # Without a terminal (a cron job, a log): one line per tenth of the way, not one per chunk.
@@ -66,17 +65,10 @@ class Progress:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    path = Path(config.storage.path)
-    if not path.is_file():
-        print(f"transcriptd: no database at {path} (set --db, or storage.path in the config)", file=sys.stderr)
+    if (problem := operator_db.missing(config)) is not None:
+        print(f"transcriptd: {problem}", file=sys.stderr)
         return 1
-    conn = open_writer(
-        path,
-        synchronous=config.storage.synchronous,
-        cache_size_mib=config.storage.cache_size_mib,
-        busy_timeout_ms=config.storage.busy_timeout_ms,
-    )
-    with closing(conn):
+    with closing(operator_db.writer(config)) as conn:
         migrate(conn)  # a database of an older version gets its index (empty) here
         if not config.search.enabled:
             print("transcriptd: search is turned off (search.enabled = false): nothing to index", file=sys.stderr)

@@ -26,13 +26,18 @@ class Migration:
     sql: str
 
 
-def available() -> list[Migration]:
+def in_package(package: str) -> list[Migration]:
+    """The migrations shipped in ``package`` (files NNNN_name.sql), by number."""
     found = []
-    for entry in resources.files(__package__).iterdir():
+    for entry in resources.files(package).iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda m: m.version)
+    return sorted(found, key=lambda m: m.version)
+
+
+def available() -> list[Migration]:
+    found = in_package(__package__)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
         raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")

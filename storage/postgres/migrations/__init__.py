@@ -8,9 +8,8 @@ missing while the others wait, then find it applied. Each migration and its ledg
 from __future__ import annotations
 
 import time
-from importlib import resources
 
-from storage.migrations import _NAME, Migration
+from storage.migrations import Migration, in_package
 from storage.migrations import available as sqlite_available
 from storage.postgres.connection import Connection
 
@@ -29,12 +28,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 def available() -> list[Migration]:
     """The PostgreSQL migrations, checked to match SQLite's one for one (number and name): the two
     backends' schemas move together."""
-    found = []
-    for entry in resources.files(__package__).iterdir():
-        match = _NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda m: m.version)
+    found = in_package(__package__)
     ours = [(m.version, m.name) for m in found]
     theirs = [(m.version, m.name) for m in sqlite_available()]
     if ours != theirs:
