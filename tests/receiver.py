@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 import threading
 import time
 from collections import deque
@@ -21,15 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import uvicorn
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 10.0
+from tests.loopback_server import Running, serve_in_thread
 
 # notify.signing_secret of the tests (listed in tests/conftest.py's TEST_SECRETS).
 SIGNING_SECRET = "whsec_dHJhbnNjcmlwdGQtdGVzdC1ub3RpZnkta2V5LTE="
@@ -62,9 +59,7 @@ class Receiver:
     chaos: Callable[[dict[str, Any]], Answer] | None = None
     port: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
-    _sock: socket.socket | None = None
+    _running: Running | None = None
 
     @property
     def url(self) -> str:
@@ -121,33 +116,15 @@ class Receiver:
 
     def up(self) -> None:
         """Listen (again, on the same port once it had one)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
         app = Starlette(routes=[Route("/hooks", self._answer, methods=["POST"])])
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-        )
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise AssertionError("the receiver did not start")
-            time.sleep(0.01)
-        self._server, self._thread, self._sock = server, thread, sock
+        self._running = serve_in_thread(app, port=self.port, what="the receiver")
+        self.port = self._running.port
 
     def down(self) -> None:
         """Stop listening: attempts meet a refused connection until ``up()``."""
-        if self._server is None:
-            return
-        self._server.should_exit = True
-        assert self._thread is not None
-        assert self._sock is not None
-        self._thread.join(STOP_TIMEOUT_S)
-        self._sock.close()
-        self._server = self._thread = self._sock = None
+        if self._running is not None:
+            self._running.stop()
+            self._running = None
 
 
 @contextmanager

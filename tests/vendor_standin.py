@@ -10,23 +10,19 @@ the pages.
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 10.0
+from tests.loopback_server import serve_in_thread
 
 # The API keys the stand-ins expect; they are in tests/conftest.py's TEST_SECRETS, so a log holding one fails.
 TAVUS_KEY = "tavus-api-k3y-Secret"
@@ -118,28 +114,12 @@ def app_for(standin: StandIn, key_ok: Callable[[Request], bool], routes: list[tu
 @contextmanager
 def serving(standin: StandIn, app: Starlette) -> Iterator[StandIn]:
     """Serve ``app`` on 127.0.0.1 (a free port) in a thread while the block runs; ``standin.base_url`` is set."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    # A slow answer still pending at the end is cancelled after a second, not waited for.
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise AssertionError("the vendor stand-in did not start")
-        time.sleep(0.01)
-    standin.base_url = f"http://127.0.0.1:{port}"
+    running = serve_in_thread(app, what="the vendor stand-in")
+    standin.base_url = f"http://127.0.0.1:{running.port}"
     try:
         yield standin
     finally:
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT_S)
-        sock.close()
+        running.stop()
 
 
 # --- Tavus -------------------------------------------------------------------------------------------
