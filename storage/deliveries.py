@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -191,3 +191,16 @@ class Delivery:
                 # Called from the writer's resolution loop: one broken callback must not leave the other
                 # deliveries of the commit unanswered.
                 log.exception("settling delivery %s failed", self.key)
+
+
+def message_counts(inserted: Iterable[tuple[Delivery, int]]) -> dict[str, tuple[int, float | None]]:
+    """Per conversation, from (delivery, messages it inserted): the messages inserted, and the latest message
+    time of the deliveries that inserted any. Both backends add these to the conversations' counts."""
+    counts: dict[str, tuple[int, float | None]] = {}
+    for delivery, n in inserted:
+        if n:
+            count, last = counts.get(delivery.conversation_id, (0, None))
+            stamp = delivery.last_message_at
+            last = stamp if last is None or (stamp is not None and stamp > last) else last
+            counts[delivery.conversation_id] = (count + n, last)
+    return counts

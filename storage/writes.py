@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from storage import erasure, search_index
 from storage import statements as sql
-from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult
+from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult, message_counts
 from storage.errors import StorageRejected
 from storage.outbox import ChangeSet
 
@@ -203,7 +203,7 @@ def write_deliveries(
 
     results: list[WriteResult] = []
     noted: list[tuple[str, int, int, list[int]]] = []
-    counts: dict[str, tuple[int, float | None]] = {}
+    stored: list[tuple[Delivery, int]] = []
     for delivery in batch:
         if delivery.conversation_id in erased:
             results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, erased=True))
@@ -215,12 +215,8 @@ def write_deliveries(
         results.append(WriteResult(delivery.received, inserted, updated, delivery.rejected))
         if inserted or updated:
             noted.append((delivery.conversation_id, inserted, updated, seqs))
-        if inserted:
-            count, last = counts.get(delivery.conversation_id, (0, None))
-            stamp = delivery.last_message_at
-            last = stamp if last is None or (stamp is not None and stamp > last) else last
-            counts[delivery.conversation_id] = (count + inserted, last)
-    if counts:
+        stored.append((delivery, inserted))
+    if counts := message_counts(stored):
         sql.insert_rows(
             conn, sql.COUNT_MESSAGES, [(cid, n, last) for cid, (n, last) in counts.items()], sql.COUNT_MESSAGES_TAIL
         )

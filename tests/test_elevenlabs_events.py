@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import InvalidPayload, MalformedJSON
-from daemon.sources.elevenlabs_events import Message, parse_event
+from daemon.sources.elevenlabs_events import parse_event
+from daemon.sources.model import Message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "elevenlabs"
 

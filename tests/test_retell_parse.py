@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import InvalidPayload, MalformedJSON
-from daemon.sources.retell import ROLES, Message, parse_call
+from daemon.sources.model import Message
+from daemon.sources.retell import ROLES, parse_call
 
 FIXTURES = Path(__file__).parent / "fixtures" / "retell"
 CALL_ID = "Jabr9TXYYJHfvl6Syypi88rdAHYHmcq6"
@@ -66,7 +67,9 @@ def test_the_docs_call_ended_sample() -> None:
 def test_the_api_references_call_object_as_call_analyzed() -> None:
     parsed = parse_call(body("call_analyzed", fixture("api_reference_call.json")))
     assert parsed.key == f"retell:call_analyzed:{CALL_ID}"
-    assert parsed.messages == [Message(0, "assistant", "agent", "hi how are you doing?", 0.7, 0.6)]
+    assert parsed.messages == [
+        Message(0, "assistant", "agent", "hi how are you doing?", seconds_from_start=0.7, duration=0.6)
+    ]
     fields = parsed.fields
     assert fields.status == "ended"
     assert fields.end_reason == "agent_hangup"

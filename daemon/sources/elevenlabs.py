@@ -17,8 +17,8 @@ from daemon.errors import Problem, Unavailable
 from daemon.sources import elevenlabs_api
 from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
 from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
-from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, replay_with
-from storage.deliveries import Delivery, vendor_row
+from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, message_rows, replay_with
+from storage.deliveries import Delivery
 
 # A 10-minute call at 128 kbit/s is ~13 MiB of base64 MP3, near ingest.max_body_bytes already; this takes
 # calls of about 50 minutes. The audio is not kept (see keep_audio): only the request holds it, while read.
@@ -92,20 +92,7 @@ def _parse(
 
 def _add_rows(delivery: Delivery, event: Event) -> None:
     cid, now = delivery.conversation_id, delivery.received_at
-    rows = [
-        vendor_row(
-            cid,
-            NAME,
-            m.seq,
-            m.role,
-            m.content,
-            m.vendor_role,
-            now,
-            timestamp=m.timestamp,
-            seconds_from_start=m.seconds_from_start,
-        )
-        for m in event.messages
-    ]
+    rows = message_rows(cid, NAME, event.messages, now)
     delivery.rows = rows
     if rows:
         delivery.last_message_at = max((m.timestamp for m in event.messages if m.timestamp is not None), default=now)

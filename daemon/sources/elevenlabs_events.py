@@ -20,7 +20,7 @@ import msgspec
 
 from daemon.decoding import body_key, decode, decode_items
 from daemon.errors import InvalidPayload, Problem
-from daemon.sources.model import ConversationId, EventType, Role
+from daemon.sources.model import ConversationId, EventType, Message, NormalRole, Role
 
 NAME = "elevenlabs"
 TRANSCRIPTION = "post_call_transcription"
@@ -28,7 +28,7 @@ AUDIO = "post_call_audio"
 FAILURE = "call_initiation_failure"
 EVENT_TYPES = (TRANSCRIPTION, AUDIO, FAILURE)
 # The normalised role of each vendor role; tool calls and results become "tool" messages.
-ROLES = {"user": "user", "agent": "assistant"}
+ROLES: dict[str, NormalRole] = {"user": "user", "agent": "assistant"}
 
 Status = Literal["ended", "failed"]
 
@@ -87,18 +87,6 @@ class Audio(msgspec.Struct, frozen=True):
 class Failure(msgspec.Struct, frozen=True):
     conversation_id: ConversationId
     failure_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One normalised message, by position in the conversation's ``elevenlabs`` stream."""
-
-    seq: int
-    role: str  # user | assistant | tool
-    vendor_role: str  # the role ElevenLabs gave the turn (a tool call's turn is the agent's)
-    content: str  # for a tool message, the call or the result as JSON
-    timestamp: float | None  # Unix seconds: the call's start plus time_in_call_secs
-    seconds_from_start: float | None
 
 
 @dataclass(slots=True)
@@ -248,10 +236,10 @@ def messages(entries: Iterable[tuple[int, Entry]], start: float | None, problems
         at = start + offset if start is not None and offset is not None else None
         calls, results = entry.tool_calls or [], entry.tool_results or []
         if entry.message or not (calls or results):
-            out.append(Message(seq, role, entry.role, entry.message or "", at, offset))
+            out.append(Message(seq, role, entry.role, entry.message or "", timestamp=at, seconds_from_start=offset))
             seq += 1
         for raw in (*calls, *results):
-            out.append(Message(seq, "tool", entry.role, _compact(raw), at, offset))
+            out.append(Message(seq, "tool", entry.role, _compact(raw), timestamp=at, seconds_from_start=offset))
             seq += 1
     return out
 

@@ -8,14 +8,14 @@ list. See docs/adding-a-source.md.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar, get_args
 
 import msgspec
 
 from daemon.errors import Problem
-from storage.deliveries import Delivery
+from storage.deliveries import Delivery, Rows, vendor_row
 from storage.replay import StoredEvent
 
 if TYPE_CHECKING:
@@ -56,6 +56,39 @@ Verify = Callable[[bytes, Mapping[str, str]], None]
 Parse = Callable[..., tuple[Delivery, list[Problem]]]
 # The delivery a stored event makes again (transcriptd replay, dead-letters retry): no headers then.
 Replay = Callable[[StoredEvent], Delivery]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One normalised message of a source whose roles are mapped, at ``seq`` in its stream; the fields the
+    vendor does not give stay None."""
+
+    seq: int
+    role: NormalRole
+    vendor_role: str  # as the vendor wrote it: kept where it says more than ``role``
+    content: str
+    timestamp: float | None = None  # Unix seconds
+    seconds_from_start: float | None = None
+    duration: float | None = None
+
+
+def message_rows(conversation_id: str, source: str, messages: Iterable[Message], created_at: float) -> Rows:
+    """The rows ``messages`` store (storage.deliveries.VendorMessageRow)."""
+    return [
+        vendor_row(
+            conversation_id,
+            source,
+            m.seq,
+            m.role,
+            m.content,
+            m.vendor_role,
+            created_at,
+            timestamp=m.timestamp,
+            seconds_from_start=m.seconds_from_start,
+            duration=m.duration,
+        )
+        for m in messages
+    ]
 
 
 @dataclass(frozen=True, slots=True)

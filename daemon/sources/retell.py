@@ -26,15 +26,17 @@ from daemon.sources import retell_api
 from daemon.sources.model import (
     ConversationId,
     EventType,
+    Message,
     NormalRole,
     Role,
     Secret,
     Source,
     Verify,
     WebhookSettings,
+    message_rows,
     replay_with,
 )
-from storage.deliveries import Delivery, vendor_row
+from storage.deliveries import Delivery
 
 NAME = "retell"
 
@@ -191,18 +193,6 @@ class RetellWebhook(msgspec.Struct, frozen=True):
 
     event: str
     call: RetellCall
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One normalised message, at ``seq``: its position in the transcript the call carried."""
-
-    seq: int
-    role: NormalRole
-    vendor_role: str
-    content: str
-    seconds_from_start: float | None = None
-    duration: float | None = None
 
 
 @dataclass(slots=True)
@@ -382,7 +372,7 @@ def message(seq: int, entry: Entry, raw: msgspec.Raw | bytes) -> Message:
     else:
         content = _without_role(raw)  # a role Retell adds later: whatever it carries is kept
     offset, duration = _timing(entry)
-    return Message(seq, ROLES.get(role, "system"), role, content, offset, duration)
+    return Message(seq, ROLES.get(role, "system"), role, content, seconds_from_start=offset, duration=duration)
 
 
 def _timing(entry: Entry) -> tuple[float | None, float | None]:
@@ -467,20 +457,7 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
     patch.end_reason, patch.recording_uri, patch.analysis = fields.end_reason, fields.recording_url, fields.analysis
     # Retell gives no wall-clock time per message, only offsets from the call's start: timestamp stays
     # empty rather than guessed. The vendor role is kept where it says more than the normalised one.
-    rows = [
-        vendor_row(
-            cid,
-            NAME,
-            m.seq,
-            m.role,
-            m.content,
-            m.vendor_role,
-            received_at,
-            seconds_from_start=m.seconds_from_start,
-            duration=m.duration,
-        )
-        for m in parsed.messages
-    ]
+    rows = message_rows(cid, NAME, parsed.messages, received_at)
     delivery.rows, delivery.rejected = rows, parsed.rejected
     if rows:
         delivery.last_message_at = fields.ended_at or received_at

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult
+from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
@@ -418,14 +418,7 @@ def _append_params(row: tuple[str, str, str, str, float | None, str | None, floa
 def _count_messages(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
     # As SQLite's writer counts them: per conversation, the rows inserted and the latest message time
     # of the deliveries that inserted any.
-    counts: dict[str, tuple[int, float | None]] = {}
-    for delivery in fresh:
-        inserted = tally[id(delivery)].inserted
-        if inserted:
-            count, last = counts.get(delivery.conversation_id, (0, None))
-            stamp = delivery.last_message_at
-            last = stamp if last is None or (stamp is not None and stamp > last) else last
-            counts[delivery.conversation_id] = (count + inserted, last)
+    counts = message_counts((delivery, tally[id(delivery)].inserted) for delivery in fresh)
     if counts:
         ids = sorted(counts)
         conn.execute(sql.COUNT_MESSAGES, (ids, [counts[cid][0] for cid in ids], [_real(counts[cid][1]) for cid in ids]))
