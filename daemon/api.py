@@ -25,7 +25,8 @@ from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.ids import path_id, quoted
 from daemon.sources import NAMES
 from daemon.sources.model import NORMAL_ROLES, Role
-from storage.queries import Conversation, ConversationFilter, ConversationSummary, Message, Reader
+from storage.queries import Conversation, ConversationFilter, ConversationSummary, Message
+from storage.surface import Reads
 
 Q = TypeVar("Q", bound=msgspec.Struct)
 T = TypeVar("T")
@@ -114,7 +115,7 @@ def parse_query_params(params: dict[str, str], type_: type[Q]) -> Q:
 
 
 class Api:
-    def __init__(self, reader: Reader, cache: PrefixTTLCache, token: str) -> None:
+    def __init__(self, reader: Reads, cache: PrefixTTLCache, token: str) -> None:
         self.reader = reader
         self.cache = cache
         self.token = token
@@ -218,6 +219,8 @@ class Api:
         return msgspec.json.encode(result)
 
     async def _cached(self, key: tuple[Hashable, ...], load: Callable[[], Awaitable[T]]) -> T:
+        if self.reader.shared:
+            return await self._revision_checked(key, load)
         hit = self.cache.get(key)
         if hit is not None:
             return hit  # type: ignore[no-any-return]
@@ -227,6 +230,24 @@ class Api:
         value = await load()
         if value is not None:
             self.cache.store(key, value, generation)
+        return value
+
+    async def _revision_checked(self, key: tuple[Hashable, ...], load: Callable[[], Awaitable[T]]) -> T:
+        """The cache on a database other replicas write too: their commits evict nothing here, so a page
+        is served only while the conversation's ``rev`` (bumped by every write transaction that touches
+        it, on any replica) is the one it was cached at. One primary-key lookup per read: a client that got
+        its 200 from another replica reads its own write here at once."""
+        cid = str(key[1])
+        rev = await self.reader.rev(cid)
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] == rev:
+            return hit[1]  # type: ignore[no-any-return]
+        # The rev is read before the page: a write committed in between makes the stored page newer
+        # than its tag, never older, so the worst case is one needless reload.
+        generation = self.cache.generation(key[:2])
+        value = await load()
+        if value is not None:
+            self.cache.store(key, (rev, value), generation)
         return value
 
 

@@ -4,6 +4,7 @@ ack-timeout task, the reconciler and the notifier run in it; it closes the actor
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -36,7 +37,7 @@ from daemon.timeline import Timeline
 from daemon.ui import ROUTES as VIEWER_ROUTES
 from daemon.ui.pages import Viewer
 from storage.checkpointer import Checkpointer
-from storage.queries import Reader
+from storage.surface import surface_for
 from storage.writer import Writer, WriterSettings
 
 log = logging.getLogger("transcriptd")
@@ -71,7 +72,7 @@ def writer_settings(
     config: Config, connection_factory: type[sqlite3.Connection] = sqlite3.Connection
 ) -> WriterSettings:
     return WriterSettings(
-        path=config.storage.path,
+        path=config.storage.target,
         synchronous=config.storage.synchronous,
         cache_size_mib=config.storage.cache_size_mib,
         busy_timeout_ms=config.storage.busy_timeout_ms,
@@ -81,7 +82,13 @@ def writer_settings(
         drain_deadline_s=shutdown_budget(config).storage_s,
         connection_factory=connection_factory,
         record_changes=config.changes.enabled,
+        replica=replica_name(config),
     )
+
+
+def replica_name(config: Config) -> str:
+    """This replica's name on a shared database (its heartbeat row, its connections' application_name)."""
+    return f"{socket.gethostname()}:{config.server.port}"
 
 
 def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = sqlite3.Connection) -> Starlette:
@@ -98,11 +105,14 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 cache.evict_prefix(("conv", cid))
 
         metrics = Metrics(scrape_tokens=(config.api.token, config.api.metrics_token))
-        checkpointer = Checkpointer(config.storage.path)
+        surface = surface_for(config.storage.target)
+        # SQLite's WAL is ours to checkpoint; a PostgreSQL server manages its own.
+        checkpointer = None if surface.postgres else Checkpointer(config.storage.target)
 
         def committed(rows: int, seconds: float) -> None:
             metrics.commit(rows, seconds)
-            checkpointer.notify()
+            if checkpointer is not None:
+                checkpointer.notify()
 
         writer = Writer(
             writer_settings(config, writer_connection),
@@ -110,12 +120,13 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             on_commit_stats=committed,
             on_changes=changes_signal.publish,
         )
-        reader = Reader(config.storage.path)
+        reader = surface.reader(connections=config.storage.read_connections if surface.postgres else 2)
         async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
             # start() waits until each is up, so a database that cannot open fails start-up, not a request.
             await tg.start(writer.run)
             changes_signal.publish(writer.opened_at_position)
-            await tg.start(checkpointer.run)
+            if checkpointer is not None:
+                await tg.start(checkpointer.run)
             trimmer = Trimmer()
             await tg.start(trimmer.run)
             registry = ActorRegistry(
@@ -127,9 +138,9 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 max_inflight_messages=ingest.max_inflight_messages,
                 on_drained=trimmer.drained,
             )
-            janitor = Janitor(writer, cache, config.storage.retention_days)
+            janitor = Janitor(writer, cache, config.storage.retention_days, surface.retention)
             await tg.start(janitor.run)
-            indexer = Indexer(writer, enabled=config.search.enabled)
+            indexer = Indexer(writer, surface.search_index, enabled=config.search.enabled)
             await tg.start(indexer.run)
             await reader.open()
             stack.push_async_callback(reader.close)
@@ -150,7 +161,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 await tg.start(intake.expire_acks)
             reconciler = Reconciler(config, registry, metrics)
             await tg.start(reconciler.run)
-            notifier = Notifier(config.notify, config.storage.path, writer, changes_signal)
+            notifier = Notifier(config.notify, surface, writer, changes_signal)
             await tg.start(notifier.run)
             metrics.watch_notify(notifier)
             metrics.watch(
@@ -159,8 +170,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 oldest_pending_at=lambda: registry.oldest_pending_at,
                 inflight_bytes=lambda: registry.inflight_bytes,
                 cache=cache,
-                wal_bytes=checkpointer.wal_bytes,
-                wal_pinned_s=checkpointer.pinned_s,
+                wal_bytes=None if checkpointer is None else checkpointer.wal_bytes,
+                wal_pinned_s=None if checkpointer is None else checkpointer.pinned_s,
             )
             metrics.watch_erasure(dropped=lambda: writer.dropped_erased)
             app.state.metrics = metrics
@@ -185,10 +196,10 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 retry_after_s=ingest.retry_after_s,
             )
             app.state.openapi = OpenAPI()
-            app.state.erasure = Eraser(writer, cache, config.api.token, changes_signal)
+            app.state.erasure = Eraser(writer, surface, cache, config.api.token, changes_signal)
             log.info(
                 "transcriptd ready: storage %s (synchronous=%s), ack=%s",
-                config.storage.path,
+                surface.where,
                 config.storage.synchronous,
                 ingest.ack,
             )
@@ -207,7 +218,8 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                     drained = await registry.close(timeout_s=budget.mailboxes_s)
                     await notifier.stopped()  # it records the finished attempts through the writer
                     await writer.close()
-                    checkpointer.stop()
+                    if checkpointer is not None:
+                        checkpointer.stop()
                     trimmer.stop()
                 if drained:
                     log.info("transcriptd stopped: every mailbox drained, %d commits", writer.commits)

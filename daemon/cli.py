@@ -27,7 +27,9 @@ from daemon.sources import SOURCES
 from storage import backup as backups
 from storage import dead_letters, erasure, retention
 from storage import export as exports
+from storage.backend import describe
 from storage.connection import StorageVersionError, open_reader
+from storage.errors import StorageUnavailable
 from storage.migrations import migrate
 from storage.replay import Parse, ReplayStats, StoredEvent, replay
 
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, metavar="PATH", help="config file (default: ./config.toml if present)")
     serve.add_argument("--host", help="address to listen on (server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (server.port)")
-    serve.add_argument("--db", metavar="PATH", help="SQLite database file (storage.path)")
+    serve.add_argument("--db", metavar="PATH|URL", help="SQLite database file, or a postgresql:// URL (storage.url)")
     serve.add_argument("--ack", choices=["durable", "enqueued"], help="when to answer a webhook (ingest.ack)")
     serve.add_argument(
         "--synchronous", choices=["full", "normal"], help="SQLite durability at commit (storage.synchronous)"
@@ -206,7 +208,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {
         "server.host": args.host,
         "server.port": args.port,
-        "storage.path": args.db,
+        "storage.url": args.db,
         "ingest.ack": args.ack,
         "storage.synchronous": args.synchronous,
         "server.log_level": args.log_level,
@@ -228,13 +230,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 def storage_problem(config: Config) -> str | None:
     """Open and migrate the database as the writer will, before the server starts: a file that is not
     SQLite, a read-only file or directory, or a too-old SQLite is then one line naming the cause, rather
-    than a traceback out of the server's start-up. None when the database is usable."""
+    than a traceback out of the server's start-up; a PostgreSQL server that cannot be reached, one line
+    naming its host and port (never the password). None when the database is usable."""
+    if config.storage.postgres:
+        return postgres_problem(config)
     try:
         with closing(operator_db.writer(config)) as conn:
             if applied := migrate(conn):
-                log.info("applied migrations %s to %s", applied, config.storage.path)
+                log.info("applied migrations %s to %s", applied, config.storage.target)
     except (sqlite3.Error, OSError, StorageVersionError) as exc:
         return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
+def postgres_problem(config: Config) -> str | None:
+    import psycopg
+
+    from storage.postgres.connection import connect
+    from storage.postgres.migrations import migrate as migrate_postgres
+
+    url = config.storage.target
+    try:
+        with connect(url, synchronous=config.storage.synchronous) as conn:
+            if applied := migrate_postgres(conn):
+                log.info("applied migrations %s to %s", applied, describe(url))
+    except StorageUnavailable as exc:
+        return str(exc)
+    except psycopg.Error as exc:
+        return f"{exc.__class__.__name__}: {exc}".strip()
     return None
 
 
@@ -254,7 +277,12 @@ def serve(config: Config) -> int:
     if (warning := exposure.open_reads_warning(config)) is not None:
         log.warning("%s", warning)
     if (problem := storage_problem(config)) is not None:
-        log.error("cannot use the database at %s: %s", config.storage.path, problem)
+        log.error(
+            "%s",
+            problem
+            if config.storage.postgres
+            else f"cannot use the database at {describe(config.storage.target)}: {problem}",
+        )
         return 3
     app = create_app(config)
     server = build_server(
@@ -303,7 +331,7 @@ def _database(config: Config) -> Path:
     """The configured database file, which must exist: an operator command never creates one."""
     if (problem := operator_db.missing(config)) is not None:
         raise Failed(problem)
-    return Path(config.storage.path)
+    return Path(config.storage.target)
 
 
 def export_command(args: argparse.Namespace, config: Config) -> int:

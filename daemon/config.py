@@ -14,6 +14,7 @@ import msgspec
 from daemon.signatures import parse_secrets
 from daemon.sources import WEBHOOK_SOURCES
 from daemon.sources.model import Secret, is_secret
+from storage.backend import is_postgres_url
 
 ENV_PREFIX = "TRANSCRIPTD_"
 DEFAULT_CONFIG_FILE = Path("config.toml")
@@ -46,11 +47,25 @@ class LoggingConfig(_Section, frozen=True):
 
 
 class StorageConfig(_Section, frozen=True):
+    # A postgresql:// URL (replicas sharing one PostgreSQL), or a SQLite file's path; empty: ``path``. Logs
+    # name it by host:port/dbname only, and its password is masked (daemon.logs.config_secrets).
+    url: str = ""
     path: str = "data/transcriptd.db"
     synchronous: Literal["full", "normal"] = "full"
     cache_size_mib: Count = 64
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
     retention_days: NonNegative = 0.0
+    # PostgreSQL only: the read connections each replica keeps (its writer has one more of its own).
+    read_connections: Count = 4
+
+    @property
+    def target(self) -> str:
+        """What the daemon stores into: ``url`` if set (a URL, or a path), else ``path``."""
+        return self.url or self.path
+
+    @property
+    def postgres(self) -> bool:
+        return is_postgres_url(self.target)
 
 
 class IngestConfig(_Section, frozen=True):

@@ -9,7 +9,6 @@ evicted once the erasure has committed, before the answer: a read after the answ
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 import msgspec
 from starlette.requests import Request
@@ -20,8 +19,8 @@ from daemon.cache import PrefixTTLCache
 from daemon.changes_signal import ChangesSignal
 from daemon.errors import NotFound
 from daemon.ids import path_id
-from storage import erasure
 from storage.errors import StorageUnavailable
+from storage.surface import Surface
 from storage.writer import Writer
 
 log = logging.getLogger("transcriptd.erasure")
@@ -46,8 +45,11 @@ class ErasedAnswer(msgspec.Struct, kw_only=True, tag_field="status", tag="erased
 
 
 class Eraser:
-    def __init__(self, writer: Writer, cache: PrefixTTLCache, token: str, changes: ChangesSignal) -> None:
+    def __init__(
+        self, writer: Writer, surface: Surface, cache: PrefixTTLCache, token: str, changes: ChangesSignal
+    ) -> None:
         self.writer = writer
+        self.surface = surface
         self.changes = changes
         self.cache = cache
         self.token = token
@@ -56,8 +58,8 @@ class Eraser:
         check_bearer(request, self.token)
         cid = path_id(request)
         try:
-            erased = await self.writer.run_job(lambda conn: erasure.erase(conn, cid))
-        except sqlite3.Error as exc:
+            erased = await self.writer.run_job(lambda conn: self.surface.erasure.erase(conn, cid))
+        except self.surface.driver_errors as exc:
             # Ours, not the client's: a 503 to retry (the transaction was rolled back, nothing went).
             raise StorageUnavailable(f"storage is unavailable: {exc}") from None
         if erased is None:

@@ -26,7 +26,7 @@ from daemon.auth import check_bearer
 from daemon.changes_signal import ChangesSignal
 from daemon.errors import InvalidPayload, Problem
 from daemon.ids import quoted
-from storage.queries import Reader
+from storage.surface import Reads
 
 MAX_CHANGES = 1000
 # The most `changes.max_wait_s` may be, and so the most `wait` may ask for.
@@ -105,7 +105,7 @@ def change(row: tuple[Any, ...]) -> Change:
 
 class Feed:
     def __init__(
-        self, reader: Reader, signal: ChangesSignal, token: str, *, max_wait_s: float, heartbeat_s: float
+        self, reader: Reads, signal: ChangesSignal, token: str, *, max_wait_s: float, heartbeat_s: float
     ) -> None:
         self.reader = reader
         self.signal = signal

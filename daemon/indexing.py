@@ -11,8 +11,8 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
-from storage import search_index
 from storage.errors import WriterClosed
+from storage.surface import SearchIndex
 from storage.writer import Writer
 
 log = logging.getLogger("transcriptd.search")
@@ -21,15 +21,16 @@ PROGRESS_EVERY_S = 5.0
 
 
 class Indexer:
-    def __init__(self, writer: Writer, *, enabled: bool) -> None:
+    def __init__(self, writer: Writer, search_index: SearchIndex, *, enabled: bool) -> None:
         self.writer = writer
+        self.search_index = search_index
         self.enabled = enabled
         self._scope = anyio.CancelScope()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with self._scope:
             # Before start-up completes: a search never sees an index the setting has turned off.
-            if await self.writer.run_job(lambda conn: search_index.configure(conn, enabled=self.enabled)):
+            if await self.writer.run_job(lambda conn: self.search_index.configure(conn, enabled=self.enabled)):
                 log.info("search index turned %s", "on: rebuilding it" if self.enabled else "off and emptied")
             task_status.started()
             if self.enabled:
@@ -39,13 +40,13 @@ class Indexer:
                     return  # shutting down: the next start goes on from where this one stopped
 
     async def _backfill(self) -> None:
-        state = await self.writer.run_job(search_index.state)
+        state = await self.writer.run_job(self.search_index.state)
         if state.complete:
             return
         total, done = state.pending, 0
         log.info("search index: %d messages to index", total)
         started = reported = time.monotonic()
-        while indexed := await self.writer.run_job(search_index.step):
+        while indexed := await self.writer.run_job(self.search_index.step):
             done += indexed
             if time.monotonic() - reported >= PROGRESS_EVERY_S:
                 reported = time.monotonic()

@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from daemon.cache import PrefixTTLCache
-from storage.retention import prune_batch
+from storage.surface import Retention
 from storage.writer import Writer
 
 log = logging.getLogger("transcriptd.retention")
@@ -28,6 +28,7 @@ class Janitor:
         writer: Writer,
         cache: PrefixTTLCache,
         retention_days: float,
+        retention: Retention,
         *,
         interval_s: float = 3600.0,
         batch: int = 50,
@@ -35,6 +36,7 @@ class Janitor:
     ) -> None:
         self.writer = writer
         self.cache = cache
+        self.retention = retention
         self.retention_days = retention_days
         self.interval_s = interval_s
         self.batch = batch
@@ -63,7 +65,7 @@ class Janitor:
         cutoff = self.clock() - self.retention_days * DAY_S
         removed = 0
         while not self._stop.is_set():
-            count = await self.writer.run_job(lambda conn: prune_batch(conn, cutoff, self.batch))
+            count = await self.writer.run_job(lambda conn: self.retention.prune_batch(conn, cutoff, self.batch))
             if not count:
                 break
             removed += count

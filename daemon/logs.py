@@ -106,6 +106,10 @@ def config_secrets(config: Config) -> list[str]:
             # key without its whsec_ prefix, is a secret too.
             for part in value.split():
                 secrets += [part, part.removeprefix("whsec_")]
+    if config.storage.postgres:
+        from storage.postgres.connection import password_of
+
+        secrets += [password] if (password := password_of(config.storage.target)) else []
     return [s for s in dict.fromkeys(secrets) if len(s) >= 4]
 
 

@@ -7,8 +7,8 @@ the same on every attempt, so a receiver dedupes re-sends by it.
 from __future__ import annotations
 
 import email.utils
-import sqlite3
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -16,6 +16,7 @@ from daemon import __version__
 from daemon.ids import quoted
 from daemon.signatures import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from storage.notifications import Due
+from storage.portable import fetch_all
 from storage.queries import Message
 
 CHANGED = "conversation.changed"
@@ -79,14 +80,14 @@ def body(change: Due, messages: list[Message] | None = None) -> bytes:
     return msgspec.json.encode(Notification(kind, iso(change.committed_at), data))
 
 
-def pushed_messages(conn: sqlite3.Connection, change: Due) -> list[Message] | None:
+def pushed_messages(conn: Any, change: Due) -> list[Message] | None:
     """The messages ``change`` added or updated, as they are now (None: none, or too many to push)."""
     if change.first_seq is None or change.last_seq is None or change.source is None:
         return None
     if change.last_seq - change.first_seq >= MAX_PUSHED_MESSAGES:
         return None
-    rows = conn.execute(MESSAGES, (change.conversation_id, change.source, change.first_seq, change.last_seq))
-    return [Message(*row) for row in rows.fetchall()]
+    rows = fetch_all(conn, MESSAGES, (change.conversation_id, change.source, change.first_seq, change.last_seq))
+    return [Message(*row) for row in rows]
 
 
 def headers(keys: tuple[bytes, ...], position: int, timestamp: int, content: bytes) -> dict[str, str]:

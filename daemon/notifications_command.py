@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if (problem := operator_db.missing(config)) is not None:
         print(f"transcriptd: {problem}", file=sys.stderr)
         return 1
-    path = Path(config.storage.path)
+    path = Path(config.storage.target)
     if args.notifications_command == "list":
         return _list(args, config, path)
     with closing(operator_db.writer(config)) as conn:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -36,7 +34,7 @@ from daemon.changes_signal import ChangesSignal
 from daemon.config import NotifyConfig, url_label
 from daemon.signatures import parse_secrets
 from storage import notifications as state
-from storage.connection import open_reader
+from storage.surface import Surface
 from storage.writer import Writer
 
 log = logging.getLogger("transcriptd.notify")
@@ -75,7 +73,7 @@ class Notifier:
     def __init__(
         self,
         config: NotifyConfig,
-        db_path: str | Path,
+        surface: Surface,
         writer: Writer,
         signal: ChangesSignal | None = None,
         *,
@@ -85,7 +83,8 @@ class Notifier:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
-        self.db_path = db_path
+        self.surface = surface
+        self.store = surface.notifications
         self.writer = writer
         self.signal = signal
         self.keys = parse_secrets(config.signing_secret)
@@ -108,7 +107,7 @@ class Notifier:
         self._woken = anyio.Event()
         self._stop = anyio.Event()
         self._done = anyio.Event()
-        self._reader: sqlite3.Connection | None = None
+        self._reader: Any = None  # the backend's own connection (surface.read_connection)
         self._reader_lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
         self._last_error: str | None = None
@@ -159,7 +158,7 @@ class Notifier:
         """Send until stopped. Attempts in flight at the stop are abandoned (sent again after the restart);
         the outcomes of finished ones are recorded before this returns."""
         try:
-            self._reader = await anyio.to_thread.run_sync(partial(open_reader, self.db_path))
+            self._reader = await anyio.to_thread.run_sync(self.surface.read_connection)
             task_status.started(self)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._retention)
@@ -218,13 +217,13 @@ class Notifier:
         for receiver in self.receivers.values():
             free = self.config.max_parallel - len(receiver.inflight)
             if free > 0:
-                heads = await self._read(state.due, receiver.url, now, free + len(receiver.inflight))
+                heads = await self._read(self.store.due, receiver.url, now, free + len(receiver.inflight))
                 for change in heads:
                     if free and change.conversation_id not in receiver.inflight:
                         receiver.inflight.add(change.conversation_id)
                         tg.start_soon(self._attempt, receiver, change)
                         free -= 1
-            count, oldest = await self._read(state.pending_stats, receiver.url)
+            count, oldest = await self._read(self.store.pending_stats, receiver.url)
             receiver.state.pending, receiver.oldest_pending_at = count, oldest
 
     def _take_in_now(self, now: float) -> bool:
@@ -244,7 +243,7 @@ class Notifier:
             return True  # nothing to write: no job for the writer
         try:
             self._more = await self.writer.run_job(
-                partial(state.settle_and_take_in, settled, receivers, now, TAKE_IN_LIMIT)
+                partial(self.store.settle_and_take_in, settled, receivers, now, TAKE_IN_LIMIT)
             )
         except Exception as exc:
             self._settled[:0] = settled  # recorded at the next turn
@@ -376,11 +375,11 @@ class Notifier:
         while not self._stop.is_set():
             cutoff = self.clock() - self.config.keep_days * DAY_S
             try:
-                oldest = await self._read(state.oldest_change_at)
+                oldest = await self._read(self.store.oldest_change_at)
                 # Read first: no job for the writer (which would cut a batch held open short) when
                 # nothing is that old.
                 while oldest is not None and oldest < cutoff and not self._stop.is_set():
-                    pruned = await self.writer.run_job(partial(state.prune, cutoff, list(self.receivers)))
+                    pruned = await self.writer.run_job(partial(self.store.prune, cutoff, list(self.receivers)))
                     self.pruned += pruned
                     if not pruned:
                         break

@@ -19,7 +19,6 @@ actors): both hand ``deliveries_of`` to their store.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +27,9 @@ from daemon.decoding import delivery_key
 from daemon.errors import InvalidPayload, MalformedJSON
 from daemon.sources.model import Fetched, Source
 from daemon.vendor_http import HttpPolicy, VendorHttp
-from storage import erasure
 from storage.deliveries import Delivery, WriteResult
+from storage.portable import fetch_all
+from storage.surface import Erasure
 
 # A conversation is complete here when it has ended (or failed) and holds its transcript; a failed call
 # (never connected) may have none.
@@ -57,21 +57,21 @@ class Local:
         return self.status in ("failed", ERASED) or (self.status == "ended" and self.message_count > 0)
 
 
-def local_state(conn: sqlite3.Connection, source: str, ids: Iterable[str]) -> dict[str, Local]:
+def local_state(conn: Any, source: str, ids: Iterable[str], erasure: Erasure) -> dict[str, Local]:
     """What this database holds of ``ids``: status and message count, by id (absent: nothing here)."""
     wanted, found = list(dict.fromkeys(ids)), {}
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
         query = LOCAL_STATE.format(", ".join("?" * len(chunk)))
-        for cid, status, count in conn.execute(query, (source, *chunk)):
+        for cid, status, count in fetch_all(conn, query, (source, *chunk)):
             found[cid] = Local(status, count)
     for cid in erasure.tombstoned(conn, wanted):
         found[cid] = Local(ERASED, 0)
     return found
 
 
-def waiting(conn: sqlite3.Connection, source: str, *, started_before: float, since: float, limit: int) -> list[str]:
-    return [cid for (cid,) in conn.execute(WAITING, (source, started_before, since, limit))]
+def waiting(conn: Any, source: str, *, started_before: float, since: float, limit: int) -> list[str]:
+    return [cid for (cid,) in fetch_all(conn, WAITING, (source, started_before, since, limit))]
 
 
 def fetched_key(source: str, body: bytes) -> str:

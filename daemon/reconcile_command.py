@@ -28,6 +28,7 @@ from daemon.config import Config
 from daemon.reconcile import Tally, deliveries_of, local_state, vendor_http
 from daemon.sources import SOURCES, Source
 from daemon.vendor_http import HttpPolicy, VendorApiError, VendorHttp
+from storage import erasure
 from storage.errors import StorageRejected
 from storage.migrations import migrate
 from storage.writes import write_batch
@@ -134,7 +135,7 @@ async def _reconcile(
                 return tally, str(exc)
             ids = list(dict.fromkeys(item.conversation_id for item in listed))
         tally.listed = len(ids)
-        here = await anyio.to_thread.run_sync(local_state, conn, source.name, ids)
+        here = await anyio.to_thread.run_sync(local_state, conn, source.name, ids, erasure)
         todo = ids if args.conversation is not None else [c for c in ids if c not in here or not here[c].complete]
         tally.missing = len(todo)
         if args.dry_run:

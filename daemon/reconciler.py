@@ -11,12 +11,10 @@ counted and shown in ``/readyz``; it never stops the daemon.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,7 +29,7 @@ from daemon.reconcile import deliveries_of, local_state, vendor_http, waiting
 from daemon.sources import SOURCES, Source
 from daemon.sources.model import Fetched, VendorClient
 from daemon.vendor_http import HttpPolicy, VendorApiError, VendorHttp
-from storage.connection import open_reader
+from storage.surface import surface_for
 
 log = logging.getLogger("transcriptd.reconcile")
 
@@ -68,7 +66,8 @@ class Reconciler:
         self, config: Config, registry: ActorRegistry, metrics: Metrics, *, clock: Callable[[], float] = time.time
     ) -> None:
         self.config = config.reconcile
-        self._db = Path(config.storage.path)
+        self._surface = surface_for(config.storage.target)
+        self._read_errors: tuple[type[Exception], ...] = (OSError, *self._surface.driver_errors)
         self._busy_timeout_ms = config.storage.busy_timeout_ms
         self._ack_timeout_s = config.ingest.ack_timeout_s
         self._webhooks = config.webhooks
@@ -149,7 +148,7 @@ class Reconciler:
                     break  # intake is busy: the next pass takes the rest
         except VendorApiError as exc:
             error = str(exc)
-        except (OSError, sqlite3.Error) as exc:  # the database could not be read
+        except self._read_errors as exc:  # the database could not be read
             error = f"{exc.__class__.__name__}: {exc}"
         except Exception as exc:
             log.exception("reconcile: %s pass failed", name)
@@ -175,7 +174,7 @@ class Reconciler:
                 going.add(item.conversation_id)  # still going at the vendor: nothing final to fetch yet
 
         def read() -> list[str]:
-            with closing(open_reader(self._db, busy_timeout_ms=self._busy_timeout_ms)) as conn:
+            with closing(self._surface.read_connection(busy_timeout_ms=self._busy_timeout_ms)) as conn:
                 stale = waiting(
                     conn,
                     name,
@@ -183,7 +182,7 @@ class Reconciler:
                     since=since,
                     limit=self.config.max_per_pass,
                 )
-                here = local_state(conn, name, listed)
+                here = local_state(conn, name, listed, self._surface.erasure)
             stale = [cid for cid in stale if cid not in going]
             return [*stale, *(cid for cid in listed if cid not in here or not here[cid].complete)]
 

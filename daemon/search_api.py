@@ -19,8 +19,8 @@ from daemon.auth import check_bearer
 from daemon.decoding import epoch_seconds, validation_problem
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.sources.model import Role
-from storage.queries import Reader
 from storage.search import RANK_WINDOW, CursorError, QuerySyntaxError, SearchHit, SearchPage, SearchQuery
+from storage.surface import Reads
 
 MAX_SEARCH_PAGE = 100
 
@@ -85,7 +85,7 @@ def search_query(params: Mapping[str, str]) -> SearchQuery:
     )
 
 
-async def run(reader: Reader, query: SearchQuery) -> SearchPage:
+async def run(reader: Reads, query: SearchQuery) -> SearchPage:
     """The search, with bad input (``q``'s syntax, a cursor not ours) as InvalidPayload naming the parameter."""
     try:
         return await reader.search(query)
@@ -105,7 +105,7 @@ def _instant(text: str | None, name: str) -> float | None:
 
 
 class Search:
-    def __init__(self, reader: Reader, token: str, *, enabled: bool = True) -> None:
+    def __init__(self, reader: Reads, token: str, *, enabled: bool = True) -> None:
         self.reader = reader
         self.token = token
         self.enabled = enabled

@@ -26,7 +26,7 @@ from daemon.auth import check_bearer
 from daemon.errors import InvalidPayload, NotFound, Problem
 from daemon.ids import path_id, quoted
 from daemon.logs import RedactSecrets
-from storage.queries import Reader
+from storage.surface import Reads
 
 Outcome = Literal["stored", "partial", "failed"]
 _DEAD_LETTER = 1
@@ -64,7 +64,7 @@ _Cursor = tuple[float, Literal[0, 1], Annotated[int, msgspec.Meta(ge=0, le=MAX_I
 
 
 class Timeline:
-    def __init__(self, reader: Reader, token: str, mask: RedactSecrets) -> None:
+    def __init__(self, reader: Reads, token: str, mask: RedactSecrets) -> None:
         self.reader = reader
         self.token = token
         self.mask = mask

@@ -23,12 +23,11 @@ from typing import Any, Literal, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from storage.connection import Synchronous, immediate, open_writer
+from storage.connection import Synchronous
 from storage.deliveries import Delivery
+from storage.engine import Engine, engine_for
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
-from storage.migrations import migrate
-from storage.outbox import latest_position
-from storage.writes import Outcome, commit_batch
+from storage.writes import Outcome
 
 log = logging.getLogger("transcriptd.writer")
 
@@ -39,6 +38,7 @@ Unit = Sequence[Delivery]
 
 @dataclass(frozen=True, slots=True)
 class WriterSettings:
+    # A SQLite file's path or a postgresql:// URL (storage.backend).
     path: str | Path
     synchronous: Synchronous = "full"
     cache_size_mib: int = 64
@@ -53,15 +53,18 @@ class WriterSettings:
     connection_factory: type[sqlite3.Connection] = sqlite3.Connection
     # Record each commit's changes in the outbox (changes.enabled).
     record_changes: bool = True
+    # PostgreSQL: this replica's name, for its heartbeat row and its connections' application_name.
+    replica: str = ""
 
 
 class _Job:
     """Work on the writer's connection, run by the writer thread between batches: a readiness probe,
     a retention batch. Going through the writer keeps it from ever waiting on a lock we hold."""
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]) -> None:
+    def __init__(self, work: Callable[[Any], Any], future: asyncio.Future[Any], needs_connection: bool = True) -> None:
         self.work = work
         self.future = future
+        self.needs_connection = needs_connection
 
 
 class Writer:
@@ -78,8 +81,17 @@ class Writer:
         on_commit: Callable[[Iterable[str]], None] | None = None,
         on_commit_stats: Callable[[int, float], None] | None = None,
         on_changes: Callable[[int | None], None] | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
+        self.engine = engine or engine_for(
+            settings.path,
+            synchronous=settings.synchronous,
+            cache_size_mib=settings.cache_size_mib,
+            busy_timeout_ms=settings.busy_timeout_ms,
+            factory=settings.connection_factory,
+            replica=settings.replica,
+        )
         self.state: State = "starting"
         self.last_error: str | None = None
         self.commits = 0
@@ -108,13 +120,13 @@ class Writer:
         """Open and migrate the database (failing start-up if that fails), then commit until closed."""
         self._loop = asyncio.get_running_loop()
         try:
-            conn = await anyio.to_thread.run_sync(self._open)
+            await anyio.to_thread.run_sync(self._open)
         except BaseException:
             self.state = "closed"
             self._closed.set()
             raise
         ended = anyio.Event()
-        thread = threading.Thread(target=self._thread_main, args=(conn, ended), name="transcriptd-writer")
+        thread = threading.Thread(target=self._thread_main, args=(ended,), name="transcriptd-writer")
         try:
             thread.start()
             self.state = "running"
@@ -126,28 +138,17 @@ class Writer:
                     # Cancelled from outside: still commit what was queued, then stop.
                     self._close_queue()
                     await ended.wait()
-                await anyio.to_thread.run_sync(conn.close)
+                await anyio.to_thread.run_sync(self.engine.close)
                 self.state = "closed"
                 self._closed.set()
 
-    def _open(self) -> sqlite3.Connection:
-        s = self.settings
-        conn = open_writer(
-            s.path,
-            synchronous=s.synchronous,
-            cache_size_mib=s.cache_size_mib,
-            busy_timeout_ms=s.busy_timeout_ms,
-            factory=s.connection_factory,
-        )
+    def _open(self) -> None:
+        self.engine.open()
         try:
-            applied = migrate(conn)
+            self.opened_at_position = self.engine.latest_position()
         except BaseException:
-            conn.close()
+            self.engine.close()
             raise
-        if applied:
-            log.info("applied migrations %s to %s", applied, s.path)
-        self.opened_at_position = latest_position(conn)
-        return conn
 
     def offer(self, unit: Unit) -> bool:
         """Queue a unit for the next commit now; False if too many rows are pending (try again once some
@@ -165,13 +166,18 @@ class Writer:
         self._pending_rows += rows
         return True
 
-    async def run_job(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(connection)`` in the writer's thread between two batches, and return its result."""
+    async def run_job(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(connection)`` in the writer's thread between two batches, and return its result. The
+        connection is the backend's own (sqlite3's, or psycopg's on PostgreSQL), so ``work`` is one of that
+        backend's storage functions."""
+        return await self._submit(work, needs_connection=True)
+
+    async def _submit(self, work: Callable[[Any], T], *, needs_connection: bool) -> T:
         if self.state != "running":
             raise WriterClosed(f"the writer is {self.state}")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._cond:
-            self._queue.append(_Job(work, future))
+            self._queue.append(_Job(work, future, needs_connection))
             self._cond.notify()
         return await future
 
@@ -179,7 +185,7 @@ class Writer:
         """Commit a heartbeat row, in the writer's thread between batches: None if the database takes
         writes now. A success also clears ``last_error``: the storage has recovered."""
         try:
-            result = await self.run_job(_probe)
+            result = await self._submit(lambda _none: self.engine.probe(), needs_connection=False)
         except WriterClosed as exc:
             return str(exc)
         if result is None and self.last_error is not None:
@@ -201,7 +207,7 @@ class Writer:
 
     # --- the writer thread -------------------------------------------------------------------------
 
-    def _thread_main(self, conn: sqlite3.Connection, ended: anyio.Event) -> None:
+    def _thread_main(self, ended: anyio.Event) -> None:
         retry: list[Delivery] = []
         backoff_s = 0.0
         drain_deadline: float | None = None
@@ -213,13 +219,13 @@ class Writer:
                 del taken
                 for job in jobs:
                     try:
-                        self._call_soon(_set_result, job.future, job.work(conn))
+                        self._call_soon(_set_result, job.future, self._run(job))
                     except Exception as exc:
                         self._call_soon(_set_exception, job.future, exc)
                 jobs = []
                 if not batch:
                     continue
-                retry = self._commit(conn, batch)
+                retry = self._commit(batch)
                 batch = []
                 if not retry:
                     backoff_s = 0.0
@@ -283,11 +289,15 @@ class Writer:
                     return batch, jobs
                 self._cond.wait(remaining)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[Delivery]) -> list[Delivery]:
+    def _run(self, job: _Job) -> Any:
+        # A probe takes no connection here: it says why there is none (PostgreSQL down) rather than raise.
+        return job.work(self.engine.connection() if job.needs_connection else None)
+
+    def _commit(self, batch: list[Delivery]) -> list[Delivery]:
         """Write and commit one batch; returns the acknowledged deliveries that must be retried."""
         started = time.perf_counter()
         try:
-            outcomes, position = commit_batch(conn, batch, record_changes=self.settings.record_changes)
+            outcomes, position = self.engine.commit(batch, record_changes=self.settings.record_changes)
         except Exception as exc:  # a fault of the storage (or of this code): nothing in the batch is stored
             message = f"{exc.__class__.__name__}: {exc}"
             if message != self.last_error:
@@ -343,19 +353,6 @@ class Writer:
 
     def _release(self, rows: int) -> None:
         self._pending_rows -= rows
-
-
-def _probe(conn: sqlite3.Connection) -> str | None:
-    """A real commit of one tiny row: a full disk or a read-only file shows here, not only a lock."""
-    try:
-        with immediate(conn):
-            conn.execute(
-                "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                (time.time(),),
-            )
-    except sqlite3.Error as exc:
-        return f"{exc.__class__.__name__}: {exc}"
-    return None
 
 
 def _set_result(future: asyncio.Future[Any], result: object) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from storage.backend import is_postgres_url as is_postgres_url  # re-exported: callers name it here too
 from storage.errors import StorageUnavailable
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -25,10 +26,6 @@ class ServerUnreachable(StorageUnavailable):
     """The server cannot be reached or refuses the connection; the message is one line, password-free."""
 
 
-def is_postgres_url(value: str) -> bool:
-    return value.startswith(("postgresql://", "postgres://"))
-
-
 def where(url: str) -> str:
     """``host:port/dbname`` of ``url``, for messages: never its user or password."""
     try:
@@ -39,6 +36,15 @@ def where(url: str) -> str:
     port = str(params.get("port") or 5432)
     dbname = str(params.get("dbname") or params.get("user") or "postgres")
     return f"{host}:{port}/{dbname}"
+
+
+def password_of(url: str) -> str | None:
+    """The password ``url`` carries, if any (to mask it in logs)."""
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        return None
+    return str(password) if password else None
 
 
 def unreachable(url: str, exc: Exception) -> str:

@@ -1,0 +1,76 @@
+"""The writer thread's side of PostgreSQL: one connection, reconnected when the server comes back.
+
+A lost connection fails the batch in flight (its senders get 503 with Retry-After and send again; a commit
+whose answer was lost is deduplicated by its delivery key), and the next batch or probe connects anew, so
+the daemon recovers from a server restart without a restart of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from storage.deliveries import Delivery
+from storage.errors import StorageUnavailable
+from storage.postgres import heartbeat
+from storage.postgres.connection import Connection, Synchronous, connect, where
+from storage.postgres.migrations import migrate
+from storage.postgres.writes import write_batch
+from storage.writes import Outcome
+
+log = logging.getLogger("transcriptd.writer")
+
+LATEST_POSITION = "SELECT coalesce(max(position), 0) FROM changes"
+
+
+class PostgresEngine:
+    def __init__(self, url: str, *, synchronous: Synchronous = "full", replica: str = "") -> None:
+        self.url = url
+        self.replica = replica or "transcriptd"
+        self._synchronous: Synchronous = synchronous
+        self._conn: Connection | None = None
+
+    def _connect(self) -> Connection:
+        return connect(self.url, synchronous=self._synchronous, application_name=f"transcriptd {self.replica}")
+
+    def open(self) -> None:
+        conn = self._connect()
+        try:
+            if applied := migrate(conn):
+                log.info("applied migrations %s to %s", applied, where(self.url))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def connection(self) -> Connection:
+        """The connection, made anew if the last one was lost; ``StorageUnavailable`` while the server is
+        unreachable."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+                self._conn = None
+            self._conn = conn = self._connect()
+            log.info("reconnected to PostgreSQL at %s", where(self.url))
+        return conn
+
+    def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
+        outcomes = write_batch(self.connection(), batch)
+        return outcomes, None
+
+    def probe(self) -> str | None:
+        try:
+            conn = self.connection()
+        except StorageUnavailable as exc:
+            return str(exc)
+        return heartbeat.probe(conn, self.replica)
+
+    def latest_position(self) -> int:
+        row = self.connection().execute(LATEST_POSITION).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
