@@ -25,6 +25,7 @@ from daemon.health import Health
 from daemon.indexing import Indexer
 from daemon.intake import Intake, IntakeSettings
 from daemon.janitor import Janitor
+from daemon.leadership import Leadership
 from daemon.logs import RedactSecrets, config_secrets
 from daemon.memory import Trimmer
 from daemon.metrics import Metrics
@@ -159,9 +160,11 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             )
             if intake.settings.durable:  # nobody waits for an enqueued delivery
                 await tg.start(intake.expire_acks)
-            reconciler = Reconciler(config, registry, metrics)
+            leadership = Leadership(surface)
+            await tg.start(leadership.run)
+            reconciler = Reconciler(config, registry, metrics, leadership=leadership)
             await tg.start(reconciler.run)
-            notifier = Notifier(config.notify, surface, writer, changes_signal)
+            notifier = Notifier(config.notify, surface, writer, changes_signal, leadership=leadership)
             await tg.start(notifier.run)
             metrics.watch_notify(notifier)
             metrics.watch(
@@ -211,6 +214,7 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
                 budget = shutdown_budget(config)
                 with anyio.CancelScope(shield=True):
                     reconciler.stop()  # first: it submits to the actors, which stop taking deliveries next
+                    leadership.stop()
                     janitor.stop()
                     indexer.stop()
                     notifier.stop()  # attempts in flight are abandoned: sent again after the restart

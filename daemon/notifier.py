@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from daemon import notification
 from daemon.changes_signal import ChangesSignal
 from daemon.config import NotifyConfig, url_label
+from daemon.leadership import Leadership
 from daemon.signatures import parse_secrets
 from storage import notifications as state
 from storage.surface import Surface
@@ -81,8 +82,11 @@ class Notifier:
         retention_interval_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        leadership: Leadership | None = None,
     ) -> None:
         self.config = config
+        # Replicas on one PostgreSQL: only the leading one sends (None: this process always does).
+        self.leadership = leadership
         self.surface = surface
         self.store = surface.notifications
         self.writer = writer
@@ -212,7 +216,9 @@ class Notifier:
 
     async def _turn(self, tg: TaskGroup) -> None:
         now = self.clock()
-        if not await self._settle(now, take_in=True):
+        leading = self.leadership is None or self.leadership.leading
+        # A replica that does not lead still records the attempts it finished while it led.
+        if not await self._settle(now, take_in=leading) or not leading:
             return
         for receiver in self.receivers.values():
             free = self.config.max_parallel - len(receiver.inflight)

@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from daemon.actors import ActorRegistry
 from daemon.config import Config
 from daemon.errors import Unavailable
+from daemon.leadership import Leadership
 from daemon.metrics import Metrics
 from daemon.reconcile import deliveries_of, local_state, vendor_http, waiting
 from daemon.sources import SOURCES, Source
@@ -63,9 +64,17 @@ class _Vendor:
 
 class Reconciler:
     def __init__(
-        self, config: Config, registry: ActorRegistry, metrics: Metrics, *, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        registry: ActorRegistry,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        leadership: Leadership | None = None,
     ) -> None:
         self.config = config.reconcile
+        # Replicas on one PostgreSQL: only the leading one polls the vendors (None: this process always does).
+        self._leadership = leadership
         self._surface = surface_for(config.storage.target)
         self._read_errors: tuple[type[Exception], ...] = (OSError, *self._surface.driver_errors)
         self._busy_timeout_ms = config.storage.busy_timeout_ms
@@ -106,6 +115,8 @@ class Reconciler:
                     await self._stopping.wait()
                 if self._stopping.is_set():
                     break
+                if self._leadership is not None and not self._leadership.leading:
+                    continue
                 with anyio.CancelScope() as self._scope:
                     await self.run_pass()
                 self._scope = None
