@@ -180,7 +180,15 @@ def create_app(config: Config, *, writer_connection: type[sqlite3.Connection] = 
             app.state.metrics = metrics
             app.state.runtime = Runtime(config, writer, registry, cache, janitor)
             app.state.intake = intake
-            app.state.health = Health(writer, registry, ingest.retry_after_s, checkpointer, reconciler, notifier)
+            app.state.health = Health(
+                writer,
+                registry,
+                ingest.retry_after_s,
+                checkpointer,
+                reconciler,
+                notifier,
+                leadership if surface.postgres else None,
+            )
             app.state.api = Api(reader, cache, config.api.token)
             app.state.timeline = Timeline(reader, config.api.token, RedactSecrets(config_secrets(config)))
             app.state.feed = Feed(

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daemon.actors import ActorRegistry
+from daemon.leadership import Leadership
 from daemon.notifier import Notifier, ReceiverState
 from daemon.reconciler import Reconciler, SourceState
 from storage.checkpointer import Checkpointer
@@ -23,6 +24,8 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     live_actors: int
     queued_deliveries: int
     storage_error: str | None = None
+    # Replicas on one PostgreSQL: whether this one leads (sends notifications, reconciles); absent on SQLite.
+    leader: bool | None = None
     # Conditions an operator should look at that do not stop intake (a reader pinning the WAL).
     warnings: list[str] = []
     # By source: the reconciler's passes and its last error. Detail only: a vendor's outage is not ours.
@@ -41,7 +44,9 @@ class Health:
         checkpointer: Checkpointer | None = None,
         reconciler: Reconciler | None = None,
         notifier: Notifier | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
+        self.leadership = leadership
         self.writer = writer
         self.registry = registry
         self.retry_after_s = retry_after_s
@@ -65,6 +70,7 @@ class Health:
             live_actors=self.registry.live_actors,
             queued_deliveries=self.registry.queued,
             storage_error=error,
+            leader=self.leadership.leading if self.leadership is not None else None,
             warnings=self._warnings(),
             reconcile=(self.reconciler.states or None) if self.reconciler is not None else None,
             notify=(self.notifier.states() or None) if self.notifier is not None else None,
