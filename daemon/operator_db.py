@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from daemon.config import Config
-from daemon.reconcile import Local
+from daemon.reconcile import Local, postgres_local_state
 from daemon.reconcile import local_state as sqlite_local_state
 from storage import dead_letters, erasure, export, notifications, replay, retention, search_index
 from storage.connection import open_reader, open_writer
@@ -112,12 +112,11 @@ class Database(Generic[C]):
     export: Export[C]
     replay: Replay[C]
     dead_letters: DeadLetters[C]
+    local_state: Callable[[C, str, Iterable[str]], dict[str, Local]]  # reconcile's view of what is here
     # Not on PostgreSQL yet (None there): their PostgreSQL modules come separately.
     erasure: Erasure[C] | None
     notifications: Notifications[C] | None
     search_index: SearchIndex[C] | None
-    # reconcile's view of which conversations are here (it must tell erased ones: storage.erasure)
-    local_state: Callable[[C, str, Iterable[str]], dict[str, Local]] | None
 
 
 def not_on_postgres(what: str) -> int:
@@ -181,7 +180,7 @@ def _postgres(config: Config, url: str, *, migrates: bool) -> Iterator[Database[
             erasure=None,
             notifications=None,
             search_index=None,
-            local_state=None,
+            local_state=postgres_local_state,
         )
 
 

@@ -99,8 +99,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"transcriptd: reconcile needs webhooks.{source.name}.api_key (the vendor's API key)", file=sys.stderr)
         return 2
     with operator_db.opened(config, migrates=True) as db:
-        if db.local_state is None:
-            return operator_db.not_on_postgres("reconcile")
         db.migrate(db.conn)  # as serve does at start-up: the tables this version writes are there
         try:
             tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, db, args, backend="asyncio")
@@ -129,7 +127,6 @@ async def _reconcile(
                 return tally, str(exc)
             ids = list(dict.fromkeys(item.conversation_id for item in listed))
         tally.listed = len(ids)
-        assert db.local_state is not None
         here = await anyio.to_thread.run_sync(db.local_state, db.conn, source.name, ids)
         todo = ids if args.conversation is not None else [c for c in ids if c not in here or not here[c].complete]
         tally.missing = len(todo)

@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from storage.postgres.writes import write_batch as pg_write_batch
 from storage.writes import write_batch as sqlite_write_batch
 from tests.daemon_process import free_port, transcriptd
 from tests.postgres_tools import fresh_schema
+from tests.reconcile_tools import FIELDS, MESSAGE_COLUMNS
+from tests.reconcile_vendors import CASES
 from tests.test_postgres_maintenance import CORRUPT, LOSE
 from tests.test_postgres_writes import ready, scenario
 
@@ -215,3 +218,40 @@ def test_commands_not_built_on_postgresql_yet_say_so(
     assert f"{what} is not available on PostgreSQL yet" in done.stderr
     with connect(postgres_url) as pg:
         assert pg.execute("SELECT count(*) FROM conversations").fetchone() == (1,)
+
+
+def test_reconcile_stores_on_postgresql_what_it_stores_on_sqlite(postgres_url: str, tmp_path: Path) -> None:
+    case = CASES[0]
+    now = time.time()
+    calls = [case.call(i, now - 60 * (i + 2)) for i in range(3)]
+    path = tmp_path / "transcriptd.db"
+    # The last one was erased here: reconcile leaves it alone on both.
+    erased = "INSERT INTO tombstones (conversation_id, deleted_at) VALUES ({}, 1)"
+    with closing(open_writer(path)) as lite:
+        migrate(lite)
+        lite.execute(erased.format("?"), (calls[2].conversation_id,))
+    with connect(postgres_url) as pg:
+        pg.execute(erased.format("%s"), (calls[2].conversation_id,))
+    with case.api() as standin:
+        for call in calls:
+            standin.conversations[call.conversation_id] = call.record
+        for db in (str(path), postgres_url):
+            done = transcriptd(
+                "reconcile", "--source", case.name, "--since", "3h", "--db", db,
+                cwd=tmp_path, timeout=120, env=case.url_env(standin),
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "found 3, 2 missing or incomplete here" in done.stdout
+            again = transcriptd(
+                "reconcile", "--source", case.name, "--since", "3h", "--db", db,
+                cwd=tmp_path, timeout=120, env=case.url_env(standin),
+            )  # fmt: skip
+            assert "found 3, 0 missing or incomplete here" in again.stdout
+    conversations = f"SELECT {FIELDS} FROM conversations ORDER BY id"  # noqa: S608 (constant text)
+    messages = f"SELECT {MESSAGE_COLUMNS} FROM messages ORDER BY conversation_id, source, seq"  # noqa: S608
+    with closing(sqlite3.connect(path)) as lite, connect(postgres_url) as pg:
+        for query in (conversations, messages):
+            expected = lite.execute(query).fetchall()
+            assert pg.execute(query).fetchall() == expected
+            assert len(expected) >= 2
+        assert calls[2].conversation_id not in str(pg.execute(conversations).fetchall())
