@@ -105,7 +105,6 @@ class Database(Generic[C]):
 
     conn: C
     label: str  # the file's path, or host:port/dbname: for messages
-    backend: str  # "SQLite" or "PostgreSQL"
     migrate: Callable[[C], list[int]]
     write_batch: Callable[[C, Sequence[Delivery]], list[WriteResult | StorageRejected]]
     retention: Retention[C]
@@ -145,7 +144,6 @@ def opened(config: Config, *, reads_only: bool = False, migrates: bool = False) 
         yield Database(
             conn,
             label=str(path),
-            backend="SQLite",
             migrate=sqlite_migrate,
             write_batch=sqlite_write_batch,
             retention=retention,
@@ -170,7 +168,6 @@ def _postgres(config: Config, url: str, *, migrates: bool) -> Iterator[Database[
         yield Database(
             conn,
             label=f"PostgreSQL {where(url)}",
-            backend="PostgreSQL",
             migrate=pg_migrate,
             write_batch=pg_write_batch,
             retention=pg_retention,
