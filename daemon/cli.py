@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+import psycopg
+
 from daemon import __version__, exposure, notifications_command, operator_db, reconcile_command, search_command
 from daemon.app import create_app, shutdown_budget
 from daemon.config import Config, ConfigError, load_config
@@ -25,13 +27,14 @@ from daemon.logs import configure
 from daemon.server import build_server
 from daemon.sources import SOURCES
 from storage import backup as backups
-from storage import dead_letters, erasure, retention
+from storage import dead_letters, retention
 from storage import export as exports
 from storage.backend import describe
-from storage.connection import StorageVersionError, open_reader
+from storage.connection import StorageVersionError
 from storage.errors import StorageUnavailable
 from storage.migrations import migrate
-from storage.replay import Parse, ReplayStats, StoredEvent, replay
+from storage.postgres.connection import ServerUnreachable, is_postgres_url, where
+from storage.replay import Parse, ReplayStats, StoredEvent
 
 log = logging.getLogger("transcriptd")
 
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_storage_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", type=Path, metavar="PATH", help="config file (default: ./config.toml if present)")
-    command.add_argument("--db", metavar="PATH", help="SQLite database file (storage.path)")
+    command.add_argument("--db", metavar="PATH|URL", help="SQLite database file, or a postgresql:// URL (storage.url)")
 
 
 def _positive_int(text: str) -> int:
@@ -298,7 +301,9 @@ def serve(config: Config) -> int:
 
 # --- operator commands ---------------------------------------------------------------------------------
 # Results go to standard output, errors to standard error as "transcriptd: ...". Exit codes: 0 done, 1 the
-# command failed (unknown conversation, no database, storage error), 2 a bad setting or argument.
+# command failed (unknown conversation, no database, storage error), 2 a bad setting or argument (or a
+# command not available on the database's backend), 3 the PostgreSQL server cannot be reached or refuses
+# the connection.
 
 
 class Failed(Exception):
@@ -307,47 +312,44 @@ class Failed(Exception):
 
 def operate(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, overrides={"storage.path": args.db})
+        config = load_config(args.config, overrides={"storage.url": args.db})
     except ConfigError as exc:
         print(f"transcriptd: {exc}", file=sys.stderr)
         return 2
     command: Callable[[argparse.Namespace, Config], int] = OPERATIONS[args.command]
     try:
         return command(args, config)
-    except (Failed, backups.BackupError, StorageVersionError) as exc:
+    except ServerUnreachable as exc:
+        # One line naming host:port/dbname and the reason, never the user or password.
+        print(f"transcriptd: {exc}", file=sys.stderr)
+        return 3
+    except (Failed, operator_db.NoDatabase, backups.BackupError, StorageVersionError, StorageUnavailable) as exc:
         print(f"transcriptd: {exc}", file=sys.stderr)
     except BrokenPipeError:
         # The reader went away (``transcriptd export ... | head``): nothing more to say, to anyone.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (sqlite3.Error, OSError) as exc:
-        print(f"transcriptd: {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+    except (sqlite3.Error, psycopg.Error, OSError) as exc:
+        reason = next(iter(str(exc).splitlines()), "")  # psycopg's own message runs on with details
+        print(f"transcriptd: {args.command}: {exc.__class__.__name__}: {reason}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"transcriptd: {args.command} interrupted", file=sys.stderr)
         return 130
     return 1
 
 
-def _database(config: Config) -> Path:
-    """The configured database file, which must exist: an operator command never creates one."""
-    if (problem := operator_db.missing(config)) is not None:
-        raise Failed(problem)
-    return Path(config.storage.target)
-
-
 def export_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)
-    with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as conn:
-        # No transaction around the whole export: it would hold the daemon's WAL for as long as the
-        # output takes to write. The messages are read in chunks, each a short snapshot of its own.
-        head = exports.conversation(conn, args.conversation)
+    with operator_db.opened(config, reads_only=True) as db:
+        # No transaction around the whole export: it would hold the daemon's WAL (or, on PostgreSQL, vacuum)
+        # for as long as the output takes to write. The messages are read in chunks, each a short snapshot.
+        head = db.export.conversation(db.conn, args.conversation)
         if head is None:
-            raise Failed(f"no conversation {args.conversation!r} in {path}")
+            raise Failed(f"no conversation {args.conversation!r} in {db.label}")
         if args.output is None:
-            _write_all(sys.stdout.buffer, exports.export(conn, head, args.format))
+            _write_all(sys.stdout.buffer, db.export.export(db.conn, head, args.format))
             sys.stdout.flush()
         else:
             with args.output.open("wb") as out:
-                _write_all(out, exports.export(conn, head, args.format))
+                _write_all(out, db.export.export(db.conn, head, args.format))
     return 0
 
 
@@ -358,7 +360,16 @@ def _write_all(out: BinaryIO, chunks: Iterator[bytes]) -> None:
 
 
 def backup_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)
+    if is_postgres_url(config.storage.target):
+        # A copy of a server's database is the server's own tool's job: a consistent snapshot, online.
+        print(
+            f"transcriptd: backup copies a SQLite file; {pg_dump_hint(config.storage.target, args.path)}",
+            file=sys.stderr,
+        )
+        return 2
+    if (problem := operator_db.missing(config)) is not None:
+        raise Failed(problem)
+    path = Path(config.storage.target)
     done = backups.backup(
         path,
         args.path,
@@ -375,6 +386,14 @@ def backup_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def pg_dump_hint(url: str, target: Path) -> str:
+    """How to back up the PostgreSQL database at ``url`` to ``target`` (user and password left out)."""
+    return (
+        f"on PostgreSQL back up with pg_dump: pg_dump --format=custom --file={target} "
+        f"--dbname=postgresql://{where(url)} (add the user and password as for psql; see docs/postgresql.md)"
+    )
+
+
 def replay_parsers() -> dict[str, Parse]:
     """Each registered source's replay parser, by the source name its events are stored under."""
     return {source.name: source.replay for source in SOURCES}
@@ -384,7 +403,6 @@ MAX_REPORTED_FAILURES = 20
 
 
 def replay_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)
     reported = 0
 
     def report(event: StoredEvent, message: str) -> None:
@@ -397,22 +415,17 @@ def replay_command(args: argparse.Namespace, config: Config) -> int:
                 file=sys.stderr,
             )
 
-    with closing(operator_db.writer(config)) as conn:
-        if args.conversation is not None and not _has_events(conn, args.conversation):
+    with operator_db.opened(config) as db:
+        if args.conversation is not None and not db.replay.has_events(db.conn, args.conversation):
             # As export does: a mistyped id is named, not reported as "replayed 0 events" with exit 0.
-            raise Failed(f"no events of conversation {args.conversation!r} in {path}")
-        stats = replay(conn, replay_parsers(), conversation_id=args.conversation, since=args.since, on_failure=report)
+            raise Failed(f"no events of conversation {args.conversation!r} in {db.label}")
+        stats = db.replay.replay(
+            db.conn, replay_parsers(), conversation_id=args.conversation, since=args.since, on_failure=report
+        )
     if reported > MAX_REPORTED_FAILURES:
         print(f"transcriptd: ... and {reported - MAX_REPORTED_FAILURES} more not replayed", file=sys.stderr)
     print(_replayed(stats))
     return 1 if stats.failed else 0
-
-
-def _has_events(conn: sqlite3.Connection, conversation_id: str) -> bool:
-    return (
-        conn.execute("SELECT 1 FROM events WHERE conversation_id = ? LIMIT 1", (conversation_id,)).fetchone()
-        is not None
-    )
 
 
 def _replayed(stats: ReplayStats) -> str:
@@ -431,25 +444,24 @@ def _replayed(stats: ReplayStats) -> str:
 
 
 def prune_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)  # first: a mistyped path fails even when nothing would be deleted
-    flag: float | None = args.older_than_days
-    days = flag if flag is not None else float(config.storage.retention_days)
-    if days <= 0:
-        print("no retention configured (storage.retention_days is 0: keep everything); nothing deleted")
-        return 0
-    cutoff = time.time() - days * DAY_S
-    when = f"last updated before {_iso(cutoff)} (older than {days:g} days)"
-    if args.dry_run:
-        with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as reader:
-            plan = retention.plan(reader, cutoff)
-        print(
-            f"would delete {plan.conversations} conversations, {plan.messages} messages, {plan.events} events "
-            f"{when} (dry run: nothing deleted)"
-        )
-        return 0
-    total, transactions = retention.Pruned(), 0
-    with closing(operator_db.writer(config)) as conn:
-        while (pruned := retention.prune_batch_counts(conn, cutoff)).conversations:
+    # Opened first: a mistyped path or URL fails even when nothing would be deleted.
+    with operator_db.opened(config, reads_only=args.dry_run) as db:
+        flag: float | None = args.older_than_days
+        days = flag if flag is not None else float(config.storage.retention_days)
+        if days <= 0:
+            print("no retention configured (storage.retention_days is 0: keep everything); nothing deleted")
+            return 0
+        cutoff = time.time() - days * DAY_S
+        when = f"last updated before {_iso(cutoff)} (older than {days:g} days)"
+        if args.dry_run:
+            plan = db.retention.plan(db.conn, cutoff)
+            print(
+                f"would delete {plan.conversations} conversations, {plan.messages} messages, {plan.events} "
+                f"events {when} (dry run: nothing deleted)"
+            )
+            return 0
+        total, transactions = retention.Pruned(), 0
+        while (pruned := db.retention.prune_batch_counts(db.conn, cutoff)).conversations:
             total += pruned
             transactions += 1
     print(
@@ -460,22 +472,23 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def delete_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)
     cid: str = args.conversation
-    with closing(operator_db.writer(config)) as conn:
-        migrate(conn)  # a database of an older version gets its tombstones table first
+    with operator_db.opened(config, migrates=True) as db:
+        if db.erasure is None:
+            return operator_db.not_on_postgres("delete")
+        db.migrate(db.conn)  # a database of an older version gets its tombstones table first
         if args.undo:
-            lifted = erasure.undo(conn, cid)
+            lifted = db.erasure.undo(db.conn, cid)
             if lifted is None:
-                raise Failed(f"conversation {cid!r} has no tombstone in {path}: nothing to undo")
+                raise Failed(f"conversation {cid!r} has no tombstone in {db.label}: nothing to undo")
             print(
                 f"lifted the tombstone of conversation {cid!r} (erased {_iso(lifted.deleted_at)}, "
                 f"{lifted.dropped} deliveries dropped since): its next delivery is stored"
             )
             return 0
-        erased = erasure.erase(conn, cid)
-    if erased is None:
-        raise Failed(f"no conversation {cid!r} in {path}")
+        erased = db.erasure.erase(db.conn, cid)
+        if erased is None:
+            raise Failed(f"no conversation {cid!r} in {db.label}")
     print(
         f"erased conversation {cid!r}: {erased.conversations} conversation, {erased.messages} messages, "
         f"{erased.events} events, {erased.dead_letters} dead letters; its later deliveries are dropped "
@@ -485,10 +498,9 @@ def delete_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
-    path = _database(config)
     if args.dead_letters_command == "list":
-        with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as reader:
-            letters = dead_letters.list_unresolved(reader)
+        with operator_db.opened(config, reads_only=True) as db:
+            letters = db.dead_letters.list_unresolved(db.conn)
         # Never the body: it may hold secrets (a callback URL's token, the sender's data).
         if args.json:
             print(json.dumps([_dead_letter_json(letter) for letter in letters], ensure_ascii=False, indent=1))
@@ -500,8 +512,9 @@ def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
             )
         print(f"{len(letters)} unresolved dead letter{'' if len(letters) == 1 else 's'}")
         return 0
-    with closing(operator_db.writer(config)) as conn:
-        summary = dead_letters.retry(conn, replay_parsers(), args.ids)
+    with operator_db.opened(config) as db:
+        summary = db.dead_letters.retry(db.conn, replay_parsers(), args.ids)
+        label = db.label
     for outcome in summary.outcomes:
         what = f"dead letter {outcome.id} ({outcome.source} {outcome.event_type}, "
         what += f"conversation {outcome.conversation_id!r})"
@@ -512,7 +525,7 @@ def dead_letters_command(args: argparse.Namespace, config: Config) -> int:
         else:
             print(f"transcriptd: {what} still fails: {outcome.error}", file=sys.stderr)
     for unknown in summary.unknown_ids:
-        print(f"transcriptd: no unresolved dead letter {unknown} in {path}", file=sys.stderr)
+        print(f"transcriptd: no unresolved dead letter {unknown} in {label}", file=sys.stderr)
     stored, failed = len(summary.stored), len(summary.failed)
     tried = len(summary.outcomes)
     print(f"retried {tried} dead letter{'' if tried == 1 else 's'}: {stored} stored, {failed} still failing")

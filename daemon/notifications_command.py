@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from daemon import operator_db
 from daemon.config import Config, url_label
 from storage import notifications
-from storage.connection import open_reader
-from storage.migrations import migrate
 
 
 def add_parser(commands: Any, storage_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -66,15 +63,17 @@ def _position(text: str) -> int:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    if (problem := operator_db.missing(config)) is not None:
-        print(f"transcriptd: {problem}", file=sys.stderr)
-        return 1
-    path = Path(config.storage.target)
-    if args.notifications_command == "list":
-        return _list(args, config, path)
-    with closing(operator_db.writer(config)) as conn:
-        migrate(conn)  # a database of an older version gets the tables first
-        count = notifications.retry(conn, time.time(), args.change)
+    listing = args.notifications_command == "list"
+    with operator_db.opened(config, reads_only=listing, migrates=not listing) as db:
+        if db.notifications is None:
+            return operator_db.not_on_postgres("notifications")
+        if listing:
+            rows = _undelivered(db, failed_only=args.failed)
+        else:
+            db.migrate(db.conn)  # a database of an older version gets the tables first
+            count = db.notifications.retry(db.conn, time.time(), args.change)
+    if listing:
+        return _list(args, rows)
     if args.change is not None and not count:
         print(f"transcriptd: change chg_{args.change} is owed to no receiver (delivered, or unknown)", file=sys.stderr)
         return 1
@@ -83,12 +82,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace, config: Config, path: Path) -> int:
-    with closing(open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms)) as conn:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'notifications'").fetchone():
-            rows: list[notifications.Pending] = []  # a database the daemon has not migrated yet
-        else:
-            rows = notifications.undelivered(conn, failed_only=args.failed)
+def _undelivered(db: operator_db.Database[Any], *, failed_only: bool) -> list[notifications.Pending]:
+    assert db.notifications is not None
+    conn = db.conn
+    if (
+        isinstance(conn, sqlite3.Connection)
+        and not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'notifications'").fetchone()
+    ):
+        return []  # a database the daemon has not migrated yet
+    return db.notifications.undelivered(conn, failed_only=failed_only)
+
+
+def _list(args: argparse.Namespace, rows: list[notifications.Pending]) -> int:
     if args.json:
         print(json.dumps([_as_json(row) for row in rows], ensure_ascii=False, indent=1))
         return 0

@@ -1,23 +1,201 @@
-"""The database an operator command works on: the configured file, which must exist (an operator command
-never creates one), opened as the daemon's writer opens it."""
+"""The database an operator command works on, whichever backend holds it: ``storage.url`` (or ``--db``;
+``storage.path`` when empty) is a SQLite file, which must exist (an operator command never creates one), or
+a ``postgresql://`` URL.
+
+``opened`` is the one place that tells them apart. It yields a ``Database``: an open connection and the
+storage modules of its backend, which mirror each other (same functions, same results), so a command
+calls ``db.retention.plan(db.conn, cutoff)`` without knowing which it has. A module the PostgreSQL
+backend lacks so far is None there, and the command says so (``not_on_postgres``, exit 2).
+
+A server that cannot be reached raises ``ServerUnreachable``, whose one line names ``host:port/dbname``,
+never the user or password; ``label`` is how messages name the database, password-free as well.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from daemon.config import Config
-from storage.connection import open_writer
+from daemon.reconcile import Local, postgres_local_state
+from daemon.reconcile import local_state as sqlite_local_state
+from storage import dead_letters, erasure, export, notifications, replay, retention, search_index
+from storage.connection import open_reader, open_writer
+from storage.dead_letters import DeadLetter, RetrySummary
+from storage.deliveries import Delivery, WriteResult
+from storage.errors import StorageRejected
+from storage.export import ConversationHead, Format
+from storage.migrations import migrate as sqlite_migrate
+from storage.postgres import dead_letters as pg_dead_letters
+from storage.postgres import export as pg_export
+from storage.postgres import replay as pg_replay
+from storage.postgres import retention as pg_retention
+from storage.postgres.connection import Connection as PgConnection
+from storage.postgres.connection import connect, is_postgres_url, where
+from storage.postgres.migrations import migrate as pg_migrate
+from storage.postgres.writes import write_batch as pg_write_batch
+from storage.replay import Parse, ReplayLimits, ReplayStats, StoredEvent
+from storage.retention import Pruned, RetentionPlan
+from storage.writes import write_batch as sqlite_write_batch
+
+C = TypeVar("C")
+Conn = TypeVar("Conn", contravariant=True)
+
+
+class NoDatabase(Exception):
+    """There is nothing to work on at the configured place; the message says why, in one line."""
+
+
+# What the commands call of each storage module, as both backends' modules provide it.
+class Retention(Protocol[Conn]):
+    def plan(self, conn: Conn, cutoff: float) -> RetentionPlan: ...
+    def prune_batch_counts(self, conn: Conn, cutoff: float, max_conversations: int = 50) -> Pruned: ...
+
+
+class Export(Protocol[Conn]):
+    def conversation(self, conn: Conn, conversation_id: str) -> ConversationHead | None: ...
+    def export(self, conn: Conn, head: ConversationHead, format: Format) -> Iterator[bytes]: ...
+
+
+class Replay(Protocol[Conn]):
+    def has_events(self, conn: Conn, conversation_id: str) -> bool: ...
+    def replay(
+        self,
+        conn: Conn,
+        parsers: Mapping[str, Parse],
+        *,
+        conversation_id: str | None = None,
+        since: float | None = None,
+        limits: ReplayLimits | None = None,
+        on_failure: Callable[[StoredEvent, str], None] | None = None,
+    ) -> ReplayStats: ...
+
+
+class DeadLetters(Protocol[Conn]):
+    def list_unresolved(self, conn: Conn) -> list[DeadLetter]: ...
+    def retry(self, conn: Conn, parsers: Mapping[str, Parse], ids: Iterable[int] | None = None) -> RetrySummary: ...
+
+
+class Erasure(Protocol[Conn]):
+    def erase(self, conn: Conn, conversation_id: str, *, now: float | None = None) -> erasure.Erased | None: ...
+    def undo(self, conn: Conn, conversation_id: str) -> erasure.Tombstone | None: ...
+
+
+class Notifications(Protocol[Conn]):
+    def undelivered(
+        self, conn: Conn, *, failed_only: bool = False, limit: int = 10_000
+    ) -> list[notifications.Pending]: ...
+    def retry(self, conn: Conn, now: float, position: int | None = None) -> int: ...
+
+
+class SearchIndex(Protocol[Conn]):
+    def configure(self, conn: Conn, *, enabled: bool) -> bool: ...
+    def rebuild(self, conn: Conn) -> None: ...
+    def state(self, conn: Conn) -> search_index.State: ...
+    def step(self, conn: Conn, chunk: int = search_index.CHUNK) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Database(Generic[C]):
+    """An open connection and its backend's storage modules."""
+
+    conn: C
+    label: str  # the file's path, or host:port/dbname: for messages
+    migrate: Callable[[C], list[int]]
+    write_batch: Callable[[C, Sequence[Delivery]], list[WriteResult | StorageRejected]]
+    retention: Retention[C]
+    export: Export[C]
+    replay: Replay[C]
+    dead_letters: DeadLetters[C]
+    local_state: Callable[[C, str, Iterable[str]], dict[str, Local]]  # reconcile's view of what is here
+    # Not on PostgreSQL yet (None there): their PostgreSQL modules come separately.
+    erasure: Erasure[C] | None
+    notifications: Notifications[C] | None
+    search_index: SearchIndex[C] | None
+
+
+def not_on_postgres(what: str) -> int:
+    """Say that ``what`` has no PostgreSQL implementation yet; the exit code (2, as for a bad setting)."""
+    print(f"transcriptd: {what} is not available on PostgreSQL yet (it works on a SQLite database)", file=sys.stderr)
+    return 2
+
+
+@contextmanager
+def opened(config: Config, *, reads_only: bool = False, migrates: bool = False) -> Iterator[Database[Any]]:
+    """The configured database, open for the length of the block.
+
+    ``reads_only``: on SQLite, a read-only connection (a command that only reads never takes the write
+    lock). ``migrates``: the command migrates the schema itself, so a PostgreSQL schema without the
+    tables is fine; otherwise it is ``NoDatabase``, as a missing SQLite file is."""
+    location = config.storage.target
+    if is_postgres_url(location):
+        with _postgres(config, location, migrates=migrates) as db:
+            yield db
+        return
+    if (problem := missing(config)) is not None:
+        raise NoDatabase(problem)
+    path = Path(location)
+    conn = open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms) if reads_only else writer(config)
+    with closing(conn):
+        yield Database(
+            conn,
+            label=str(path),
+            migrate=sqlite_migrate,
+            write_batch=sqlite_write_batch,
+            retention=retention,
+            export=export,
+            replay=replay,
+            dead_letters=dead_letters,
+            erasure=erasure,
+            notifications=notifications,
+            search_index=search_index,
+            local_state=partial(sqlite_local_state, erasure=erasure),
+        )
+
+
+@contextmanager
+def _postgres(config: Config, url: str, *, migrates: bool) -> Iterator[Database[PgConnection]]:
+    with connect(url, synchronous=config.storage.synchronous, application_name="transcriptd-cli") as conn:
+        if not migrates and not _has_schema(conn):
+            raise NoDatabase(
+                f"no transcriptd tables at PostgreSQL {where(url)} (transcriptd serve creates them; check the "
+                "URL's database and search_path)"
+            )
+        yield Database(
+            conn,
+            label=f"PostgreSQL {where(url)}",
+            migrate=pg_migrate,
+            write_batch=pg_write_batch,
+            retention=pg_retention,
+            export=pg_export,
+            replay=pg_replay,
+            dead_letters=pg_dead_letters,
+            erasure=None,
+            notifications=None,
+            search_index=None,
+            local_state=postgres_local_state,
+        )
+
+
+def _has_schema(conn: PgConnection) -> bool:
+    row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def missing(config: Config) -> str | None:
-    """Why there is no database to work on (one line), or None when the configured file is there."""
+    """Why there is no SQLite database to work on (one line), or None when the configured file is there."""
     path = Path(config.storage.target)
     return None if path.is_file() else f"no database at {path} (set --db, or storage.path in the config)"
 
 
 def writer(config: Config) -> sqlite3.Connection:
-    """A writing connection to the configured database, with the daemon's storage settings."""
+    """A writing connection to the configured SQLite database, with the daemon's storage settings."""
     return open_writer(
         Path(config.storage.target),
         synchronous=config.storage.synchronous,

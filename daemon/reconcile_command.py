@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -25,13 +23,10 @@ import anyio
 
 from daemon import operator_db
 from daemon.config import Config
-from daemon.reconcile import Tally, deliveries_of, local_state, vendor_http
+from daemon.reconcile import Tally, deliveries_of, vendor_http
 from daemon.sources import SOURCES, Source
 from daemon.vendor_http import HttpPolicy, VendorApiError, VendorHttp
-from storage import erasure
 from storage.errors import StorageRejected
-from storage.migrations import migrate
-from storage.writes import write_batch
 
 API_SOURCES: dict[str, Source[Any]] = {source.name: source for source in SOURCES if source.api is not None}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -103,13 +98,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if http is None:
         print(f"transcriptd: reconcile needs webhooks.{source.name}.api_key (the vendor's API key)", file=sys.stderr)
         return 2
-    if (problem := operator_db.missing(config)) is not None:
-        print(f"transcriptd: {problem}", file=sys.stderr)
-        return 1
-    with closing(operator_db.writer(config)) as conn:
-        migrate(conn)  # as serve does at start-up: the tables this version writes are there
+    with operator_db.opened(config, migrates=True) as db:
+        db.migrate(db.conn)  # as serve does at start-up: the tables this version writes are there
         try:
-            tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, conn, args, backend="asyncio")
+            tally, listing_error = anyio.run(_reconcile, source, config.webhooks, http, db, args, backend="asyncio")
         except ExceptionGroup as group:
             # A storage fault out of the task group: raised as itself, so the command reports it in one line.
             first: BaseException = group
@@ -120,7 +112,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _reconcile(
-    source: Source[Any], webhooks: Any, http: VendorHttp, conn: sqlite3.Connection, args: argparse.Namespace
+    source: Source[Any], webhooks: Any, http: VendorHttp, db: operator_db.Database[Any], args: argparse.Namespace
 ) -> tuple[Tally, str | None]:
     tally = Tally()
     assert source.api is not None
@@ -135,7 +127,7 @@ async def _reconcile(
                 return tally, str(exc)
             ids = list(dict.fromkeys(item.conversation_id for item in listed))
         tally.listed = len(ids)
-        here = await anyio.to_thread.run_sync(local_state, conn, source.name, ids, erasure)
+        here = await anyio.to_thread.run_sync(db.local_state, db.conn, source.name, ids)
         todo = ids if args.conversation is not None else [c for c in ids if c not in here or not here[c].complete]
         tally.missing = len(todo)
         if args.dry_run:
@@ -159,7 +151,7 @@ async def _reconcile(
             for problem in problems:
                 print(f"transcriptd: {source.name} conversation {cid!r}: {problem}", file=sys.stderr)
             async with writing:  # one connection: one transaction at a time
-                outcomes = await anyio.to_thread.run_sync(write_batch, conn, deliveries) if deliveries else []
+                outcomes = await anyio.to_thread.run_sync(db.write_batch, db.conn, deliveries) if deliveries else []
             refused = [str(outcome) for outcome in outcomes if isinstance(outcome, StorageRejected)]
             tally.count(outcome for outcome in outcomes if not isinstance(outcome, StorageRejected))
             if refused:

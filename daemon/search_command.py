@@ -11,13 +11,10 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from contextlib import closing
 from typing import Any, TextIO
 
 from daemon import operator_db
 from daemon.config import Config
-from storage import search_index
-from storage.migrations import migrate
 
 # Without a terminal (a cron job, a log): one line per tenth of the way, not one per chunk.
 LINES_WITHOUT_TERMINAL = 10
@@ -65,25 +62,26 @@ class Progress:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    if (problem := operator_db.missing(config)) is not None:
-        print(f"transcriptd: {problem}", file=sys.stderr)
-        return 1
-    with closing(operator_db.writer(config)) as conn:
-        migrate(conn)  # a database of an older version gets its index (empty) here
+    with operator_db.opened(config, migrates=True) as db:
+        index = db.search_index
+        if index is None:
+            return operator_db.not_on_postgres("search rebuild")
+        conn = db.conn
+        db.migrate(conn)  # a database of an older version gets its index (empty) here
         if not config.search.enabled:
             print("transcriptd: search is turned off (search.enabled = false): nothing to index", file=sys.stderr)
             return 2
-        search_index.configure(conn, enabled=True)
+        index.configure(conn, enabled=True)
         if args.from_scratch:
-            search_index.rebuild(conn)
-        state = search_index.state(conn)
+            index.rebuild(conn)
+        state = index.state(conn)
         if state.complete:
             print("the search index is complete: nothing to index")
             return 0
         progress = Progress(sys.stdout, state.pending)
         started = time.monotonic()
         try:
-            while indexed := search_index.step(conn):
+            while indexed := index.step(conn):
                 progress.advance(indexed)
         finally:
             progress.close()

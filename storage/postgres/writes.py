@@ -204,17 +204,21 @@ def _real(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
+def write_deliveries(conn: Connection, batch: Sequence[Delivery], *, store_events: bool = True) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
-    whose conversation was erased stores nothing, and is counted on its tombstone."""
+    whose conversation was erased stores nothing, and is counted on its tombstone.
+
+    ``store_events=False`` (replay): the events are the ones already stored, re-parsed; they are not
+    claimed again, only their conversations and messages are written (idempotently)."""
     if not batch:
         return []
     live, created = _lock_conversations(conn, batch)
     erased = [d for d in batch if d.conversation_id not in live]
     if erased:
         _count_dropped(conn, erased)
-    fresh = _claim(conn, [d for d in batch if d.conversation_id in live])
+    kept = [d for d in batch if d.conversation_id in live]
+    fresh = _claim(conn, kept) if store_events else _first_of_each_key(kept)
     fresh_cids = {d.conversation_id for d in fresh}
     if created - fresh_cids:
         conn.execute(sql.DROP_UNUSED_CONVERSATIONS, (sorted(created - fresh_cids),))
@@ -286,6 +290,16 @@ def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
             claimed.discard(delivery.key)
             fresh.append(delivery)
     return fresh
+
+
+def _first_of_each_key(batch: Sequence[Delivery]) -> list[Delivery]:
+    seen: set[str] = set()
+    first = []
+    for delivery in batch:
+        if delivery.key not in seen:
+            seen.add(delivery.key)
+            first.append(delivery)
+    return first
 
 
 @dataclass(slots=True)
