@@ -34,6 +34,7 @@ from psycopg import errors
 
 from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
 from storage.errors import StorageRejected, StorageUnavailable
+from storage.postgres import erasure
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
 from storage.postgres.outbox import ChangeSet
@@ -288,15 +289,22 @@ def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[se
         sql.LOCK_CONVERSATIONS,
         (ids, [first[cid].source for cid in ids], [float(first[cid].received_at) for cid in ids]),
     ).fetchall()
-    return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+    live, created = {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+    # An erasure that held the row when this upsert ran deleted it and committed its tombstone: the upsert
+    # then inserted the row again (the tombstone check above was read before that commit). Checked again
+    # here, under the lock, where that commit is visible (storage.postgres.erasure).
+    if created and (late := erasure.tombstoned(conn, created)):
+        conn.execute(sql.DROP_UNUSED_CONVERSATIONS, (sorted(late),))
+        live -= late
+        created -= late
+    return live, created
 
 
 def _count_dropped(conn: Connection, dropped: Sequence[Delivery]) -> None:
     per_conversation: dict[str, int] = {}
     for delivery in dropped:
         per_conversation[delivery.conversation_id] = per_conversation.get(delivery.conversation_id, 0) + 1
-    ids = sorted(per_conversation)
-    conn.execute(sql.COUNT_DROPPED, (time.time(), ids, [per_conversation[cid] for cid in ids]))
+    erasure.count_dropped(conn, per_conversation, time.time())
 
 
 def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
