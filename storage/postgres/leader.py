@@ -60,7 +60,11 @@ class Leader:
         return self._leading
 
     def close(self) -> None:
-        """Let the lock go (closing the session releases it), for another replica to take."""
+        """Let the lock go, for another replica to take. Unlocked explicitly first: a closed session's
+        locks are released only once its server process has exited, a moment after the close returns."""
+        if self._leading and self._conn is not None and not self._conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
         self._drop()
 
     def _connection(self) -> Connection:
