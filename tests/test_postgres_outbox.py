@@ -8,14 +8,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from storage import outbox as sqlite_outbox
 from storage.connection import open_writer
 from storage.deliveries import Delivery, WriteResult
+from storage.errors import StorageUnavailable
 from storage.migrations import migrate
 from storage.postgres import outbox
 from storage.postgres.connection import Connection, connect
 from storage.postgres.writes import commit_batch as pg_commit_batch
 from storage.writes import commit_batch as sqlite_commit_batch
+from tests.postgres_tools import CommitCutter
 from tests.test_change_feed import delivery
 from tests.test_postgres_writes import append, ready, run_together, same_outcome, scenario
 
@@ -190,3 +194,52 @@ def test_erased_source_and_record_erased_mirror_sqlite(postgres_url: str, tmp_pa
     finally:
         lite.close()
         pg.close()
+
+
+def test_a_deadlock_victim_retried_whole_records_its_changes_once(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with connect(postgres_url) as setup:
+        pg_commit_batch(setup, [ready("c-a", turns=1), ready("c-b", turns=1)])
+    other = connect(postgres_url)
+    writer = connect(postgres_url)
+    writer.execute("SET deadlock_timeout = '100ms'")  # the writer checks first, so it is the victim
+    other.execute("SET deadlock_timeout = '10s'")
+    try:
+        other.execute("BEGIN")
+        other.execute("UPDATE conversations SET rev = rev WHERE id = 'c-b'")
+        batch = [append("c-a", [{"role": "user", "content": "x"}]), append("c-b", [{"role": "user", "content": "y"}])]
+        returned: list[int | None] = []
+        thread = threading.Thread(target=lambda: returned.append(pg_commit_batch(writer, batch)[1]))
+        thread.start()
+        while not other.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (writer.info.backend_pid,)
+        ).fetchone():
+            thread.join(0.01)
+        other.execute("UPDATE conversations SET rev = rev WHERE id = 'c-a'")  # the cycle: the writer is refused
+        other.execute("COMMIT")
+        thread.join()
+        assert pg_changes(other)[2:] == [
+            ("c-a", "tavus", "ended", '{"messages_added":1}', 0, 0),
+            ("c-b", "tavus", "ended", '{"messages_added":1}', 0, 0),
+        ]
+        assert returned == [outbox.latest_position(other)]
+        assert "batch retried whole after DeadlockDetected" in caplog.text
+    finally:
+        other.close()
+        writer.close()
+
+
+def test_a_lost_commit_raises_the_storage_error_and_records_nothing(postgres_url: str) -> None:
+    with CommitCutter() as cutter:
+        conn = connect(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{cutter.port}"))
+        assert pg_commit_batch(conn, [ready("c-before", turns=2)])[1] == 1
+        cutter.armed.set()
+        with pytest.raises(StorageUnavailable, match="outcome is unknown"):
+            pg_commit_batch(conn, [ready("c-lost", turns=2)])
+        conn.close()
+    with connect(postgres_url) as check:
+        assert [row[0] for row in pg_changes(check)] == ["c-before"]
+        # The lost transaction's position was handed out and never committed: a gap, never reused.
+        assert pg_commit_batch(check, [ready("c-after", turns=2)])[1] == 3
+        assert outbox.latest_position(check) == 3

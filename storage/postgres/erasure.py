@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from storage.erasure import Erased, Tombstone
-from storage.postgres import outbox
+from storage.postgres import outbox, retries
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
 
@@ -56,25 +56,29 @@ TOMBSTONED = "SELECT conversation_id FROM tombstones WHERE conversation_id = ANY
 
 
 def erase(conn: Connection, conversation_id: str, *, now: float | None = None) -> Erased | None:
-    """Delete everything of ``conversation_id`` and leave its tombstone, in one transaction. None (and
-    nothing changed) when the database holds nothing of it. ``conn`` has no transaction open."""
+    """Delete everything of ``conversation_id`` and leave its tombstone, in one transaction (run again
+    whole after a deadlock). None (and nothing changed) when the database holds nothing of it. ``conn``
+    has no transaction open."""
     deleted_at = time.time() if now is None else now
-    with conn.transaction():
-        locked = conn.execute(LOCK_FOR_ERASURE, (conversation_id, deleted_at, deleted_at)).fetchone()
-        if locked is not None and locked[0]:
-            conn.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
-        source = outbox.erased_source(conn, conversation_id)
-        counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
-        erased = Erased(conversation_id, **counts, deleted_at=deleted_at, search_entries=counts["messages"])
-        if not erased.anything:
-            return None  # committed on the way out: nothing was changed
-        conn.execute(TOMBSTONE, (conversation_id, deleted_at))
-        # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
-        changes = conn.execute(outbox.DELETE_CHANGES, (conversation_id,)).rowcount
-        position = None
-        if source is not None:  # it has data, so it has a source: this change tells the app it is gone
-            position = outbox.record_erased(conn, conversation_id, source, deleted_at)
-        return dataclasses.replace(erased, changes=changes, position=position)
+    return retries.in_transaction(conn, lambda: _erase(conn, conversation_id, deleted_at))
+
+
+def _erase(conn: Connection, conversation_id: str, deleted_at: float) -> Erased | None:
+    locked = conn.execute(LOCK_FOR_ERASURE, (conversation_id, deleted_at, deleted_at)).fetchone()
+    if locked is not None and locked[0]:
+        conn.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
+    source = outbox.erased_source(conn, conversation_id)
+    counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
+    erased = Erased(conversation_id, **counts, deleted_at=deleted_at, search_entries=counts["messages"])
+    if not erased.anything:
+        return None  # committed on the way out: nothing was changed
+    conn.execute(TOMBSTONE, (conversation_id, deleted_at))
+    # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
+    changes = conn.execute(outbox.DELETE_CHANGES, (conversation_id,)).rowcount
+    position = None
+    if source is not None:  # it has data, so it has a source: this change tells the app it is gone
+        position = outbox.record_erased(conn, conversation_id, source, deleted_at)
+    return dataclasses.replace(erased, changes=changes, position=position)
 
 
 def undo(conn: Connection, conversation_id: str) -> Tombstone | None:

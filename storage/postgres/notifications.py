@@ -20,14 +20,12 @@ which run inside the caller's (as on SQLite).
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from storage.notifications import Attempted, Due, Pending
 from storage.postgres.connection import Connection
-from storage.postgres.writes import ATTEMPTS, RETRIED, RETRY_PAUSE_S
+from storage.postgres.retries import in_transaction
 
 __all__ = [
     "Attempted",
@@ -130,21 +128,6 @@ DELETE FROM notifications WHERE (receiver, position) IN (
 )
 """
 
-T = TypeVar("T")
-
-
-def _retried(conn: Connection, work: Callable[[], T]) -> T:
-    """``work`` in one transaction, run again whole after a deadlock or serialization failure."""
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            with conn.transaction():
-                return work()
-        except RETRIED:
-            if attempt == ATTEMPTS:
-                raise
-            time.sleep(random.uniform(0, RETRY_PAUSE_S * attempt))
-    raise AssertionError("unreachable")
-
 
 def settle_and_take_in(
     attempted: Sequence[Attempted], receivers: Iterable[str], now: float, limit: int, conn: Connection
@@ -160,7 +143,7 @@ def settle_and_take_in(
             more |= take_in(conn, receiver, now, limit) >= limit
         return more
 
-    return _retried(conn, work)
+    return in_transaction(conn, work)
 
 
 def record(conn: Connection, attempted: Sequence[Attempted]) -> None:
@@ -248,4 +231,4 @@ def prune(cutoff: float, receivers: Sequence[str], conn: Connection, limit: int 
         conn.execute(PRUNE_DELIVERED, {"cutoff": cutoff, "limit": limit})
         return pruned
 
-    return _retried(conn, work)
+    return in_transaction(conn, work)

@@ -23,14 +23,12 @@ several replicas writing one database at once:
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import errors
 
 from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
 from storage.errors import StorageRejected, StorageUnavailable
@@ -38,6 +36,7 @@ from storage.postgres import erasure
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
 from storage.postgres.outbox import ChangeSet
+from storage.postgres.retries import ATTEMPTS, RETRIED, pause
 from storage.postgres.statements import FLOAT_PATCH_COLUMNS
 from storage.statements import PATCH_COLUMNS
 
@@ -48,11 +47,6 @@ Outcome = WriteResult | StorageRejected
 # Subtransactions per transaction on the slow path (PostgreSQL keeps 64 per backend in shared memory;
 # past that every snapshot looks further).
 MAX_SAVEPOINTS = 64
-# Whole-batch attempts on a deadlock or serialization failure, with a short random pause between them.
-ATTEMPTS = 5
-RETRY_PAUSE_S = 0.005
-
-RETRIED = (errors.DeadlockDetected, errors.SerializationFailure)
 # What the server raises when it refuses a delivery's rows; anything else (a lost connection, a full disk,
 # a read-only server) is a fault of the storage and fails the whole batch.
 REFUSALS = (psycopg.DataError, psycopg.IntegrityError)
@@ -87,7 +81,7 @@ def commit_batch(
             if attempt == ATTEMPTS:
                 raise StorageUnavailable(f"storage is unavailable: {exc.__class__.__name__} {ATTEMPTS} times") from exc
             log.info("batch retried whole after %s (attempt %d)", exc.__class__.__name__, attempt)
-            time.sleep(random.uniform(0, RETRY_PAUSE_S * attempt))
+            pause(attempt)
     raise AssertionError("unreachable")
 
 
