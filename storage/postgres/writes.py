@@ -18,6 +18,11 @@ several replicas writing one database at once:
   (more subtransactions than that in one transaction slow every snapshot on the server).
 - A connection lost during COMMIT leaves the outcome unknown: ``StorageUnavailable``, which the daemon
   answers 503 (the sender retries, and the retry is deduplicated by its key).
+- The transaction records what it changed, one change per conversation, in ``changes``, last thing
+  before COMMIT, with positions made visible in commit order (storage.postgres.outbox).
+- A conversation erased while the batch waited for its row lock is dropped like any erased one: the
+  tombstones are read again, under the lock, for the conversations the batch created
+  (storage.postgres.erasure).
 """
 
 from __future__ import annotations
