@@ -12,8 +12,8 @@ a transaction's locks after it has marked it committed). Positions are thus hand
 in one order: whoever sees position N has every position below it that will ever commit. The cost: the
 tail of each transaction that records changes (its changes insert and its COMMIT, including the WAL
 flush) is serialized across replicas; the deliveries' own writes before it, and transactions that record
-nothing (duplicates, ``changes.enabled = false``), are not. At a few hundred microseconds a tail (a
-flush), one database takes a few thousand such commits a second, each a whole group commit.
+nothing (duplicates, ``changes.enabled = false``), are not. So the database takes about one such commit
+per WAL flush (a thousand a second if a flush takes a millisecond), each a whole group commit.
 
 ``latest_position`` takes the same lock shared, so it never reports a position whose transaction has
 yet to commit.
