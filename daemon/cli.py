@@ -474,8 +474,6 @@ def prune_command(args: argparse.Namespace, config: Config) -> int:
 def delete_command(args: argparse.Namespace, config: Config) -> int:
     cid: str = args.conversation
     with operator_db.opened(config, migrates=True) as db:
-        if db.erasure is None:
-            return operator_db.not_on_postgres("delete")
         db.migrate(db.conn)  # a database of an older version gets its tombstones table first
         if args.undo:
             lifted = db.erasure.undo(db.conn, cid)

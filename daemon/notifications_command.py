@@ -65,8 +65,6 @@ def _position(text: str) -> int:
 def run(args: argparse.Namespace, config: Config) -> int:
     listing = args.notifications_command == "list"
     with operator_db.opened(config, reads_only=listing, migrates=not listing) as db:
-        if db.notifications is None:
-            return operator_db.not_on_postgres("notifications")
         if listing:
             rows = _undelivered(db, failed_only=args.failed)
         else:

@@ -4,8 +4,7 @@ a ``postgresql://`` URL.
 
 ``opened`` is the one place that tells them apart. It yields a ``Database``: an open connection and the
 storage modules of its backend, which mirror each other (same functions, same results), so a command
-calls ``db.retention.plan(db.conn, cutoff)`` without knowing which it has. A module the PostgreSQL
-backend lacks so far is None there, and the command says so (``not_on_postgres``, exit 2).
+calls ``db.retention.plan(db.conn, cutoff)`` without knowing which it has.
 
 A server that cannot be reached raises ``ServerUnreachable``, whose one line names ``host:port/dbname``,
 never the user or password; ``label`` is how messages name the database, password-free as well.
@@ -14,7 +13,6 @@ never the user or password; ``label`` is how messages name the database, passwor
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -23,8 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from daemon.config import Config
-from daemon.reconcile import Local, postgres_local_state
-from daemon.reconcile import local_state as sqlite_local_state
+from daemon.reconcile import Local, local_state
 from storage import dead_letters, erasure, export, notifications, replay, retention, search_index
 from storage.connection import open_reader, open_writer
 from storage.dead_letters import DeadLetter, RetrySummary
@@ -33,9 +30,12 @@ from storage.errors import StorageRejected
 from storage.export import ConversationHead, Format
 from storage.migrations import migrate as sqlite_migrate
 from storage.postgres import dead_letters as pg_dead_letters
+from storage.postgres import erasure as pg_erasure
 from storage.postgres import export as pg_export
+from storage.postgres import notifications as pg_notifications
 from storage.postgres import replay as pg_replay
 from storage.postgres import retention as pg_retention
+from storage.postgres import search_index as pg_search_index
 from storage.postgres.connection import Connection as PgConnection
 from storage.postgres.connection import connect, is_postgres_url, where
 from storage.postgres.migrations import migrate as pg_migrate
@@ -114,16 +114,9 @@ class Database(Generic[C]):
     replay: Replay[C]
     dead_letters: DeadLetters[C]
     local_state: Callable[[C, str, Iterable[str]], dict[str, Local]]  # reconcile's view of what is here
-    # Not on PostgreSQL yet (None there): their PostgreSQL modules come separately.
-    erasure: Erasure[C] | None
-    notifications: Notifications[C] | None
-    search_index: SearchIndex[C] | None
-
-
-def not_on_postgres(what: str) -> int:
-    """Say that ``what`` has no PostgreSQL implementation yet; the exit code (2, as for a bad setting)."""
-    print(f"transcriptd: {what} is not available on PostgreSQL yet (it works on a SQLite database)", file=sys.stderr)
-    return 2
+    erasure: Erasure[C]
+    notifications: Notifications[C]
+    search_index: SearchIndex[C]
 
 
 @contextmanager
@@ -155,7 +148,7 @@ def opened(config: Config, *, reads_only: bool = False, migrates: bool = False) 
             erasure=erasure,
             notifications=notifications,
             search_index=search_index,
-            local_state=partial(sqlite_local_state, erasure=erasure),
+            local_state=partial(local_state, erasure=erasure),
         )
 
 
@@ -176,10 +169,10 @@ def _postgres(config: Config, url: str, *, migrates: bool) -> Iterator[Database[
             export=pg_export,
             replay=pg_replay,
             dead_letters=pg_dead_letters,
-            erasure=None,
-            notifications=None,
-            search_index=None,
-            local_state=postgres_local_state,
+            erasure=pg_erasure,
+            notifications=pg_notifications,
+            search_index=pg_search_index,
+            local_state=partial(local_state, erasure=pg_erasure),
         )
 
 

@@ -29,7 +29,6 @@ from daemon.sources.model import Fetched, Source
 from daemon.vendor_http import HttpPolicy, VendorHttp
 from storage.deliveries import Delivery, WriteResult
 from storage.portable import fetch_all
-from storage.postgres.connection import Connection as PgConnection
 from storage.surface import Erasure
 
 # A conversation is complete here when it has ended (or failed) and holds its transcript; a failed call
@@ -67,20 +66,6 @@ def local_state(conn: Any, source: str, ids: Iterable[str], erasure: Erasure) ->
         for cid, status, count in fetch_all(conn, query, (source, *chunk)):
             found[cid] = Local(status, count)
     for cid in erasure.tombstoned(conn, wanted):
-        found[cid] = Local(ERASED, 0)
-    return found
-
-
-# The same on PostgreSQL (``transcriptd reconcile --db postgresql://...``): every id in one array.
-POSTGRES_LOCAL_STATE = "SELECT id, status, message_count FROM conversations WHERE source = %s AND id = ANY(%s::text[])"
-POSTGRES_TOMBSTONED = "SELECT conversation_id FROM tombstones WHERE conversation_id = ANY(%s::text[])"
-
-
-def postgres_local_state(conn: PgConnection, source: str, ids: Iterable[str]) -> dict[str, Local]:
-    """``local_state`` on PostgreSQL."""
-    wanted = list(dict.fromkeys(ids))
-    found = {cid: Local(status, count) for cid, status, count in conn.execute(POSTGRES_LOCAL_STATE, (source, wanted))}
-    for (cid,) in conn.execute(POSTGRES_TOMBSTONED, (wanted,)):
         found[cid] = Local(ERASED, 0)
     return found
 

@@ -64,8 +64,6 @@ class Progress:
 def run(args: argparse.Namespace, config: Config) -> int:
     with operator_db.opened(config, migrates=True) as db:
         index = db.search_index
-        if index is None:
-            return operator_db.not_on_postgres("search rebuild")
         conn = db.conn
         db.migrate(conn)  # a database of an older version gets its index (empty) here
         if not config.search.enabled:

@@ -93,6 +93,23 @@ class Notifications(Protocol):
     def prune(self, cutoff: float, receivers: Sequence[str], conn: Any, limit: int = 1000) -> int: ...
 
 
+class Lead(Protocol):
+    """Whether this process may do the work only one may do at a time (storage.postgres.leader.Leader)."""
+
+    def leads(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _Alone:
+    """SQLite: one process writes the file, so it always leads."""
+
+    def leads(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Surface:
     target: str  # the SQLite path or the postgresql:// URL
@@ -125,6 +142,14 @@ class Surface:
         from storage.queries import Reader
 
         return Reader(self.target, connections=connections)
+
+    def leader(self) -> Lead:
+        """Blocking calls (a round trip on PostgreSQL): call ``leads`` from a worker thread."""
+        if self.postgres:
+            from storage.postgres.leader import Leader
+
+            return Leader(self.target)
+        return _Alone()
 
     def read_connection(self, *, busy_timeout_ms: int = 5000) -> Any:
         """A connection of its own for reads off the event loop (the notifier's, the reconciler's)."""

@@ -200,24 +200,47 @@ def test_a_schema_without_the_tables_is_named(postgres_database: str, tmp_path: 
     assert "no transcriptd tables at PostgreSQL 127.0.0.1:5432/" in done.stderr
 
 
-@pytest.mark.parametrize(
-    ("command", "what"),
-    [
-        (("delete", "--conversation", "c-a"), "delete"),
-        (("notifications", "list"), "notifications"),
-        (("search", "rebuild"), "search rebuild"),
-    ],
-)
-def test_commands_not_built_on_postgresql_yet_say_so(
-    postgres_url: str, tmp_path: Path, command: tuple[str, ...], what: str
-) -> None:
+def test_delete_and_undo_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    with connect(postgres_url) as pg:
+        pg_write_batch(pg, [ready("c-a", turns=2), ready("c-b", turns=2)])
+    done = run("delete", "--conversation", "c-a", "--db", postgres_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with connect(postgres_url) as pg:
+        left = pg.execute("SELECT DISTINCT conversation_id FROM messages ORDER BY 1").fetchall()
+        assert left == [("c-b",)]
+        assert pg.execute("SELECT conversation_id FROM tombstones").fetchall() == [("c-a",)]
+        (kinds,) = pg.execute("SELECT kinds FROM changes ORDER BY position DESC LIMIT 1").fetchone() or ("",)
+        assert json.loads(kinds) == {"erased": 1}
+    again = run("delete", "--conversation", "c-a", "--undo", "--db", postgres_url, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    with connect(postgres_url) as pg:
+        assert pg.execute("SELECT count(*) FROM tombstones").fetchone() == (0,)
+
+
+def test_notifications_list_and_retry_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     with connect(postgres_url) as pg:
         pg_write_batch(pg, [ready("c-a", turns=2)])
-    done = run(*command, "--db", postgres_url, cwd=tmp_path)
-    assert done.returncode == 2
-    assert f"{what} is not available on PostgreSQL yet" in done.stderr
+        (position,) = pg.execute("SELECT max(position) FROM changes").fetchone() or (0,)
+        pg.execute(
+            "INSERT INTO notifications (receiver, position, conversation_id, started_at, attempts, next_attempt_at,"
+            " last_status, last_error, failed_at) VALUES ('https://app.example/hook', %s, 'c-a', %s, 9, 0, 500,"
+            " 'HTTP 500', %s)",
+            (position, time.time() - 100, time.time()),
+        )
+    listed = run("notifications", "list", "--failed", "--json", "--db", postgres_url, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "c-a" in listed.stdout
+    retried = run("notifications", "retry", "--all-failed", "--db", postgres_url, cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
     with connect(postgres_url) as pg:
-        assert pg.execute("SELECT count(*) FROM conversations").fetchone() == (1,)
+        assert pg.execute("SELECT count(*) FROM notifications WHERE failed_at IS NOT NULL").fetchone() == (0,)
+
+
+def test_search_rebuild_on_postgresql_reindexes(postgres_url: str, tmp_path: Path) -> None:
+    with connect(postgres_url) as pg:
+        pg_write_batch(pg, [ready("c-a", turns=2)])
+    done = run("search", "rebuild", "--db", postgres_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def test_reconcile_stores_on_postgresql_what_it_stores_on_sqlite(postgres_url: str, tmp_path: Path) -> None:

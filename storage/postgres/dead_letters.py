@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from storage.dead_letters import LIST_UNRESOLVED, DeadLetter, RetryOutcome, RetryStatus, RetrySummary
 from storage.errors import StorageUnavailable
 from storage.postgres.connection import Connection
-from storage.postgres.writes import ATTEMPTS, MAX_SAVEPOINTS, REFUSALS, RETRIED, unstorable, write_deliveries
+from storage.postgres.outbox import ChangeSet
+from storage.postgres.retries import ATTEMPTS, RETRIED
+from storage.postgres.writes import MAX_SAVEPOINTS, REFUSALS, unstorable, write_deliveries
 from storage.replay import Parse, StoredEvent, parse_stored
 
 _UNRESOLVED_BODIES = """
@@ -65,13 +67,15 @@ def _retry_chunk(conn: Connection, parsers: Mapping[str, Parse], letters: list[S
             with conn.transaction():
                 now = time.time()
                 outcomes = []
+                changes = ChangeSet()
                 for event in letters:
-                    outcome = _retry_one(conn, parsers, event)
+                    outcome = _retry_one(conn, parsers, event, changes)
                     outcomes.append(outcome)
                     if outcome.status == "failed":
                         conn.execute(STILL_FAILING, (outcome.error, now, event.id))
                     else:
                         conn.execute(RESOLVE, (now, event.id))
+                changes.record(conn)  # the stored letters reach the feed and the receivers, as on SQLite
             return outcomes
         except RETRIED as exc:
             if attempt == ATTEMPTS:
@@ -79,7 +83,7 @@ def _retry_chunk(conn: Connection, parsers: Mapping[str, Parse], letters: list[S
     raise AssertionError("unreachable")
 
 
-def _retry_one(conn: Connection, parsers: Mapping[str, Parse], event: StoredEvent) -> RetryOutcome:
+def _retry_one(conn: Connection, parsers: Mapping[str, Parse], event: StoredEvent, changes: ChangeSet) -> RetryOutcome:
     def failed(error: str) -> RetryOutcome:
         return RetryOutcome(event.id, event.source, event.event_type, event.conversation_id, "failed", error=error)
 
@@ -93,10 +97,12 @@ def _retry_one(conn: Connection, parsers: Mapping[str, Parse], event: StoredEven
         return failed(f"the parser refuses it: {exc.__class__.__name__}: {exc}")
     if (reason := unstorable(delivery)) is not None:
         return failed(f"the database refused it: {reason}")
+    tracked = changes.tracked()
     try:
         with conn.transaction():  # a savepoint: a refusal rolls back this delivery alone
-            (result,) = write_deliveries(conn, [delivery])
+            (result,) = write_deliveries(conn, [delivery], changes)
     except REFUSALS as exc:
+        changes.forget_since(tracked)
         return failed(f"the database refused it: {exc.__class__.__name__}: {exc}")
     status: RetryStatus = "already_stored" if result.duplicate_delivery else "stored"
     return RetryOutcome(

@@ -15,12 +15,11 @@ from storage.errors import StorageUnavailable
 from storage.postgres import heartbeat
 from storage.postgres.connection import Connection, Synchronous, connect, where
 from storage.postgres.migrations import migrate
-from storage.postgres.writes import write_batch
+from storage.postgres.outbox import latest_position
+from storage.postgres.writes import commit_batch
 from storage.writes import Outcome
 
 log = logging.getLogger("transcriptd.writer")
-
-LATEST_POSITION = "SELECT coalesce(max(position), 0) FROM changes"
 
 
 class PostgresEngine:
@@ -56,8 +55,7 @@ class PostgresEngine:
         return conn
 
     def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
-        outcomes = write_batch(self.connection(), batch)
-        return outcomes, None
+        return commit_batch(self.connection(), batch, record_changes=record_changes)
 
     def probe(self) -> str | None:
         try:
@@ -67,8 +65,7 @@ class PostgresEngine:
         return heartbeat.probe(conn, self.replica)
 
     def latest_position(self) -> int:
-        row = self.connection().execute(LATEST_POSITION).fetchone()
-        return int(row[0]) if row else 0
+        return latest_position(self.connection())
 
     def close(self) -> None:
         if self._conn is not None:

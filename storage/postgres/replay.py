@@ -23,15 +23,9 @@ from collections.abc import Callable, Iterator, Mapping
 from storage.deliveries import Delivery, WriteResult
 from storage.errors import StorageUnavailable
 from storage.postgres.connection import Connection
-from storage.postgres.writes import (
-    ATTEMPTS,
-    MAX_SAVEPOINTS,
-    REFUSALS,
-    RETRIED,
-    RETRY_PAUSE_S,
-    unstorable,
-    write_deliveries,
-)
+from storage.postgres.outbox import ChangeSet
+from storage.postgres.retries import ATTEMPTS, RETRIED, RETRY_PAUSE_S
+from storage.postgres.writes import MAX_SAVEPOINTS, REFUSALS, unstorable, write_deliveries
 from storage.replay import Parse, ReplayLimits, ReplayStats, StoredEvent, replay_events
 
 log = logging.getLogger("transcriptd.storage")
@@ -145,7 +139,10 @@ def _in_one_transaction(conn: Connection, batch: Batch) -> list[WriteResult]:
     if not batch:
         return []
     with conn.transaction():
-        return write_deliveries(conn, [delivery for _, delivery in batch], store_events=False)
+        changes = ChangeSet()
+        results = write_deliveries(conn, [delivery for _, delivery in batch], changes, store_events=False)
+        changes.record(conn)  # what the replay corrected, on the feed and to the receivers, as on SQLite
+        return results
 
 
 def _isolated(conn: Connection, batch: Batch) -> tuple[list[WriteResult], int, list[tuple[StoredEvent, str]]]:
@@ -158,12 +155,16 @@ def _isolated(conn: Connection, batch: Batch) -> tuple[list[WriteResult], int, l
         chunk_results: list[WriteResult] = []
         chunk_refused: list[tuple[StoredEvent, str]] = []
         with conn.transaction():
+            changes = ChangeSet()
             for event, delivery in batch[start : start + MAX_SAVEPOINTS]:
+                tracked = changes.tracked()
                 try:
                     with conn.transaction():  # a savepoint: a refusal rolls back this delivery alone
-                        chunk_results.extend(write_deliveries(conn, [delivery], store_events=False))
+                        chunk_results.extend(write_deliveries(conn, [delivery], changes, store_events=False))
                 except REFUSALS as exc:
+                    changes.forget_since(tracked)
                     chunk_refused.append((event, f"the database refused its rows: {exc.__class__.__name__}: {exc}"))
+            changes.record(conn)
         results += chunk_results
         refused += chunk_refused
         transactions += 1

@@ -1,8 +1,8 @@
 -- The transactional outbox (storage/migrations/0006_outbox.sql): one change per conversation per commit, in
 -- the same transaction as the data. Positions come from an identity column. Unlike SQLite's single writer,
--- several replicas hand them out before they commit, so position order is not commit order across
--- conversations. The feed and the sender on PostgreSQL must read only positions below the oldest
--- transaction still open (they are not built yet: docs/postgresql.md).
+-- several replicas hand them out before they commit, so position order would not be commit order across
+-- conversations: every insert into changes takes an advisory lock held to its commit, which makes
+-- positions visible in order (storage/postgres/outbox.py).
 
 CREATE TABLE changes (
     position        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

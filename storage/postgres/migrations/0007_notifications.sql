@@ -1,6 +1,6 @@
 -- Outbound webhooks (storage/migrations/0007_notifications.sql): per receiver, how far the outbox has been
--- taken in, and each change's sending state. The same tables; on PostgreSQL any replica may send, claiming
--- due rows with FOR UPDATE SKIP LOCKED (the sender on PostgreSQL is not built yet: docs/postgresql.md).
+-- taken in, and each change's sending state. The same tables; on PostgreSQL any replica may take changes
+-- in or prune, and the one holding the leader lock sends (storage/postgres/notifications.py, leader.py).
 
 CREATE TABLE notify_cursors (
     receiver    text COLLATE "C" PRIMARY KEY,  -- the URL
