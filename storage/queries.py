@@ -116,6 +116,9 @@ SUMMARY_COLUMNS = "id, source, status, message_count, started_at, ended_at, last
 class Reader:
     """A few read-only connections (each in aiosqlite's thread), used in turn."""
 
+    # One process writes this database: its cache is evicted in-process on commit, so no rev() check.
+    shared: bool = False
+
     def __init__(self, path: str | Path, *, connections: int = 2) -> None:
         self.path = path
         self._count = connections
@@ -137,6 +140,10 @@ class Reader:
         conn = next(self._turn)
         async with conn.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
+
+    async def rev(self, conversation_id: str) -> int | None:
+        """None: SQLite keeps no revision; storage.postgres.queries.Reader.rev has the shared database's."""
+        return None
 
     async def conversation(self, conversation_id: str) -> Conversation | None:
         rows = await self._all(
