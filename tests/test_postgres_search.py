@@ -21,7 +21,7 @@ from storage.deliveries import Delivery
 from storage.migrations import migrate
 from storage.postgres.connection import connect
 from storage.postgres.queries import Reader as PgReader
-from storage.postgres.search import literal, term_query
+from storage.postgres.search import literal, term_query, tsquery
 from storage.postgres.snippet import phrases, snippet
 from storage.postgres.writes import write_batch as pg_write_batch
 from storage.queries import Reader as LiteReader
@@ -282,15 +282,20 @@ def test_any_query_that_parses_runs_on_postgresql(postgres_url: str, text: str) 
     except QuerySyntaxError:
         return
     with connect(postgres_url) as conn:
-        for term in terms:
-            lexemes = conn.execute(
+        lexemes: dict[int, list[tuple[str, int]]] = {}
+        for i, term in enumerate(terms, start=1):
+            rows = conn.execute(
                 "SELECT l.lexeme, p.pos FROM unnest(search_document(%s)) AS l, unnest(l.positions) AS p (pos)"
                 " ORDER BY p.pos",
                 ("".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in term.text),),
             ).fetchall()
-            piece = term_query(term, [(str(lexeme), int(pos)) for lexeme, pos in lexemes])
+            lexemes[i] = [(str(lexeme), int(pos)) for lexeme, pos in rows]
+            piece = term_query(term, lexemes[i])
             if piece is not None:
                 conn.execute("SELECT %s::tsquery", (piece,))  # raises if the server cannot read it
+        whole = tsquery(terms, lexemes)
+        if whole is not None:
+            conn.execute("SELECT count(*) FROM messages AS m WHERE search_document(m.content) @@ %s::tsquery", (whole,))
 
 
 def test_a_literal_is_exactly_its_lexeme(postgres_url: str) -> None:
@@ -370,3 +375,35 @@ def test_snippets_cut_and_mark_as_fts5s_snippet_does() -> None:
             compared += 1
     assert compared > 1200
     conn.close()
+
+
+VOCABULARY = ["refund", "REFUND", "réserv", "cafe", "full", "call", "back", "order", "the", "naïve", "e-mail", "don't"]
+VOCABULARY += ["identical", "story", "word", "école", "money", "zzz", "AND", "NOT", "(x)", "col:umn", "#42"]
+
+
+@pytest.mark.anyio
+async def test_random_queries_find_the_same_hits_snippets_and_marks(both: Both) -> None:
+    rng = random.Random(11)
+    compared = 0
+    for _ in range(300):
+        pieces = []
+        for _ in range(rng.randint(1, 4)):
+            word = rng.choice(VOCABULARY)
+            shape = rng.random()
+            if shape < 0.2:
+                word = f"{word[: rng.randint(1, len(word))]}*"
+            elif shape < 0.35:
+                word = f'"{word} {rng.choice(VOCABULARY)}"'
+            elif shape < 0.45:
+                word = f"-{word}"
+            pieces.append(word)
+        query = SearchQuery(text=" ".join(pieces), limit=100, include_system=rng.random() < 0.3)
+        try:
+            lite = await both.lite.search(query)
+        except QuerySyntaxError:
+            with pytest.raises(QuerySyntaxError):
+                await both.pg.search(query)
+            continue
+        assert found(await both.pg.search(query)) == found(lite), query.text
+        compared += bool(lite.hits)
+    assert compared > 50
