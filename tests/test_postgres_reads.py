@@ -288,3 +288,20 @@ async def test_the_reader_cannot_write(postgres_url: str) -> None:
             await reader._all("INSERT INTO heartbeat (replica, at) VALUES ('x', 1)", ())
     finally:
         await reader.close()
+
+
+async def test_a_nul_in_any_argument_finds_nothing_as_on_sqlite(both: Both) -> None:
+    for reader in (both.lite, both.pg):
+        assert await reader.conversation("c-a\x00") is None
+        assert await reader.messages("c-a\x00", source="tavus", limit=10) == []
+        assert await reader.messages("c-a", source="tavus", role="user\x00", limit=10) == []
+        assert await reader.has_role("c-a", "user\x00") is False
+        assert await reader.timeline("c-a\x00", limit=10, after=None, bodies=True) == []
+        assert await reader.event_body("c-a\x00", 0, 1) is None
+        assert await reader.conversations(10, None, ConversationFilter(metadata=(("team", "a\x00"),))) == []
+        assert await reader.conversations(10, (NOW + 100, "c-\x00"), ConversationFilter(source="tavus\x00")) == []
+        assert await reader.rev("c-a\x00") is None
+    assert await both.pg.has_role("c-a", "user") is True
+    for before in ((NOW + 50, "c-\x00"), (NOW + 50, "c-z\x00a"), (NOW + 50, "\x00"), (NOW + 50, "c_under\x00")):
+        lite = await both.lite.conversations(100, before)
+        assert builtins(await both.pg.conversations(100, before)) == builtins(lite), before
