@@ -116,8 +116,8 @@ SUMMARY_COLUMNS = "id, source, status, message_count, started_at, ended_at, last
 class Reader:
     """A few read-only connections (each in aiosqlite's thread), used in turn."""
 
-    # One process writes the file, and evicts its own cache on every commit: no revision check needed.
-    shared = False
+    # One process writes this database: its cache is evicted in-process on commit, so no rev() check.
+    shared: bool = False
 
     def __init__(self, path: str | Path, *, connections: int = 2) -> None:
         self.path = path
@@ -142,7 +142,7 @@ class Reader:
             return list(await cursor.fetchall())
 
     async def rev(self, conversation_id: str) -> int | None:
-        """None: on SQLite the daemon's cache is evicted by its own writer, so it never asks."""
+        """None: SQLite keeps no revision; storage.postgres.queries.Reader.rev has the shared database's."""
         return None
 
     async def conversation(self, conversation_id: str) -> Conversation | None:

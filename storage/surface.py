@@ -9,10 +9,9 @@ so mypy checks both backends' modules against them.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storage.backend import describe, is_postgres_url
 
@@ -137,8 +136,9 @@ class Surface:
 
     def reader(self, *, connections: int = 2) -> Reads:
         if self.postgres:
-            postgres_reader = importlib.import_module("storage.postgres.queries").Reader
-            return cast(Reads, postgres_reader(self.target, connections=connections))
+            from storage.postgres.queries import Reader as PostgresReader
+
+            return PostgresReader(self.target, connections=connections)
         from storage.queries import Reader
 
         return Reader(self.target, connections=connections)
@@ -163,32 +163,13 @@ class Surface:
 
 
 def surface_for(target: str) -> Surface:
-    postgres = is_postgres_url(target)
-    package = "storage.postgres" if postgres else "storage"
+    if is_postgres_url(target):
+        from storage.postgres import erasure as pg_erasure
+        from storage.postgres import notifications as pg_notifications
+        from storage.postgres import retention as pg_retention
+        from storage.postgres import search_index as pg_search_index
 
-    def module(name: str) -> Any:
-        return importlib.import_module(f"{package}.{name}")
+        return Surface(target, True, pg_retention, pg_erasure, pg_search_index, pg_notifications)
+    from storage import erasure, notifications, retention, search_index
 
-    return Surface(
-        target=target,
-        postgres=postgres,
-        retention=cast(Retention, module("retention")),
-        erasure=cast(Erasure, module("erasure")),
-        search_index=cast(SearchIndex, module("search_index")),
-        notifications=cast(Notifications, module("notifications")),
-    )
-
-
-if TYPE_CHECKING:
-    # Each backend's modules must fit the protocols: mypy checks these assignments.
-    from storage import erasure as _erasure
-    from storage import notifications as _notifications
-    from storage import retention as _retention
-    from storage import search_index as _search_index
-
-    _checked: tuple[Retention, Erasure, SearchIndex, Notifications] = (
-        _retention,
-        _erasure,
-        _search_index,
-        _notifications,
-    )
+    return Surface(target, False, retention, erasure, search_index, notifications)
