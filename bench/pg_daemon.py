@@ -20,7 +20,7 @@ requests to them in turn. Per run:
   step drifts for both alike.
 
     python -m bench.pg_daemon [--url postgresql://postgres@127.0.0.1:5432/postgres] [--senders 1 16 64]
-                              [--replicas 1 2] [--requests 400] [--single-requests 80]
+                              [--replicas 1 2] [--requests 400] [--per-sender 8] [--single-requests 80]
 
 An unreachable server fails the step. ``TRANSCRIPTD_BENCH_PROFILE=DIR`` runs every replica under cProfile,
 its profile written to DIR/<port>.prof when it stops (what limits a run, without another tool).
@@ -177,7 +177,7 @@ def one_run(
 ) -> dict[str, Any]:
     label = f"r{len(ports)}-s{senders}"
     messages = messages_in(templates[0])
-    warm = Workload.prepare(conversation_ids(label, 2 * senders, warmup=True), templates)
+    warm = Workload.prepare(conversation_ids(label, senders * len(ports), warmup=True), templates)
     measured = Workload.prepare(conversation_ids(label, requests), templates)
     bodies = [measured.body(i) for i in range(requests)]
     # Warm-up: every sender's connections open, the replicas' first commits done, off the clock.
@@ -219,13 +219,19 @@ def one_run(
     }
 
 
-def requests_for(senders: int, requests: int, single: int) -> int:
+def requests_for(senders: int, requests: int, single: int, per_sender: int) -> int:
     """One sender waits for a commit per request: fewer of them take as long as the others' runs."""
-    return single if senders == 1 else max(requests, 8 * senders)
+    return single if senders == 1 else max(requests, per_sender * senders)
 
 
 def run(
-    url: str, replica_counts: Sequence[int], senders: Sequence[int], requests: int, single: int, copy_transcripts: int
+    url: str,
+    replica_counts: Sequence[int],
+    senders: Sequence[int],
+    requests: int,
+    single: int,
+    per_sender: int,
+    copy_transcripts: int,
 ) -> dict[str, Any]:
     templates = body_templates(100, 200, 0)
     runs: list[dict[str, Any]] = []
@@ -234,7 +240,8 @@ def run(
         for count in replica_counts:
             with replicas(database, count) as ports:
                 for n in senders:
-                    result = one_run(conn, ports, templates, n, requests_for(n, requests, single), copy_transcripts)
+                    count = requests_for(n, requests, single, per_sender)
+                    result = one_run(conn, ports, templates, n, count, copy_transcripts)
                     runs.append(result)
                     print(line(result), file=sys.stderr, flush=True)
     copy_rates = sorted(r["copy"]["rows_per_s"] for r in runs)
@@ -244,6 +251,7 @@ def run(
             "senders": list(senders),
             "requests": requests,
             "single_sender_requests": single,
+            "requests_per_sender": per_sender,
             "turns": 100,
             "messages_per_request": messages_in(templates[0]),
             "ack": "durable",
@@ -281,12 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=DEFAULT_URL, help="the server (a database is created on it and dropped)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts (default 1 2)")
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 16, 64], help="senders (default 1 16 64)")
-    parser.add_argument("--requests", type=int, default=400, help="transcripts per run (default 400; 8 per sender)")
+    parser.add_argument("--requests", type=int, default=400, help="transcripts per run, at least (default 400)")
+    parser.add_argument("--per-sender", type=int, default=8, help="transcripts per sender, at least (default 8)")
     parser.add_argument("--single-requests", type=int, default=80, help="transcripts of a 1-sender run (80)")
     parser.add_argument("--copy-transcripts", type=int, default=COPY_TRANSCRIPTS, help="per COPY round (96)")
     parser.add_argument("--output", type=Path, default=RESULTS / "pg_daemon.json")
     args = parser.parse_args(argv)
-    result = run(args.url, args.replicas, args.senders, args.requests, args.single_requests, args.copy_transcripts)
+    result = run(
+        args.url,
+        args.replicas,
+        args.senders,
+        args.requests,
+        args.single_requests,
+        args.per_sender,
+        args.copy_transcripts,
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     claim = result["claim"]
