@@ -22,7 +22,7 @@ requests to them in turn. Per run:
     python -m bench.pg_daemon [--url postgresql://postgres@127.0.0.1:5432/postgres] [--senders 1 16 64]
                               [--replicas 1 2] [--requests 400] [--per-sender 8] [--single-requests 80]
 
-An unreachable server fails the step. ``TRANSCRIPTD_BENCH_PROFILE=DIR`` runs every replica under cProfile,
+An unreachable server fails the step. ``BENCH_PROFILE=DIR`` runs every replica under cProfile,
 its profile written to DIR/<port>.prof when it stops (what limits a run, without another tool).
 """
 
@@ -58,7 +58,7 @@ RESULTS = Path(__file__).parent / "results"
 WEBHOOK = "/webhooks/tavus"
 PER_COMMIT = 16  # COPY's transcripts per commit, as bench.pg_ceiling commits them
 COPY_TRANSCRIPTS = 96
-PROFILE = "TRANSCRIPTD_BENCH_PROFILE"
+PROFILE = "BENCH_PROFILE"
 # The claim this step checks: durable ingest through two replicas at 16 senders.
 CLAIM = {"replicas": 2, "senders": 16, "at_least": 0.3, "goal": 0.5}
 
@@ -91,7 +91,7 @@ def start_replica(url: str) -> tuple[subprocess.Popen[bytes], int]:
         "TRANSCRIPTD_STORAGE_SYNCHRONOUS": "full",
     }
     argv = ["-m", "cProfile", "-o", str(Path(directory) / f"{port}.prof"), "-m", "daemon", "serve"]
-    return start_server([*argv, "--config", os.devnull], port, env), port
+    return start_server([*argv, "--config", os.devnull], port, env, subprocess.DEVNULL), port
 
 
 def scrape(port: int) -> dict[str, float]:
