@@ -84,7 +84,9 @@ def daemon_section(result: dict[str, Any]) -> list[str]:
         f"round-robin balancer would. Each run's share of COPY divides it by binary `COPY` of "
         f"{settings['copy_transcripts']} transcripts ({settings['copy_per_commit']} per commit) into the same "
         "table, timed just before and just after it on the same server (their mean, in the COPY column): a "
-        "server whose speed drifts during the step drifts for both. Commits/s and rows per commit are the "
+        "server whose speed drifts during the step drifts for both. COPY is one connection committing one "
+        "batch at a time; replicas commit side by side, each on its writer's connection, so a share can pass 1. "
+        "Commits/s and rows per commit are the "
         "replicas' own counters (`/metrics`), summed; ack latencies are the senders'. The clients and the "
         f"server share this machine's {result['machine']['cpus']} CPUs with the daemons.",
         "",
