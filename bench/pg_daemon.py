@@ -107,14 +107,6 @@ def scrape(port: int) -> dict[str, float]:
     return found
 
 
-def scrape_all(ports: Sequence[int]) -> dict[str, float]:
-    totals = {"commits": 0.0, "rows": 0.0}
-    for port in ports:
-        for key, value in scrape(port).items():
-            totals[key] += value
-    return totals
-
-
 # --- the load -------------------------------------------------------------------------------------------
 
 
@@ -183,17 +175,19 @@ def one_run(
     # Warm-up: every sender's connections open, the replicas' first commits done, off the clock.
     asyncio.run(drive(ports, [warm.body(i) for i in range(len(warm.ids))], senders))
     before = copy_round(conn, templates, f"copy-{label}-before", copy_transcripts)
-    counted = scrape_all(ports)
+    # The counters move before a commit's deliveries are answered: the warm-up's are all in ``counted``.
+    counted = [scrape(port) for port in ports]
     run = asyncio.run(drive(ports, bodies, senders))
-    counters = scrape_all(ports)
+    counters = [scrape(port) for port in ports]
+    by_replica = [{k: now[k] - then[k] for k in now} for then, now in zip(counted, counters, strict=True)]
     after = copy_round(conn, templates, f"copy-{label}-after", copy_transcripts)
 
     ok = [cid for cid, status in zip(measured.ids, run["statuses"], strict=True) if status == 200]
     found = stored(conn, ok)
     lost = sorted(cid for cid in ok if found.get(cid, 0) < messages)
     excess = sorted(cid for cid in ok if found.get(cid, 0) > messages)
-    commits = counters["commits"] - counted["commits"]
-    rows = counters["rows"] - counted["rows"]
+    commits = sum(replica["commits"] for replica in by_replica)
+    rows = sum(replica["rows"] for replica in by_replica)
     seconds = run["seconds"]
     copy_rate = statistics.fmean([before["rows_per_s"], after["rows_per_s"]])
     statuses: dict[str, int] = {}
@@ -211,6 +205,8 @@ def one_run(
         "commits": commits,
         "commits_per_s": commits / seconds,
         "rows_per_commit": rows / commits if commits else 0.0,
+        "rows_committed": rows,
+        "commits_by_replica": [replica["commits"] for replica in by_replica],
         "lost": len(lost),
         "lost_sample": lost[:10],
         "excess": len(excess),
