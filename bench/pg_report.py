@@ -45,7 +45,9 @@ def postgres_section(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def daemon_section(result: dict[str, Any]) -> list[str]:
+def daemon_section(result: dict[str, Any], ceiling: dict[str, Any] | None = None) -> list[str]:
+    """``ceiling``: ``bench.pg_ceiling``'s result of the same run, if there is one: the claim is also given
+    against its COPY, measured on its own (a fresh table, several rounds)."""
     from bench.report import table  # as above: bench.report imports this module
 
     settings = result["settings"]
@@ -107,7 +109,7 @@ def daemon_section(result: dict[str, Any]) -> list[str]:
             rows,
         ),
         "",
-        _claim(result["claim"]) + " " + stored,
+        _claim(result, ceiling) + " " + stored,
     ]
 
 
@@ -117,11 +119,19 @@ def _answers(run: dict[str, Any]) -> str:
     )
 
 
-def _claim(claim: dict[str, Any]) -> str:
+def _claim(result: dict[str, Any], ceiling: dict[str, Any] | None) -> str:
+    claim = result["claim"]
     where = f"Durable ingest through {claim['replicas']} replicas at {claim['senders']} senders"
     ratio = claim["of_copy"]
     if ratio is None:
         return f"{where} was not measured in this run."
+    runs = [r for r in result["runs"] if (r["replicas"], r["senders"]) == (claim["replicas"], claim["senders"])]
+    also = (
+        f" Against the ceiling step's COPY ({ceiling['copy']['rows_per_s']:,.0f} rows/s, a fresh table): "
+        f"{runs[0]['messages_per_s'] / ceiling['copy']['rows_per_s']:.2f}."
+        if ceiling and runs
+        else ""
+    )
     verdict = (
         "meets the goal"
         if ratio >= claim["goal"]
@@ -130,4 +140,4 @@ def _claim(claim: dict[str, Any]) -> str:
         else "**is under the floor**"
     )
     target = f"at least {claim['at_least']}, goal {claim['goal']}"
-    return f"{where}: {ratio:.2f} of COPY's rows/s ({target}): it {verdict}."
+    return f"{where}: {ratio:.2f} of COPY's rows/s ({target}): it {verdict}.{also}"

@@ -613,7 +613,7 @@ def render(results: Path) -> str:
     lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
     lines += [*postgres_section(postgres), ""] if postgres else [missing.format("pg_ceiling.json"), ""]
     replicas = load_json(results / "pg_daemon.json")
-    lines += [*daemon_section(replicas), ""] if replicas else [missing.format("pg_daemon.json"), ""]
+    lines += [*daemon_section(replicas, postgres), ""] if replicas else [missing.format("pg_daemon.json"), ""]
     from bench.search_report import search_section  # here: that module uses this one's table()
 
     search = load_json(results / "search.json")

@@ -100,6 +100,14 @@ def test_the_daemon_table_gives_each_run_against_its_own_copy(tmp_path: Path) ->
     assert "| 2 | 16 | 12,000 | 0.50 | 24,000 |" in section
     assert "2 replicas at 16 senders: 0.50 of COPY's rows/s (at least 0.3, goal 0.5): it meets the goal." in section
     assert "All 800 transcripts answered 200 were found with every message, once." in section
+    assert "Against the ceiling step's COPY" not in section  # no pg_ceiling.json in this run
+
+
+def test_the_claim_is_also_given_against_the_ceiling_steps_copy(tmp_path: Path) -> None:
+    (tmp_path / "pg_ceiling.json").write_text(json.dumps(ceiling(60_000.0, 30_000.0, 21_000.0)))
+    result = daemon(replica_run(1, 16, 9_000.0, 30_000.0), replica_run(2, 16, 12_000.0, 24_000.0), claim=0.5)
+    section = rendered(tmp_path, result)
+    assert "Against the ceiling step's COPY (60,000 rows/s, a fresh table): 0.20." in section
 
 
 def test_a_run_under_the_floor_and_a_lost_transcript_are_said(tmp_path: Path) -> None:
