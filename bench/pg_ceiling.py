@@ -145,7 +145,7 @@ def scratch_database(url: str, purpose: str = "bench") -> Iterator[str]:
     try:
         admin = connect(url)
     except ServerUnreachable as exc:
-        raise SystemExit(f"the PostgreSQL {purpose} needs a server: {exc}") from None
+        raise SystemExit(f"this bench needs a PostgreSQL server: {exc}") from None
     name = f"transcriptd_{purpose}_{os.getpid()}"
     head, _, _ = url.rpartition("/")
     with admin:
