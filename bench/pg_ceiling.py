@@ -22,6 +22,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,12 @@ def measured(conn: Connection, started: float, commits: int) -> dict[str, float]
 
 def copy_ceiling(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
     fresh(conn)
+    return copy_messages(conn, deliveries, per_commit)
+
+
+def copy_messages(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+    """COPY the deliveries' message rows, ``per_commit`` transcripts per commit, into whatever the table
+    holds already; their conversations are inserted before the clock starts."""
     with_conversations(conn, deliveries)
     rows = [list(zip(*columns_of(list(d.rows)), strict=True)) for d in deliveries]
     commits = 0
@@ -95,7 +103,15 @@ def copy_ceiling(conn: Connection, deliveries: list[Delivery], per_commit: int) 
                 for row in transcript:
                     copy.write_row(row)
         commits += 1
-    return measured(conn, started, commits)
+    elapsed = time.perf_counter() - started
+    written = sum(map(len, rows))
+    return {
+        "rows": written,
+        "commits": commits,
+        "seconds": elapsed,
+        "rows_per_s": written / elapsed,
+        "commits_per_s": commits / elapsed,
+    }
 
 
 def unnest_loop(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
@@ -122,30 +138,43 @@ def group_commit(conn: Connection, deliveries: list[Delivery], per_commit: int) 
     return measured(conn, started, commits)
 
 
-def run(url: str, transcripts: int, turns: int, per_commit: int, rounds: int) -> dict[str, Any]:
+@contextmanager
+def scratch_database(url: str, purpose: str = "bench") -> Iterator[str]:
+    """The URL of a fresh, migrated database created on ``url``'s server (byte-order collation, as the
+    tests use), dropped on the way out, whatever is still connected to it."""
     try:
         admin = connect(url)
     except ServerUnreachable as exc:
-        raise SystemExit(f"bench.pg_ceiling needs a PostgreSQL server: {exc}") from None
-    name = f"transcriptd_bench_{os.getpid()}"
+        raise SystemExit(f"this bench needs a PostgreSQL server: {exc}") from None
+    name = f"transcriptd_{purpose}_{os.getpid()}"
     head, _, _ = url.rpartition("/")
     with admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
         try:
-            with connect(f"{head}/{name}", synchronous="full") as conn:
+            with connect(f"{head}/{name}") as conn:
                 migrate(conn)
-                (version,) = conn.execute("SHOW server_version").fetchone() or ("?",)
-                bodies = make_bodies(transcripts, turns)
-                deliveries = [tavus.parse(b, {}, received_at=time.time())[0] for b in bodies]
-                results: dict[str, list[dict[str, float]]] = {"copy": [], "unnest": [], "group_commit": []}
-                # Alternated rounds, so that the server's state drifts over all three alike; the median is kept.
-                for _ in range(rounds):
-                    results["copy"].append(copy_ceiling(conn, deliveries, per_commit))
-                    results["unnest"].append(unnest_loop(conn, deliveries, per_commit))
-                    results["group_commit"].append(group_commit(conn, deliveries, per_commit))
+            yield f"{head}/{name}"
         finally:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def server_version(conn: Connection) -> str:
+    (version,) = conn.execute("SHOW server_version").fetchone() or ("?",)
+    return str(version)
+
+
+def run(url: str, transcripts: int, turns: int, per_commit: int, rounds: int) -> dict[str, Any]:
+    with scratch_database(url) as database, connect(database, synchronous="full") as conn:
+        version = server_version(conn)
+        bodies = make_bodies(transcripts, turns)
+        deliveries = [tavus.parse(b, {}, received_at=time.time())[0] for b in bodies]
+        results: dict[str, list[dict[str, float]]] = {"copy": [], "unnest": [], "group_commit": []}
+        # Alternated rounds, so that the server's state drifts over all three alike; the median is kept.
+        for _ in range(rounds):
+            results["copy"].append(copy_ceiling(conn, deliveries, per_commit))
+            results["unnest"].append(unnest_loop(conn, deliveries, per_commit))
+            results["group_commit"].append(group_commit(conn, deliveries, per_commit))
     medians = {what: sorted(runs, key=lambda r: r["rows_per_s"])[len(runs) // 2] for what, runs in results.items()}
     return {
         "settings": {

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from storage.backend import is_postgres_url
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
@@ -62,7 +64,7 @@ def start_server(
 
 
 def start_transcriptd(
-    db: Path,
+    db: Path | str,
     *,
     ack: str = "durable",
     synchronous: str = "full",
@@ -78,11 +80,13 @@ def start_transcriptd(
     process with its own disk policy, while a file beside the database would put the log's disk writes into
     every commit's fsync (ext4 flushes other files' appended data with its journal).
 
+    ``db``: a SQLite file, or a ``postgresql://`` URL (``storage.url``; replicas may share one).
     ``root``: the source tree to run, this repository's by default (``bench.overhead`` runs an older commit's).
     """
     port = free_port()
+    storage = "TRANSCRIPTD_STORAGE_URL" if is_postgres_url(str(db)) else "TRANSCRIPTD_STORAGE_PATH"
     settings = {
-        "TRANSCRIPTD_STORAGE_PATH": str(db),
+        storage: str(db),
         "TRANSCRIPTD_SERVER_PORT": str(port),
         "TRANSCRIPTD_INGEST_ACK": ack,
         "TRANSCRIPTD_STORAGE_SYNCHRONOUS": synchronous,

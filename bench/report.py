@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.pg_report import postgres_section
+from bench.pg_report import daemon_section, postgres_section
 
 RESULTS = Path(__file__).parent / "results"
 OUTPUT = Path(__file__).parent.parent / "BENCHMARKS.md"
@@ -612,6 +612,8 @@ def render(results: Path) -> str:
     lines += [*outbox_section(outbox), ""] if outbox else [missing.format("outbox_cost.json"), ""]
     lines += [*overhead_section(overhead), ""] if overhead else [missing.format("overhead.json"), ""]
     lines += [*postgres_section(postgres), ""] if postgres else [missing.format("pg_ceiling.json"), ""]
+    replicas = load_json(results / "pg_daemon.json")
+    lines += [*daemon_section(replicas, postgres), ""] if replicas else [missing.format("pg_daemon.json"), ""]
     from bench.search_report import search_section  # here: that module uses this one's table()
 
     search = load_json(results / "search.json")

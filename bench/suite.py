@@ -11,9 +11,10 @@
 7. what the delivery log and the hardening cost durable ingest (``bench.overhead``);
 8. the PostgreSQL server's ceiling beside the PostgreSQL group commit (``bench.pg_ceiling``; needs the
    server, and fails without it);
-9. BENCHMARKS.md and the chart from the results (``bench.report``).
-6. full-text search: its cost at ingest, and search latency over a million messages (``bench.search``);
-7. BENCHMARKS.md and the chart from the results (``bench.report``).
+9. transcriptd serve on PostgreSQL, 1 and 2 replicas at 1, 16 and 64 senders, against COPY on the same
+   server (``bench.pg_daemon``; needs the server too);
+10. full-text search: its cost at ingest, and search latency over a million messages (``bench.search``);
+11. BENCHMARKS.md and the chart from the results (``bench.report``).
 
 Each step writes its JSON to ``bench/results/``. A step that fails stops the run (non-zero exit): a
 document generated from a partial run would mix figures from different runs. ``--quick`` shrinks every
@@ -87,6 +88,18 @@ def steps(results: Path, document: Path, quick: bool) -> list[tuple[str, list[st
         (
             "postgres ceiling",
             module("bench.pg_ceiling", "pg_ceiling.json", *(["--transcripts", "32", "--rounds", "1"] if quick else [])),
+        ),
+        (
+            "postgres daemon",
+            module(
+                "bench.pg_daemon",
+                "pg_daemon.json",
+                *(
+                    ["--requests", "16", "--per-sender", "1", "--single-requests", "4", "--copy-transcripts", "16"]
+                    if quick
+                    else []
+                ),
+            ),
         ),
         ("search", module("bench.search", "search.json", *(["--quick"] if quick else []))),
         ("report", [sys.executable, "-m", "bench.report", "--results", str(results), "--output", str(document)]),
