@@ -49,11 +49,21 @@ Snapshot = tuple[object, ...]
 
 
 @dataclass(slots=True)
-class _Messages:
+class Messages:
+    """The messages one transaction added and updated in a conversation, and their positions' range."""
+
     added: int = 0
     updated: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
+
+    def add(self, added: int, updated: int, seqs: Sequence[int]) -> None:
+        self.added += added
+        self.updated += updated
+        if seqs:
+            low, high = min(seqs), max(seqs)
+            self.first_seq = low if self.first_seq is None else min(low, self.first_seq)
+            self.last_seq = high if self.last_seq is None else max(high, self.last_seq)
 
 
 class ChangeSet:
@@ -67,7 +77,7 @@ class ChangeSet:
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self._before: dict[str, Snapshot | None] = {}
-        self._messages: dict[str, _Messages] = {}
+        self._messages: dict[str, Messages] = {}
 
     def track(self, conn: sqlite3.Connection, conversation_ids: Iterable[str]) -> None:
         """Read how the conversations not tracked yet are now, before this transaction changes them."""
@@ -86,13 +96,8 @@ class ChangeSet:
             return
         noted = self._messages.get(conversation_id)
         if noted is None:
-            noted = self._messages[conversation_id] = _Messages()
-        noted.added += added
-        noted.updated += updated
-        if seqs:
-            low, high = min(seqs), max(seqs)
-            noted.first_seq = low if noted.first_seq is None else min(low, noted.first_seq)
-            noted.last_seq = high if noted.last_seq is None else max(high, noted.last_seq)
+            noted = self._messages[conversation_id] = Messages()
+        noted.add(added, updated, seqs)
 
     def record(self, conn: sqlite3.Connection, *, now: float | None = None) -> int | None:
         """Insert one change per tracked conversation that changed, inside the open transaction: the
@@ -107,7 +112,7 @@ class ChangeSet:
             if current is None:  # its only delivery was refused (rolled back to its savepoint)
                 continue
             noted = self._messages.get(cid)
-            kinds = _kinds(before, current, noted)
+            kinds = kinds_changed(before, current, noted)
             if not kinds:
                 continue
             first, last = (noted.first_seq, noted.last_seq) if noted is not None else (None, None)
@@ -128,7 +133,9 @@ def _snapshots(conn: sqlite3.Connection, conversation_ids: list[str]) -> dict[st
 _snapshot_rows = msgspec.json.Decoder(list[list[Any]])
 
 
-def _kinds(before: Snapshot | None, after: Snapshot, messages: _Messages | None) -> dict[str, int]:
+def kinds_changed(before: Snapshot | None, after: Snapshot, messages: Messages | None) -> dict[str, int]:
+    """What changed, by kind, from the snapshots (source first, then ``KIND_COLUMNS``'s columns in order;
+    ``before`` None: the conversation is new) and the messages noted; empty: nothing."""
     kinds: dict[str, int] = {}
     if messages is not None:
         if messages.added:

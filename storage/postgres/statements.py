@@ -116,6 +116,7 @@ UPDATE_CHANGED_BY_EXTERNAL_ID = """
 UPDATE messages SET role = %(role)s, content = %(content)s, timestamp = coalesce(%(timestamp)s::float8, timestamp)
 WHERE conversation_id = %(cid)s AND external_id = %(external_id)s AND source = %(source)s
   AND (role, content, timestamp) IS DISTINCT FROM (%(role)s, %(content)s, coalesce(%(timestamp)s::float8, timestamp))
+RETURNING seq
 """
 
 # last_message_at as SQLite's writer sets it: max(coalesce(last, v), v) there is NULL when v is NULL

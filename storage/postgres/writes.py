@@ -34,8 +34,10 @@ from psycopg import errors
 
 from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
 from storage.errors import StorageRejected, StorageUnavailable
+from storage.postgres import erasure
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
+from storage.postgres.outbox import ChangeSet
 from storage.postgres.statements import FLOAT_PATCH_COLUMNS
 from storage.statements import PATCH_COLUMNS
 
@@ -57,7 +59,17 @@ REFUSALS = (psycopg.DataError, psycopg.IntegrityError)
 
 
 def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
-    """Write ``batch`` in one transaction and commit; one outcome per delivery, in order.
+    """Write ``batch`` in one transaction, with its changes, and commit; one outcome per delivery, in order
+    (see ``commit_batch``)."""
+    outcomes, _ = commit_batch(conn, batch)
+    return outcomes
+
+
+def commit_batch(
+    conn: Connection, batch: Sequence[Delivery], *, record_changes: bool = True
+) -> tuple[list[Outcome], int | None]:
+    """Write ``batch`` in one transaction, with its changes (storage.postgres.outbox), and commit: one
+    outcome per delivery, in order, and the position of the last change recorded (None: nothing changed).
 
     ``conn`` is in autocommit mode with no transaction open. A fault of the storage raises
     ``StorageUnavailable`` and nothing of the batch is stored, except that after a lost COMMIT the batch
@@ -67,10 +79,10 @@ def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
     for attempt in range(1, ATTEMPTS + 1):
         try:
             try:
-                return _write_in_one_transaction(conn, batch, refused)
+                return _write_in_one_transaction(conn, batch, refused, record_changes)
             except REFUSALS as exc:
                 log.warning("the database refused part of a batch, writing it one delivery at a time: %s", exc)
-                return _write_isolated(conn, batch, refused)
+                return _write_isolated(conn, batch, refused, record_changes)
         except RETRIED as exc:
             if attempt == ATTEMPTS:
                 raise StorageUnavailable(f"storage is unavailable: {exc.__class__.__name__} {ATTEMPTS} times") from exc
@@ -99,25 +111,35 @@ def unstorable(delivery: Delivery) -> str | None:
     return None
 
 
-def _write_in_one_transaction(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
+def _write_in_one_transaction(
+    conn: Connection, batch: Sequence[Delivery], refused: dict[int, str], record_changes: bool
+) -> tuple[list[Outcome], int | None]:
     with _transaction(conn):
         for i, reason in refused.items():
             _dead_letter(conn, batch[i], reason)
         accepted = [delivery for i, delivery in enumerate(batch) if i not in refused]
-        results = iter(write_deliveries(conn, accepted))
-    return [_rejected(batch[i], refused[i]) if i in refused else next(results) for i in range(len(batch))]
+        changes = ChangeSet(enabled=record_changes)
+        results = iter(write_deliveries(conn, accepted, changes))
+        position = changes.record(conn)
+    outcomes = [_rejected(batch[i], refused[i]) if i in refused else next(results) for i in range(len(batch))]
+    return outcomes, position
 
 
-def _write_isolated(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
+def _write_isolated(
+    conn: Connection, batch: Sequence[Delivery], refused: dict[int, str], record_changes: bool
+) -> tuple[list[Outcome], int | None]:
     """The slow path: each delivery in a savepoint of its own, at most ``MAX_SAVEPOINTS`` per transaction.
     A delivery the server refuses is rolled back alone and dead-lettered in its savepoint.
 
     A batch of more than ``MAX_SAVEPOINTS`` deliveries commits in several transactions; if a later one
     fails (a fault, or a deadlock and the batch's retry), the deliveries of the committed ones are answered
-    as failed, or as duplicates on the retry, though stored: their senders' retries are deduplicated."""
+    as failed, or as duplicates on the retry, though stored: their senders' retries are deduplicated.
+    Each transaction records its own changes; the position returned is the last one recorded."""
     outcomes: list[Outcome] = []
+    position: int | None = None
     for start in range(0, len(batch), MAX_SAVEPOINTS):
         chunk: list[Outcome] = []
+        changes = ChangeSet(enabled=record_changes)
         with _transaction(conn):
             for i in range(start, min(start + MAX_SAVEPOINTS, len(batch))):
                 delivery = batch[i]
@@ -127,17 +149,21 @@ def _write_isolated(conn: Connection, batch: Sequence[Delivery], refused: dict[i
                     _dead_letter(conn, delivery, refused[i])
                     conn.execute("RELEASE delivery")
                     continue
+                tracked = changes.tracked()
                 try:
-                    chunk.extend(write_deliveries(conn, [delivery]))
+                    chunk.extend(write_deliveries(conn, [delivery], changes))
                 except REFUSALS as exc:
                     conn.execute("ROLLBACK TO delivery")
+                    changes.forget_since(tracked)
                     error = f"{exc.__class__.__name__}: {exc}"
                     log.error("delivery rejected by the database: %s", error)
                     chunk.append(StorageRejected(f"the database rejected this delivery: {exc}"))
                     _dead_letter(conn, delivery, error)
                 conn.execute("RELEASE delivery")
+            recorded = changes.record(conn)
         outcomes.extend(chunk)
-    return outcomes
+        position = recorded if recorded is not None else position
+    return outcomes, position
 
 
 class _transaction:
@@ -204,10 +230,15 @@ def _real(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
+def write_deliveries(
+    conn: Connection, batch: Sequence[Delivery], changes: ChangeSet | None = None
+) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
-    whose conversation was erased stores nothing, and is counted on its tombstone."""
+    whose conversation was erased stores nothing, and is counted on its tombstone.
+
+    What the fresh deliveries change is noted in ``changes`` (tracked under the conversations' row locks;
+    messages noted only once every statement succeeded), for the caller to record before its COMMIT."""
     if not batch:
         return []
     live, created = _lock_conversations(conn, batch)
@@ -218,11 +249,17 @@ def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteR
     fresh_cids = {d.conversation_id for d in fresh}
     if created - fresh_cids:
         conn.execute(sql.DROP_UNUSED_CONVERSATIONS, (sorted(created - fresh_cids),))
+    if changes is not None:
+        changes.track(conn, [d.conversation_id for d in fresh], created)
     _patch_conversations(conn, fresh)
     tally = {id(d): _Tally() for d in fresh}
     _write_transcripts(conn, fresh, tally)
     _write_appends(conn, fresh, tally)
     _count_messages(conn, fresh, tally)
+    if changes is not None:
+        for delivery in fresh:
+            noted = tally[id(delivery)]
+            changes.messages(delivery.conversation_id, noted.inserted, noted.updated, noted.seqs)
 
     results = []
     for delivery in batch:
@@ -239,6 +276,7 @@ def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteR
 class _Tally:
     inserted: int = 0
     updated: int = 0
+    seqs: list[int] = field(default_factory=list)  # of the messages inserted or updated, for the change
 
 
 def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[set[str], set[str]]:
@@ -251,15 +289,22 @@ def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[se
         sql.LOCK_CONVERSATIONS,
         (ids, [first[cid].source for cid in ids], [float(first[cid].received_at) for cid in ids]),
     ).fetchall()
-    return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+    live, created = {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+    # An erasure that held the row when this upsert ran deleted it and committed its tombstone: the upsert
+    # then inserted the row again (the tombstone check above was read before that commit). Checked again
+    # here, under the lock, where that commit is visible (storage.postgres.erasure).
+    if created and (late := erasure.tombstoned(conn, created)):
+        conn.execute(sql.DROP_UNUSED_CONVERSATIONS, (sorted(late),))
+        live -= late
+        created -= late
+    return live, created
 
 
 def _count_dropped(conn: Connection, dropped: Sequence[Delivery]) -> None:
     per_conversation: dict[str, int] = {}
     for delivery in dropped:
         per_conversation[delivery.conversation_id] = per_conversation.get(delivery.conversation_id, 0) + 1
-    ids = sorted(per_conversation)
-    conn.execute(sql.COUNT_DROPPED, (time.time(), ids, [per_conversation[cid] for cid in ids]))
+    erasure.count_dropped(conn, per_conversation, time.time())
 
 
 def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
@@ -363,6 +408,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
         if key in inserted:
             inserted.discard(key)
             counted.inserted += 1
+            counted.seqs.append(key[2])
         else:
             again.append(i)
     # In rounds: a position repeated in the batch is compared with what the previous round left.
@@ -381,6 +427,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
         for i in this_round:
             if (columns[0][i], columns[1][i], columns[2][i]) in changed_keys:
                 owners[i].updated += 1
+                owners[i].seqs.append(columns[2][i])
         again = later
 
 
@@ -393,13 +440,16 @@ def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int,
         cursor.executemany(sql.APPEND_MESSAGE, [params for _, params in rows], returning=True)
         skipped = []
         for counted, params in rows:
-            if cursor.fetchone() is not None:
+            if (appended := cursor.fetchone()) is not None:
                 counted.inserted += 1
+                counted.seqs.append(appended[0])
             elif params["external_id"] is not None:
                 skipped.append((counted, params))
             cursor.nextset()
         for counted, params in skipped:
-            counted.updated += conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, params).rowcount
+            changed = conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, params).fetchall()
+            counted.updated += len(changed)
+            counted.seqs.extend(row[0] for row in changed)
 
 
 def _append_params(row: tuple[str, str, str, str, float | None, str | None, float]) -> dict[str, Any]:
