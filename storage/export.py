@@ -7,10 +7,10 @@ entries (the persona's prompt) are included and marked: ``"system": true`` in JS
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -65,10 +65,23 @@ def messages(conn: sqlite3.Connection, conversation_id: str, *, chunk_rows: int 
 
     Each chunk is its own snapshot: a message stored during the export shows if it comes after the chunk
     being read, which is the order a live transcript grows in."""
+    return paged(
+        conversation_id,
+        lambda after: conn.execute(MESSAGES, (conversation_id, *after, chunk_rows)).fetchall(),
+        chunk_rows,
+    )
+
+
+# One chunk of (source, seq, role, content, timestamp, external_id) rows after a (source, seq).
+Chunk = Callable[[tuple[str, int]], Sequence[Sequence[Any]]]
+
+
+def paged(conversation_id: str, chunk: Chunk, chunk_rows: int) -> Iterator[MessageLine]:
+    """The lines of every chunk, each chunk read after the last row of the one before (both backends)."""
     after: tuple[str, int] = ("", -1)  # before every (source, seq): sources are non-empty, seq >= 0
     while True:
-        chunk = conn.execute(MESSAGES, (conversation_id, *after, chunk_rows)).fetchall()
-        for source, seq, role, content, timestamp, external_id in chunk:
+        rows = chunk(after)
+        for source, seq, role, content, timestamp, external_id in rows:
             yield MessageLine(
                 conversation_id=conversation_id,
                 source=source,
@@ -79,19 +92,24 @@ def messages(conn: sqlite3.Connection, conversation_id: str, *, chunk_rows: int 
                 system=role == "system",
                 id=external_id,
             )
-        if len(chunk) < chunk_rows:
+        if len(rows) < chunk_rows:
             return
-        after = (chunk[-1][0], chunk[-1][1])
+        after = (rows[-1][0], rows[-1][1])
 
 
 def export(conn: sqlite3.Connection, head: ConversationHead, format: Format) -> Iterator[bytes]:
     """The export, chunk by chunk (UTF-8), to write as it comes."""
+    return encoded(head, messages(conn, head.id), format)
+
+
+def encoded(head: ConversationHead, lines: Iterator[MessageLine], format: Format) -> Iterator[bytes]:
+    """``lines`` as the export's bytes (both backends: the same rows give the same bytes)."""
     if format == "jsonl":
         encoder = msgspec.json.Encoder()
-        for line in messages(conn, head.id):
+        for line in lines:
             yield encoder.encode(line) + b"\n"
         return
-    for text in markdown(head, messages(conn, head.id)):
+    for text in markdown(head, lines):
         yield text.encode("utf-8")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from storage.connection import immediate
@@ -99,14 +99,40 @@ def replay(
     and propagates; what was committed until then stays, and replaying again is safe.
     """
     limits = limits or ReplayLimits()
-    stats = ReplayStats()
     bounds = _bounds(conn, conversation_id, since)
     if bounds is None:
-        return stats
-    positions = _Positions(conn, parsers, limits.max_streams)
+        return ReplayStats()
+
+    def earlier(cid: str, source: str, before_id: int) -> list[StoredEvent]:
+        return [StoredEvent(*row) for row in conn.execute(EARLIER_EVENTS, (cid, source, before_id)).fetchall()]
+
+    def write(batch: list[tuple[StoredEvent, Delivery]], stats: ReplayStats) -> None:
+        _write(conn, batch, stats, on_failure)
+
+    return replay_events(_events(conn, conversation_id, *bounds), parsers, earlier, write, limits, on_failure)
+
+
+# The events of one conversation and source stored before an event id, in id order.
+Earlier = Callable[[str, str, int], Iterable[StoredEvent]]
+# Write one batch of parsed events in a transaction, adding what it did to the stats.
+WriteBatch = Callable[[list[tuple[StoredEvent, Delivery]], ReplayStats], None]
+
+
+def replay_events(
+    events: Iterable[StoredEvent],
+    parsers: Mapping[str, Parse],
+    earlier: Earlier,
+    write: WriteBatch,
+    limits: ReplayLimits,
+    on_failure: Callable[[StoredEvent, str], None] | None,
+) -> ReplayStats:
+    """The replay itself, whichever backend stores the events: parse each, place its appended messages,
+    and hand the parsed events to ``write`` in batches within ``limits``."""
+    stats = ReplayStats()
+    positions = _Positions(earlier, parsers, limits.max_streams)
     batch: list[tuple[StoredEvent, Delivery]] = []
     rows = size = 0
-    for event in _events(conn, conversation_id, *bounds):
+    for event in events:
         parse = parsers.get(event.source)
         if parse is None:
             stats.unknown_source += 1
@@ -124,11 +150,19 @@ def replay(
         rows += len(delivery.rows)
         size += len(event.body)
         if len(batch) >= limits.max_events or rows >= limits.max_rows or size >= limits.max_bytes:
-            _write(conn, batch, stats, on_failure)
+            write(batch, stats)
             batch, rows, size = [], 0, 0
     if batch:
-        _write(conn, batch, stats, on_failure)
+        write(batch, stats)
     return stats
+
+
+def has_events(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    """Whether any event of ``conversation_id`` is stored (a replay of it would find something)."""
+    return (
+        conn.execute("SELECT 1 FROM events WHERE conversation_id = ? LIMIT 1", (conversation_id,)).fetchone()
+        is not None
+    )
 
 
 def _bounds(conn: sqlite3.Connection, conversation_id: str | None, since: float | None) -> tuple[int, int] | None:
@@ -172,8 +206,8 @@ def parse_stored(parse: Parse, event: StoredEvent) -> Delivery:
 class _Positions:
     """Gives appended messages the positions the writer gave them, so a replay re-writes them in place."""
 
-    def __init__(self, conn: sqlite3.Connection, parsers: Mapping[str, Parse], max_streams: int) -> None:
-        self._conn = conn
+    def __init__(self, earlier: Earlier, parsers: Mapping[str, Parse], max_streams: int) -> None:
+        self._earlier_events = earlier
         self._parsers = parsers
         self._max_streams = max(1, max_streams)
         self._streams: OrderedDict[tuple[str, str], _Stream] = OrderedDict()
@@ -197,9 +231,9 @@ class _Positions:
         """The stream as the events before ``before_id`` left it: they are parsed again, not written."""
         stream = _Stream()
         parse = self._parsers[key[1]]
-        for row in self._conn.execute(EARLIER_EVENTS, (*key, before_id)).fetchall():
+        for event in self._earlier_events(*key, before_id):
             try:
-                earlier = parse(StoredEvent(*row))
+                earlier = parse(event)
             except Exception:  # noqa: S112 (the main pass reports it, when it replays that event)
                 continue
             _place(stream, earlier)

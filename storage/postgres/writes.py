@@ -231,21 +231,24 @@ def _real(value: float | None) -> float | None:
 
 
 def write_deliveries(
-    conn: Connection, batch: Sequence[Delivery], changes: ChangeSet | None = None
+    conn: Connection, batch: Sequence[Delivery], changes: ChangeSet | None = None, *, store_events: bool = True
 ) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
     whose conversation was erased stores nothing, and is counted on its tombstone.
 
-    What the fresh deliveries change is noted in ``changes`` (tracked under the conversations' row locks;
-    messages noted only once every statement succeeded), for the caller to record before its COMMIT."""
+What the fresh deliveries change is noted in ``changes`` (tracked under the conversations' row locks;
+    messages noted only once every statement succeeded), for the caller to record before its COMMIT.
+    ``store_events=False`` (replay): the events are the ones already stored, re-parsed; they are not
+    claimed again, only their conversations and messages are written (idempotently)."""
     if not batch:
         return []
     live, created = _lock_conversations(conn, batch)
     erased = [d for d in batch if d.conversation_id not in live]
     if erased:
         _count_dropped(conn, erased)
-    fresh = _claim(conn, [d for d in batch if d.conversation_id in live])
+    kept = [d for d in batch if d.conversation_id in live]
+    fresh = _claim(conn, kept) if store_events else _first_of_each_key(kept)
     fresh_cids = {d.conversation_id for d in fresh}
     if created - fresh_cids:
         conn.execute(sql.DROP_UNUSED_CONVERSATIONS, (sorted(created - fresh_cids),))
@@ -331,6 +334,16 @@ def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
             claimed.discard(delivery.key)
             fresh.append(delivery)
     return fresh
+
+
+def _first_of_each_key(batch: Sequence[Delivery]) -> list[Delivery]:
+    seen: set[str] = set()
+    first = []
+    for delivery in batch:
+        if delivery.key not in seen:
+            seen.add(delivery.key)
+            first.append(delivery)
+    return first
 
 
 @dataclass(slots=True)
