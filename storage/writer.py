@@ -303,7 +303,10 @@ class Writer:
             if message != self.last_error:
                 log.error("commit failed, nothing of this batch was stored: %s", message)
             awaited = [d for d in batch if d.awaited]
-            self._call_soon(self._fail, awaited, StorageUnavailable(f"storage is unavailable: {exc}"), message)
+            # The engine's own StorageUnavailable already says what became of the batch (a lost COMMIT:
+            # unknown); passed on as it is rather than prefixed a second time.
+            error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"storage is unavailable: {exc}")
+            self._call_soon(self._fail, awaited, error, message)
             return [d for d in batch if not d.awaited]
         seconds = time.perf_counter() - started
         log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * seconds)
