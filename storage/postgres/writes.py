@@ -237,7 +237,7 @@ def write_deliveries(
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
     whose conversation was erased stores nothing, and is counted on its tombstone.
 
-What the fresh deliveries change is noted in ``changes`` (tracked under the conversations' row locks;
+    What the fresh deliveries change is noted in ``changes`` (tracked under the conversations' row locks;
     messages noted only once every statement succeeded), for the caller to record before its COMMIT.
     ``store_events=False`` (replay): the events are the ones already stored, re-parsed; they are not
     claimed again, only their conversations and messages are written (idempotently)."""
