@@ -31,6 +31,7 @@ from storage.postgres.connection import connect
 from tests.daemon_process import WEBHOOK, Daemon, Load, start_daemons
 from tests.payloads import encode, transcription_ready
 from tests.postgres_tools import Cluster, fresh_schema, throwaway_cluster
+from tests.receiver import SIGNING_SECRET, receiving
 
 pytestmark = pytest.mark.slow
 
@@ -387,6 +388,35 @@ def test_a_server_restart_under_load_is_503_then_recovered_without_losing_a_deli
         with running(tmp_path, url, ["a", "b"]) as daemons:
             restart_while_idle(cluster, daemons)
             outage_under_load(cluster, url, daemons)
+
+
+def test_notifications_go_on_after_a_server_restart(tmp_path: Path) -> None:
+    with throwaway_cluster() as cluster, receiving() as receiver:
+        url = cluster.url("transcripts")
+        with connect(cluster.url()) as admin:
+            admin.execute("CREATE DATABASE transcripts TEMPLATE template0 ENCODING 'UTF8'")
+        env = {
+            "TRANSCRIPTD_NOTIFY_URL": receiver.url,
+            "TRANSCRIPTD_NOTIFY_SIGNING_SECRET": SIGNING_SECRET,
+            "TRANSCRIPTD_NOTIFY_RETRY_SCHEDULE": "0.2 0.5",
+        }
+        with running(tmp_path, url, ["notifying"], env) as (daemon,):
+
+            def notified(cid: str) -> None:
+                response = httpx.post(f"{daemon.base_url}{WEBHOOK}", content=tavus(cid), headers=JSON, trust_env=False)
+                assert response.status_code == 200, response.text
+                receiver.wait_for(
+                    lambda got: any(r.body.get("data", {}).get("conversation_id") == cid for r in got.delivered()),
+                    timeout=20.0,
+                    what=f"a notification of {cid}",
+                )
+
+            notified("before-restart")
+            cluster.stop("fast")
+            cluster.start()
+            wait_ready(daemon, timeout=20.0)
+            # The notifier's reading connection was lost in the restart: it connects anew and sends again.
+            notified("after-restart")
 
 
 def restart_while_idle(cluster: Cluster, daemons: list[Daemon]) -> None:
