@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import psycopg
 import pytest
@@ -288,3 +289,57 @@ async def test_the_reader_cannot_write(postgres_url: str) -> None:
             await reader._all("INSERT INTO heartbeat (replica, at) VALUES ('x', 1)", ())
     finally:
         await reader.close()
+
+
+async def test_a_nul_in_any_argument_finds_nothing_as_on_sqlite(both: Both) -> None:
+    for reader in (both.lite, both.pg):
+        assert await reader.conversation("c-a\x00") is None
+        assert await reader.messages("c-a\x00", source="tavus", limit=10) == []
+        assert await reader.messages("c-a", source="tavus", role="user\x00", limit=10) == []
+        assert await reader.has_role("c-a", "user\x00") is False
+        assert await reader.timeline("c-a\x00", limit=10, after=None, bodies=True) == []
+        assert await reader.event_body("c-a\x00", 0, 1) is None
+        assert await reader.conversations(10, None, ConversationFilter(metadata=(("team", "a\x00"),))) == []
+        assert await reader.conversations(10, (NOW + 100, "c-\x00"), ConversationFilter(source="tavus\x00")) == []
+        assert await reader.rev("c-a\x00") is None
+    assert await both.pg.has_role("c-a", "user") is True
+    for before in ((NOW + 50, "c-\x00"), (NOW + 50, "c-z\x00a"), (NOW + 50, "\x00"), (NOW + 50, "c_under\x00")):
+        lite = await both.lite.conversations(100, before)
+        assert builtins(await both.pg.conversations(100, before)) == builtins(lite), before
+
+
+async def test_two_replicas_readers_see_each_commit_at_once_and_many_reads_share_two_connections(
+    postgres_url: str,
+) -> None:
+    """Two Readers stand for two replicas; a third connection writes. After each commit both see the new
+    rev and the new message, whichever replica wrote: what a rev-checked cache relies on."""
+    one, two = PgReader(postgres_url, connections=2), PgReader(postgres_url, connections=2)
+    await one.open()
+    await two.open()
+    try:
+        with connect(postgres_url) as writer:
+            revs: list[int] = []
+            for i in range(5):
+                pg_write_batch(writer, [append("c-shared", [{"role": "user", "content": f"m{i}"}], at=NOW + i)])
+                rev = await one.rev("c-shared")
+                assert rev is not None
+                assert await two.rev("c-shared") == rev
+                revs.append(rev)
+                for reader in (one, two):
+                    messages = await reader.messages("c-shared", source="api", limit=100)
+                    assert [m.content for m in messages] == [f"m{j}" for j in range(i + 1)]
+            assert revs == sorted(set(revs))  # rose with every commit
+        answers: list[int] = []
+
+        async def read(reader: PgReader) -> None:
+            record = await reader.conversation("c-shared")
+            assert record is not None
+            answers.append(record.message_count)
+
+        async with anyio.create_task_group() as group:
+            for i in range(40):
+                group.start_soon(read, one if i % 2 else two)
+        assert answers == [5] * 40
+    finally:
+        await one.close()
+        await two.close()

@@ -98,6 +98,11 @@ class Reader:
     async def _all(self, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> list[tuple[Any, ...]]:
         if self._pool is None:
             raise StorageUnavailable("storage is unavailable: the PostgreSQL reader is not open")
+        values = params.values() if isinstance(params, dict) else params
+        if any(isinstance(value, str) and "\x00" in value for value in values):
+            # PostgreSQL's text cannot hold U+0000 (psycopg refuses to send it), so no stored row equals a
+            # value holding one: every read here filters by equality, and SQLite answers nothing too.
+            return []
         try:
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(sql, params)
@@ -157,8 +162,15 @@ class Reader:
         conditions: list[str] = []
         params: list[Any] = []
         if before is not None:
-            conditions.append("(updated_at, id) < (%s::float8, %s::text)")
-            params += [before[0], before[1]]
+            at, last_id = before
+            if "\x00" in last_id:
+                # Not sendable, and no stored id holds one: in byte order an id is below p + NUL + anything
+                # exactly when it is at most p, so a client's cursor pages as on SQLite.
+                conditions.append("(updated_at, id) <= (%s::float8, %s::text)")
+                params += [at, last_id.partition("\x00")[0]]
+            else:
+                conditions.append("(updated_at, id) < (%s::float8, %s::text)")
+                params += [at, last_id]
         for column, value in (("status", where.status), ("source", where.source)):
             if value is not None:
                 conditions.append(f"{column} = %s")
