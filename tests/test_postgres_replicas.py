@@ -5,8 +5,12 @@ The promises checked: each replica is ready on its own heartbeat; a delivery sen
 is stored once; appends through two replicas are numbered without a gap or a repeat; a client reads its
 own write on any replica, whatever that replica had cached; a replica killed with -9 loses nothing it
 answered 200 and the other keeps serving; a server restart is answered 503 with Retry-After (never a 500
-or a 4xx) and not ready meanwhile, then recovered from without a restart, nothing acknowledged lost;
-concurrent batches over shared conversations never end in an unretried deadlock.
+or a 4xx) and not ready meanwhile, then recovered from without a restart, nothing acknowledged lost (and
+a replica idle through a restart answers its first delivery 200, its notifier sends again); concurrent
+batches over shared conversations never deadlock.
+
+The tests that leave their replicas running share three, started once (``shared``); the ones that kill a
+replica or restart a server start their own, the restarts on a server of their own (never the shared one).
 """
 
 from __future__ import annotations
