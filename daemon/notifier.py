@@ -268,6 +268,12 @@ class Notifier:
         def run() -> T:
             with self._reader_lock:
                 assert self._reader is not None
+                if getattr(self._reader, "broken", False) or getattr(self._reader, "closed", False):
+                    # PostgreSQL's connection, lost in a server restart or failover: it never comes back by
+                    # itself, so without a new one nothing would be sent again until the daemon restarts.
+                    self._reader.close()
+                    self._reader = self.surface.read_connection()
+                    log.info("notify: reconnected its reading connection")
                 return query(self._reader, *args)
 
         return await anyio.to_thread.run_sync(run)

@@ -301,9 +301,14 @@ class Writer:
         except Exception as exc:  # a fault of the storage (or of this code): nothing in the batch is stored
             message = f"{exc.__class__.__name__}: {exc}"
             if message != self.last_error:
-                log.error("commit failed, nothing of this batch was stored: %s", message)
+                # A StorageUnavailable says itself what became of the batch (after a lost COMMIT: unknown).
+                known = isinstance(exc, StorageUnavailable)
+                log.error("commit failed%s: %s", "" if known else ", nothing of this batch was stored", message)
             awaited = [d for d in batch if d.awaited]
-            self._call_soon(self._fail, awaited, StorageUnavailable(f"storage is unavailable: {exc}"), message)
+            # The engine's own StorageUnavailable already says what became of the batch (a lost COMMIT:
+            # unknown); passed on as it is rather than prefixed a second time.
+            error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"storage is unavailable: {exc}")
+            self._call_soon(self._fail, awaited, error, message)
             return [d for d in batch if not d.awaited]
         seconds = time.perf_counter() - started
         log.debug("committed %d deliveries in %.1f ms", len(batch), 1000 * seconds)

@@ -17,11 +17,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from storage.backend import is_postgres_url
 from tests.payloads import encode, transcription_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +98,15 @@ class Daemon:
 
     process: subprocess.Popen[bytes]
     port: int
-    db_path: Path
+    # What it stores into: a SQLite file's path, or a postgresql:// URL.
+    target: str
     log_path: Path
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file, for tests that read it directly."""
+        assert not is_postgres_url(self.target), f"this daemon stores into PostgreSQL, not a file: {self.target}"
+        return Path(self.target)
 
     @property
     def base_url(self) -> str:
@@ -166,7 +175,7 @@ class DaemonFailed(AssertionError):
 
 def start_daemon(
     workdir: Path,
-    db_path: Path,
+    db_path: Path | str,
     *,
     ack: str = "durable",
     args: Sequence[str] = (),
@@ -177,26 +186,57 @@ def start_daemon(
     """Start ``transcriptd serve`` on a free loopback port, and return once /readyz answers 200.
 
     It runs in ``workdir`` (so no ``config.toml`` of the repository is read), logging to a new file there.
+    ``db_path`` is a SQLite file, or a ``postgresql://`` URL (a ``str``: a ``Path`` would fold its ``//``).
     """
+    (daemon,) = start_daemons(workdir, db_path, [name], ack=ack, args=args, env=env, ready_timeout=ready_timeout)
+    return daemon
+
+
+def start_daemons(
+    workdir: Path,
+    db_path: Path | str,
+    names: Sequence[str],
+    *,
+    ack: str = "durable",
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> list[Daemon]:
+    """One daemon per name on the same storage, started together (replicas of one PostgreSQL database):
+    each on a free port, returned once every one answers /readyz 200. None is left running on failure."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, _START_ATTEMPTS + 1):
-        port = free_port()
-        log_path = _new_log(workdir, name)
-        argv = serve_argv("--db", str(db_path), "--port", str(port), "--ack", ack, *args)
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                argv, cwd=workdir, env=daemon_env(env), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
-            )
-        daemon = Daemon(process, port, db_path, log_path)
-        try:
-            daemon.wait_ready(ready_timeout)
-        except DaemonFailed:
+    launch = partial(_launch, workdir, str(db_path), ack=ack, args=args, env=env)
+    daemons = [launch(name) for name in names]
+    try:
+        for i, name in enumerate(names):
+            for attempt in range(1, _START_ATTEMPTS + 1):
+                try:
+                    daemons[i].wait_ready(ready_timeout)
+                except DaemonFailed:
+                    daemons[i].kill()
+                    if attempt < _START_ATTEMPTS and "address already in use" in daemons[i].log().lower():
+                        daemons[i] = launch(name)
+                        continue
+                    raise
+                break
+    except BaseException:
+        for daemon in daemons:
             daemon.kill()
-            if attempt < _START_ATTEMPTS and "address already in use" in daemon.log().lower():
-                continue
-            raise
-        return daemon
-    raise AssertionError("unreachable")  # pragma: no cover
+        raise
+    return daemons
+
+
+def _launch(
+    workdir: Path, target: str, name: str, *, ack: str, args: Sequence[str], env: Mapping[str, str] | None
+) -> Daemon:
+    port = free_port()
+    log_path = _new_log(workdir, name)
+    argv = serve_argv("--db", target, "--port", str(port), "--ack", ack, *args)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            argv, cwd=workdir, env=daemon_env(env), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+        )
+    return Daemon(process, port, target, log_path)
 
 
 @contextmanager

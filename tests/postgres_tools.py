@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -123,3 +127,107 @@ class CommitCutter:
                         self.cut.set()
                         return
                     (server if side is client else client).sendall(data)
+
+
+# --- a server of the test's own ------------------------------------------------------------------------
+
+# The server binaries of the newest PostgreSQL installed (Debian's layout: /usr/lib/postgresql/<major>/bin).
+SERVER_BINARIES = sorted(
+    Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+)
+CLUSTER_START_TIMEOUT_S = 30
+
+
+class Cluster:
+    """A PostgreSQL server of one test's own, in a directory of its own, on a free loopback port: a test
+    may stop and start it (an outage) without touching the shared server. Run as the ``postgres`` user
+    when the tests run as root (the server refuses to run as root)."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        if not SERVER_BINARIES:
+            pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin", pytrace=False)
+        self.bin = SERVER_BINARIES[-1]
+        self.root = root
+        self.data = root / "data"
+        self.log_path = root / "server.log"
+        self.port = port
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, *argv: str, timeout: float = 60) -> None:
+        command = [str(self.bin / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise AssertionError(
+                f"{argv[0]} exited with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}\n"
+                f"{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, PermissionError):
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def init(self) -> None:
+        # --no-sync: a throwaway cluster need not survive the machine losing power.
+        self._run(
+            "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"
+        )
+
+    def start(self) -> None:
+        # Its socket in its own directory (not the shared /var/run/postgresql), TCP on loopback only.
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log_path),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(CLUSTER_START_TIMEOUT_S),
+            "start",
+            timeout=CLUSTER_START_TIMEOUT_S + 10,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: a clean shutdown that rolls back open transactions; ``immediate``: as a crash (WAL
+        recovery at the next start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A new server, started; stopped and deleted afterwards. Its directory is outside pytest's temporary
+    tree, which only root can enter, in one the ``postgres`` user owns."""
+    root = Path(tempfile.mkdtemp(prefix="transcriptd-pg-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+        cluster = Cluster(root, _free_port())
+        cluster.init()
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            if cluster.running():
+                cluster.stop("immediate")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -263,7 +263,7 @@ async def test_an_unreachable_server_at_open_is_one_line_without_the_password() 
     await reader.close()  # nothing was opened: closing is harmless
 
 
-async def test_a_connection_lost_mid_read_is_storage_unavailable_then_the_pool_recovers(postgres_url: str) -> None:
+async def test_a_pooled_connection_lost_since_its_last_read_costs_no_error(postgres_url: str) -> None:
     with connect(postgres_url) as conn:
         pg_write_batch(conn, [append("c-1", [{"role": "user", "content": "hello"}])])
     reader = PgReader(postgres_url, connections=1)
@@ -272,14 +272,27 @@ async def test_a_connection_lost_mid_read_is_storage_unavailable_then_the_pool_r
         ((pid,),) = await reader._all("SELECT pg_backend_pid()", ())
         with connect(postgres_url) as admin:
             admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+        # The only pooled connection is gone (as after a server restart): the read runs again on a new one.
+        record = await reader.conversation("c-1")
+        assert record is not None
+        assert record.message_count == 1
+        ((new_pid,),) = await reader._all("SELECT pg_backend_pid()", ())
+        assert new_pid != pid
+    finally:
+        await reader.close()
+
+
+async def test_a_reader_whose_server_is_gone_answers_storage_unavailable(postgres_url: str) -> None:
+    reader = PgReader(postgres_url, connections=1)
+    await reader.open()
+    try:
+        # No connection to be had (the pool is closed under it): the read tries twice, then it is a 503.
+        assert reader._pool is not None
+        await reader._pool.close()
         with pytest.raises(StorageUnavailable) as raised:
             await reader.conversation("c-1")
         assert isinstance(raised.value, StorageError)
         assert "storage is unavailable" in str(raised.value)
-        # The broken connection was dropped; the next read gets a new one.
-        record = await reader.conversation("c-1")
-        assert record is not None
-        assert record.message_count == 1
     finally:
         await reader.close()
 

@@ -3,6 +3,10 @@
 A lost connection fails the batch in flight (its senders get 503 with Retry-After and send again; a commit
 whose answer was lost is deduplicated by its delivery key), and the next batch or probe connects anew, so
 the daemon recovers from a server restart without a restart of its own.
+
+A connection idle while the server restarted only shows it is lost when it is next used: the batch or
+probe that finds it so is tried once more on a new connection, so a replica idle through a restart
+answers its next delivery 200 and its next readiness probe ready, not 503.
 """
 
 from __future__ import annotations
@@ -45,24 +49,42 @@ class PostgresEngine:
     def connection(self) -> Connection:
         """The connection, made anew if the last one was lost; ``StorageUnavailable`` while the server is
         unreachable."""
+        return self._connection()[0]
+
+    def _connection(self) -> tuple[Connection, bool]:
+        """The connection, and whether it was made just now."""
         conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            if conn is not None:
-                conn.close()
-                self._conn = None
-            self._conn = conn = self._connect()
-            log.info("reconnected to PostgreSQL at %s", where(self.url))
-        return conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn, False
+        if conn is not None:
+            conn.close()
+            self._conn = None
+        self._conn = conn = self._connect()
+        log.info("reconnected to PostgreSQL at %s", where(self.url))
+        return conn, True
 
     def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
+        conn, new = self._connection()
+        try:
+            return commit_batch(conn, batch, record_changes=record_changes)
+        except StorageUnavailable:
+            if new or not conn.broken:
+                raise
+        # Found lost on first use (the server restarted since): written again on a new connection. Safe
+        # whatever the lost attempt did: had its COMMIT gone through, each delivery's key makes this
+        # attempt store nothing again (its senders are answered "duplicate", their data stored).
+        log.info("the connection to %s was lost since its last use; writing the batch on a new one", where(self.url))
         return commit_batch(self.connection(), batch, record_changes=record_changes)
 
     def probe(self) -> str | None:
         try:
-            conn = self.connection()
+            conn, new = self._connection()
+            problem = heartbeat.probe(conn, self.replica)
+            if problem is not None and not new and conn.broken:
+                problem = heartbeat.probe(self.connection(), self.replica)  # lost while idle: once more
         except StorageUnavailable as exc:
             return str(exc)
-        return heartbeat.probe(conn, self.replica)
+        return problem
 
     def latest_position(self) -> int:
         return latest_position(self.connection())

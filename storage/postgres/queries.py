@@ -40,9 +40,10 @@ from storage.queries import (
 
 AsyncConnection = psycopg.AsyncConnection[tuple[Any, ...]]
 
-# How long a read waits for a free connection before it is answered 503 (two connections serve many
-# requests in turn; a wait this long means the server is not answering).
-POOL_WAIT_S = 10.0
+# How long a read waits for a free connection before it is answered 503 (a few connections serve many
+# requests in turn, each in milliseconds; a wait this long means the server is not answering, and a load
+# balancer should hear so soon).
+POOL_WAIT_S = 3.0
 
 
 class Reader:
@@ -103,12 +104,19 @@ class Reader:
             # PostgreSQL's text cannot hold U+0000 (psycopg refuses to send it), so no stored row equals a
             # value holding one: every read here filters by equality, and SQLite answers nothing too.
             return []
-        try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql, params)
-                return await cursor.fetchall()
-        except psycopg.OperationalError as exc:  # a lost connection, a server shutting down, PoolTimeout
-            raise StorageUnavailable(f"storage is unavailable: {unreachable(self.url, exc)}") from exc
+        for attempt in (1, 2):
+            try:
+                async with self._pool.connection() as conn:
+                    cursor = await conn.execute(sql, params)
+                    return await cursor.fetchall()
+            except PoolTimeout as exc:
+                raise StorageUnavailable(f"storage is unavailable: {unreachable(self.url, exc)}") from exc
+            except psycopg.OperationalError as exc:  # a lost connection, a server shutting down
+                # A pooled connection found lost (the server restarted since it was last lent) is
+                # dropped by the pool; a read is safe to run again, once, on another.
+                if attempt == 2:
+                    raise StorageUnavailable(f"storage is unavailable: {unreachable(self.url, exc)}") from exc
+        raise AssertionError("unreachable")
 
     async def rev(self, conversation_id: str) -> int | None:
         """The conversation's ``rev`` (bumped by every write to it, from any replica); None if not stored."""
