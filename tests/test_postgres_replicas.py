@@ -411,7 +411,7 @@ def test_notifications_go_on_after_a_server_restart(tmp_path: Path) -> None:
                 assert response.status_code == 200, response.text
                 receiver.wait_for(
                     lambda got: any(r.body.get("data", {}).get("conversation_id") == cid for r in got.delivered()),
-                    timeout=20.0,
+                    timeout=60.0,  # a liveness bound (the leader takes over, the sender wakes), not a figure
                     what=f"a notification of {cid}",
                 )
 
