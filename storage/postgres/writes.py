@@ -32,7 +32,16 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
+from storage.deliveries import (
+    CHANGED_MESSAGE_COLUMNS,
+    VENDOR_MESSAGE_COLUMNS,
+    VENDOR_ROLE,
+    VENDOR_ROW_WIDTH,
+    AppendRow,
+    Record,
+    WriteResult,
+    message_counts,
+)
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
@@ -56,7 +65,7 @@ RETRIED = (errors.DeadlockDetected, errors.SerializationFailure)
 REFUSALS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
+def write_batch(conn: Connection, batch: Sequence[Record]) -> list[Outcome]:
     """Write ``batch`` in one transaction and commit; one outcome per delivery, in order.
 
     ``conn`` is in autocommit mode with no transaction open. A fault of the storage raises
@@ -79,7 +88,7 @@ def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
     raise AssertionError("unreachable")
 
 
-def unstorable(delivery: Delivery) -> str | None:
+def unstorable(delivery: Record) -> str | None:
     """Why PostgreSQL would refuse ``delivery``'s text, or None: checked before the batch, so one such
     delivery never aborts the transaction of the others. All its text is joined and checked at once (a
     check per string was a tenth of the writer's time on 100-message transcripts)."""
@@ -99,7 +108,7 @@ def unstorable(delivery: Delivery) -> str | None:
     return None
 
 
-def _write_in_one_transaction(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
+def _write_in_one_transaction(conn: Connection, batch: Sequence[Record], refused: dict[int, str]) -> list[Outcome]:
     with _transaction(conn):
         for i, reason in refused.items():
             _dead_letter(conn, batch[i], reason)
@@ -108,7 +117,7 @@ def _write_in_one_transaction(conn: Connection, batch: Sequence[Delivery], refus
     return [_rejected(batch[i], refused[i]) if i in refused else next(results) for i in range(len(batch))]
 
 
-def _write_isolated(conn: Connection, batch: Sequence[Delivery], refused: dict[int, str]) -> list[Outcome]:
+def _write_isolated(conn: Connection, batch: Sequence[Record], refused: dict[int, str]) -> list[Outcome]:
     """The slow path: each delivery in a savepoint of its own, at most ``MAX_SAVEPOINTS`` per transaction.
     A delivery the server refuses is rolled back alone and dead-lettered in its savepoint.
 
@@ -176,12 +185,12 @@ class _transaction:
             log.warning("rollback failed: the connection is gone, and the server rolls back on its own")
 
 
-def _rejected(delivery: Delivery, reason: str) -> StorageRejected:
+def _rejected(delivery: Record, reason: str) -> StorageRejected:
     log.error("delivery %s refused before the batch: %s", _storable(delivery.key), reason)
     return StorageRejected(f"the database rejected this delivery: {reason}")
 
 
-def _dead_letter(conn: Connection, delivery: Delivery, error: str) -> None:
+def _dead_letter(conn: Connection, delivery: Record, error: str) -> None:
     """Keep a refused delivery, its raw body as received, in ``dead_letters`` inside the open transaction;
     its text columns made storable (the very reason for the refusal may be in its key or conversation id)."""
     texts = (delivery.key, delivery.source, delivery.event_type, delivery.conversation_id)
@@ -204,7 +213,7 @@ def _real(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def write_deliveries(conn: Connection, batch: Sequence[Delivery]) -> list[WriteResult]:
+def write_deliveries(conn: Connection, batch: Sequence[Record]) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
     whose conversation was erased stores nothing, and is counted on its tombstone."""
@@ -241,9 +250,9 @@ class _Tally:
     updated: int = 0
 
 
-def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[set[str], set[str]]:
+def _lock_conversations(conn: Connection, batch: Sequence[Record]) -> tuple[set[str], set[str]]:
     """Insert or lock the batch's conversations in id order; (the ones not erased, the ones inserted)."""
-    first: dict[str, Delivery] = {}
+    first: dict[str, Record] = {}
     for delivery in batch:
         first.setdefault(delivery.conversation_id, delivery)
     ids = sorted(first)
@@ -254,7 +263,7 @@ def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[se
     return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
 
 
-def _count_dropped(conn: Connection, dropped: Sequence[Delivery]) -> None:
+def _count_dropped(conn: Connection, dropped: Sequence[Record]) -> None:
     per_conversation: dict[str, int] = {}
     for delivery in dropped:
         per_conversation[delivery.conversation_id] = per_conversation.get(delivery.conversation_id, 0) + 1
@@ -262,7 +271,7 @@ def _count_dropped(conn: Connection, dropped: Sequence[Delivery]) -> None:
     conn.execute(sql.COUNT_DROPPED, (time.time(), ids, [per_conversation[cid] for cid in ids]))
 
 
-def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
+def _claim(conn: Connection, batch: Sequence[Record]) -> list[Record]:
     """Insert the deliveries' events; the fresh deliveries, in batch order: the first of the batch with
     each key this statement stored."""
     if not batch:
@@ -298,7 +307,7 @@ class _Patch:
     updated_at: float = float("-inf")
 
 
-def _patch_conversations(conn: Connection, fresh: Sequence[Delivery]) -> None:
+def _patch_conversations(conn: Connection, fresh: Sequence[Record]) -> None:
     patches: dict[str, _Patch] = {}
     for delivery in fresh:
         merged = patches.setdefault(delivery.conversation_id, _Patch())
@@ -328,17 +337,17 @@ def _patch_conversations(conn: Connection, fresh: Sequence[Delivery]) -> None:
 MessageKey = tuple[str, str, int]
 # Positions in a message row (storage.deliveries.VendorMessageRow; a plain row lacks VENDOR_ROLE). Binary
 # arrays are typed by their elements, so reals go in as floats even where a parser kept an int.
-NULLABLE_REALS = (5, 6, 7)
-NULLABLE_TEXTS = (8, 9, 10)
-VENDOR_ROLE = 9
-CREATED_AT = 11
+NULLABLE_REALS = tuple(VENDOR_MESSAGE_COLUMNS.index(name) for name in ("timestamp", "seconds_from_start", "duration"))
+NULLABLE_TEXTS = tuple(VENDOR_MESSAGE_COLUMNS.index(name) for name in ("inference_id", "vendor_role", "external_id"))
+CREATED_AT = VENDOR_MESSAGE_COLUMNS.index("created_at")
+CHANGED = len(CHANGED_MESSAGE_COLUMNS)  # the arrays UPDATE_CHANGED_MESSAGES takes: the first ones
 
 
-def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _write_transcripts(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     """All transcript rows in one statement; a position already stored (or repeated in the batch) is
     rewritten if its entry changed, counted for the delivery that carried it."""
     owners: list[_Tally] = []
-    columns: list[list[Any]] = [[] for _ in range(12)]
+    columns: list[list[Any]] = [[] for _ in VENDOR_MESSAGE_COLUMNS]
     for delivery in fresh:
         if not delivery.rows:
             continue
@@ -375,7 +384,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
             (later if key in seen else this_round).append(i)
             seen.add(key)
         changed = conn.execute(
-            sql.UPDATE_CHANGED_MESSAGES, [[column[i] for i in this_round] for column in columns[:10]]
+            sql.UPDATE_CHANGED_MESSAGES, [[column[i] for i in this_round] for column in columns[:CHANGED]]
         ).fetchall()
         changed_keys = {tuple(row) for row in changed}
         for i in this_round:
@@ -384,7 +393,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
         again = later
 
 
-def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _write_appends(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     """The generic endpoint's messages, in order, each at its stream's next position (under the lock)."""
     rows = [(tally[id(delivery)], _append_params(row)) for delivery in fresh for row in delivery.append_rows]
     if not rows:
@@ -402,7 +411,7 @@ def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int,
             counted.updated += conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, params).rowcount
 
 
-def _append_params(row: tuple[str, str, str, str, float | None, str | None, float]) -> dict[str, Any]:
+def _append_params(row: AppendRow) -> dict[str, Any]:
     cid, source, role, content, timestamp, external_id, created_at = row
     return {
         "cid": cid,
@@ -415,7 +424,7 @@ def _append_params(row: tuple[str, str, str, str, float | None, str | None, floa
     }
 
 
-def _count_messages(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _count_messages(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     # As SQLite's writer counts them: per conversation, the rows inserted and the latest message time
     # of the deliveries that inserted any.
     counts = message_counts((delivery, tally[id(delivery)].inserted) for delivery in fresh)
