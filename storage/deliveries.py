@@ -70,14 +70,14 @@ SEQ: Final = 2
 TIMESTAMP: Final = 5
 APPEND_TIMESTAMP: Final = 4
 APPEND_EXTERNAL_ID = APPEND_COLUMNS.index("external_id")
-if (MESSAGE_COLUMNS[SEQ], MESSAGE_COLUMNS[TIMESTAMP], VENDOR_MESSAGE_COLUMNS[TIMESTAMP]) != (
-    "seq",
-    "timestamp",
-    "timestamp",
-):
-    raise ImportError("storage.deliveries: SEQ or TIMESTAMP does not name its message column")
-if APPEND_COLUMNS[APPEND_TIMESTAMP] != "timestamp":
-    raise ImportError("storage.deliveries: APPEND_TIMESTAMP does not name its column")
+_NAMED = (
+    MESSAGE_COLUMNS[SEQ],
+    MESSAGE_COLUMNS[TIMESTAMP],
+    VENDOR_MESSAGE_COLUMNS[TIMESTAMP],
+    APPEND_COLUMNS[APPEND_TIMESTAMP],
+)
+if _NAMED != ("seq", "timestamp", "timestamp", "timestamp"):
+    raise ImportError("storage.deliveries: SEQ, TIMESTAMP or APPEND_TIMESTAMP names the wrong column")
 
 
 def vendor_row(
