@@ -23,16 +23,17 @@ import anyio
 
 from bench.payloads import encode, envelope, transcription_ready
 from daemon.actors import ActorRegistry
+from daemon.inflight import InFlight
 from daemon.sources import generic, tavus
-from storage.deliveries import Delivery, weight_of
+from storage.deliveries import Record, weight_of
 
 
 class _StuckWriter:
-    def offer(self, unit: list[Delivery]) -> bool:
+    def offer(self, unit: list[InFlight]) -> bool:
         return False
 
 
-def _bodies(kind: str, n: int) -> tuple[Callable[[bytes, str], Delivery], bytes]:
+def _bodies(kind: str, n: int) -> tuple[Callable[[bytes, str], Record], bytes]:
     if kind == "generic-1":
         body = encode({"role": "user", "content": "x" * 80, "id": f"m{n}"})
         return (lambda b, cid: generic.parse(b, {}, received_at=time.time(), conversation_id=cid)[0]), body
@@ -67,10 +68,9 @@ async def _measure(kind: str, count: int, traced: bool) -> dict[str, float]:
     held0 = tracemalloc.get_traced_memory()[0]
     rows = body_bytes = 0
     for n, (parse, body) in enumerate(bodies):
-        delivery = parse(body, f"c{n}")
-        delivery.awaited = False
+        delivery = InFlight(parse(body, f"c{n}"), awaited=False)
         registry.submit(delivery)
-        rows += delivery.size - 1
+        rows += delivery.record.size - 1
         body_bytes += len(body)
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - held0

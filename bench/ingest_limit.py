@@ -29,6 +29,7 @@ from bench.rawhttp import closed_loop
 from daemon.sources import tavus
 from daemon.sources.tavus import TranscriptionReady
 from storage.connection import open_writer
+from storage.deliveries import MESSAGE_COLUMNS
 from storage.migrations import migrate
 from storage.statements import INSERT_MESSAGES, INSERT_MESSAGES_TAIL, multi_row
 from storage.writes import write_batch
@@ -74,7 +75,9 @@ def executemany_limit(db: Path, bodies: list[bytes], per_commit: int, synchronou
         "INSERT INTO conversations (id, source, created_at, updated_at) VALUES (?, 'bench', 0, 0)",
         [(t[0][0],) for t in transcripts],
     )
-    insert = multi_row(INSERT_MESSAGES, 11, 1, INSERT_MESSAGES_TAIL)  # the daemon's columns and conflict rule, one row
+    insert = multi_row(
+        INSERT_MESSAGES, len(MESSAGE_COLUMNS), 1, INSERT_MESSAGES_TAIL
+    )  # the daemon's columns and conflict rule, one row
     started = time.perf_counter()
     for i in range(0, len(transcripts), per_commit):
         conn.execute("BEGIN IMMEDIATE")
@@ -92,8 +95,7 @@ def writer_alone(db: Path, bodies: list[bytes], per_commit: int, synchronous: st
     With ``raw=False`` the events rows get empty bodies: the difference is what keeping them costs."""
     deliveries = [tavus.parse(b, {}, received_at=time.time())[0] for b in bodies]
     if not raw:
-        for delivery in deliveries:
-            delivery.body = b""
+        deliveries = [msgspec.structs.replace(delivery, body=b"") for delivery in deliveries]
     conn = open_writer(db, synchronous=synchronous)  # type: ignore[arg-type]
     migrate(conn)
     started = time.perf_counter()

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from daemon import delivery_log
 from daemon.config import load_config
+from daemon.inflight import InFlight
 from daemon.logs import configure
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 
 FORMATS = ("text", "json")
 BATCHES = 5
@@ -38,9 +39,9 @@ def _configured(fmt: str) -> None:
     configure(load_config(Path(os.devnull), environ={}, overrides=settings), stream=stream)
 
 
-def _delivery() -> tuple[Delivery, WriteResult]:
+def _delivery() -> tuple[InFlight, WriteResult]:
     # A 100-turn Tavus transcript, as bench.load sends: 101 messages, ~40 KB.
-    delivery = Delivery(
+    record = Record(
         key="tavus:load-000123:application.transcription_ready",
         source="tavus",
         event_type="application.transcription_ready",
@@ -48,7 +49,7 @@ def _delivery() -> tuple[Delivery, WriteResult]:
         received_at=time.time(),
         body=b"x" * 40_000,
     )
-    return delivery, WriteResult(received=101, inserted=101, updated=0)
+    return InFlight(record), WriteResult(received=101, inserted=101, updated=0)
 
 
 def _write(lines: int) -> None:

@@ -30,27 +30,28 @@ from typing import Any
 from bench.ingest_limit import make_bodies
 from bench.machine import describe
 from daemon.sources import tavus
-from storage.deliveries import Delivery
+from storage.deliveries import VENDOR_MESSAGE_COLUMNS, VENDOR_ROLE, VENDOR_ROW_WIDTH, Record
 from storage.postgres.connection import Connection, ServerUnreachable, connect
 from storage.postgres.migrations import migrate
-from storage.postgres.statements import MESSAGE_COLUMNS, MESSAGE_TYPES
+from storage.postgres.statements import MESSAGE_TYPES, REAL_MESSAGE_COLUMNS
 from storage.postgres.writes import write_batch
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_URL = os.environ.get("TRANSCRIPTD_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
+MESSAGE_COLUMNS = ", ".join(VENDOR_MESSAGE_COLUMNS)
 COPY = f"COPY messages ({MESSAGE_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-REALS = (5, 6, 7, 11)
-COPY_TYPES = ["text", "text", "int8", "text", "text", "float8", "float8", "float8", "text", "text", "text", "float8"]
-UNNEST = f"INSERT INTO messages ({MESSAGE_COLUMNS}) SELECT * FROM unnest({MESSAGE_TYPES})"  # noqa: S608 (constants)
+REALS = [i for i, name in enumerate(VENDOR_MESSAGE_COLUMNS) if name in REAL_MESSAGE_COLUMNS]
+COPY_TYPES = [MESSAGE_TYPES[name] for name in VENDOR_MESSAGE_COLUMNS]
+ARRAYS = ", ".join(f"%b::{kind}[]" for kind in COPY_TYPES)
+UNNEST = f"INSERT INTO messages ({MESSAGE_COLUMNS}) SELECT * FROM unnest({ARRAYS})"  # noqa: S608 (constants)
 
 
 def columns_of(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Message rows (SQLite's NaN-as-NULL included) as the twelve column arrays the statements take."""
-    width = 12
-    columns: list[list[Any]] = [[] for _ in range(width)]
+    """Message rows (SQLite's NaN-as-NULL included) as the column arrays the statements take."""
+    columns: list[list[Any]] = [[] for _ in range(VENDOR_ROW_WIDTH)]
     for row in rows:
-        values = row if len(row) == width else (*row[:9], None, *row[9:])
+        values = row if len(row) == VENDOR_ROW_WIDTH else (*row[:VENDOR_ROLE], None, *row[VENDOR_ROLE:])
         for column, value in zip(columns, values, strict=True):
             column.append(None if value != value else value)  # NaN is NULL
     for i in REALS:  # binary: a real column takes floats only
@@ -62,7 +63,7 @@ def fresh(conn: Connection) -> None:
     conn.execute("TRUNCATE conversations, messages, events, dead_letters, tombstones")
 
 
-def with_conversations(conn: Connection, deliveries: list[Delivery]) -> None:
+def with_conversations(conn: Connection, deliveries: list[Record]) -> None:
     """The messages' foreign key needs their conversations: inserted before the clock starts."""
     ids = [d.conversation_id for d in deliveries]
     conn.execute(
@@ -84,12 +85,12 @@ def measured(conn: Connection, started: float, commits: int) -> dict[str, float]
     }
 
 
-def copy_ceiling(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+def copy_ceiling(conn: Connection, deliveries: list[Record], per_commit: int) -> dict[str, float]:
     fresh(conn)
     return copy_messages(conn, deliveries, per_commit)
 
 
-def copy_messages(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+def copy_messages(conn: Connection, deliveries: list[Record], per_commit: int) -> dict[str, float]:
     """COPY the deliveries' message rows, ``per_commit`` transcripts per commit, into whatever the table
     holds already; their conversations are inserted before the clock starts."""
     with_conversations(conn, deliveries)
@@ -114,7 +115,7 @@ def copy_messages(conn: Connection, deliveries: list[Delivery], per_commit: int)
     }
 
 
-def unnest_loop(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+def unnest_loop(conn: Connection, deliveries: list[Record], per_commit: int) -> dict[str, float]:
     fresh(conn)
     with_conversations(conn, deliveries)
     arrays = [columns_of(list(d.rows)) for d in deliveries]
@@ -128,7 +129,7 @@ def unnest_loop(conn: Connection, deliveries: list[Delivery], per_commit: int) -
     return measured(conn, started, commits)
 
 
-def group_commit(conn: Connection, deliveries: list[Delivery], per_commit: int) -> dict[str, float]:
+def group_commit(conn: Connection, deliveries: list[Record], per_commit: int) -> dict[str, float]:
     fresh(conn)
     commits = 0
     started = time.perf_counter()

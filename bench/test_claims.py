@@ -72,7 +72,7 @@ from daemon.cache import PrefixTTLCache
 from daemon.config import load_config
 from daemon.sources import tavus
 from storage.connection import Synchronous, open_reader, open_writer
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.migrations import migrate
 from storage.writes import write_batch
 
@@ -266,13 +266,13 @@ def test_bulk_insert(
         try:
             migrate(conn)
 
-            def parsed() -> tuple[tuple[Delivery], dict[str, Any]]:
+            def parsed() -> tuple[tuple[Record], dict[str, Any]]:
                 delivery, problems = tavus.parse(webhook_body(fresh_id("bulk")), {}, received_at=time.time())
                 assert not problems
                 assert len(delivery.rows) == MESSAGES
                 return (delivery,), {}
 
-            def group_commit(delivery: Delivery) -> None:
+            def group_commit(delivery: Record) -> None:
                 before = counter.count
                 (outcome,) = write_batch(conn, [delivery])
                 round_trips.append(counter.count - before)

@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 import anyio
 
 from daemon.errors import Overloaded, ShuttingDown
-from storage.deliveries import Delivery
+from daemon.inflight import InFlight
 from storage.errors import StorageError, WriterClosed
 
 log = logging.getLogger("transcriptd.actors")
@@ -34,7 +34,7 @@ State = Literal["running", "draining", "closed"]
 class Sink(Protocol):
     """Where actors send their units: the writer."""
 
-    def offer(self, unit: list[Delivery]) -> bool:
+    def offer(self, unit: list[InFlight]) -> bool:
         """Queue ``unit`` now, or return False if there is no room (yet); raise StorageError if closed."""
         ...
 
@@ -44,7 +44,7 @@ class ConversationActor:
 
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
-        self.mailbox: deque[Delivery] = deque()
+        self.mailbox: deque[InFlight] = deque()
         # Deliveries handed to the writer and not settled yet: the next unit waits for them.
         self.in_flight = 0
         # The writer had no room for the next unit: it waits in the registry's line.
@@ -79,7 +79,7 @@ class ActorRegistry:
         self.inflight_messages = 0
         self._max_inflight_messages = max_inflight_messages
         # Taken and not yet settled, in the order taken (a dict as an ordered set): the oldest is first.
-        self._pending: dict[Delivery, None] = {}
+        self._pending: dict[InFlight, None] = {}
         self._sink = sink
         self._mailbox_size = mailbox_size
         self._max_rows = max_rows
@@ -103,31 +103,32 @@ class ActorRegistry:
     def oldest_pending_at(self) -> float | None:
         """When the oldest delivery not yet stored (or refused) was received."""
         oldest = next(iter(self._pending), None)
-        return None if oldest is None else oldest.received_at
+        return None if oldest is None else oldest.record.received_at
 
-    def submit(self, delivery: Delivery) -> None:
+    def submit(self, delivery: InFlight) -> None:
         """Put a delivery in its conversation's mailbox now, or refuse it with a retryable error."""
         if self.state != "running":
             raise ShuttingDown("transcriptd is shutting down", retry_after=self._retry_after_s)
-        self.check_room(delivery.weight)
-        if self.inflight_messages and self.inflight_messages + delivery.received > self._max_inflight_messages:
+        record = delivery.record
+        self.check_room(record.weight)
+        if self.inflight_messages and self.inflight_messages + record.received > self._max_inflight_messages:
             raise Overloaded(
                 f"{self.inflight_messages} messages are waiting to be stored", retry_after=self._retry_after_s
             )
-        actor = self._actors.get(delivery.conversation_id)
+        actor = self._actors.get(record.conversation_id)
         if actor is None:
-            actor = self._actors[delivery.conversation_id] = ConversationActor(delivery.conversation_id)
+            actor = self._actors[record.conversation_id] = ConversationActor(record.conversation_id)
         elif len(actor.mailbox) >= self._mailbox_size:
             raise Overloaded(
-                f"conversation {delivery.conversation_id!r} has {self._mailbox_size} deliveries waiting",
+                f"conversation {record.conversation_id!r} has {self._mailbox_size} deliveries waiting",
                 retry_after=self._retry_after_s,
             )
         actor.mailbox.append(delivery)
         delivery.taken_at = time.monotonic()
-        self.inflight_bytes += delivery.weight
+        self.inflight_bytes += record.weight
         if self.inflight_bytes > self._peak_bytes:
             self._peak_bytes = self.inflight_bytes
-        self.inflight_messages += delivery.received
+        self.inflight_messages += record.received
         self._pending[delivery] = None
         delivery.on_settled = self._settled
         if not actor.in_flight and not actor.blocked:
@@ -178,12 +179,12 @@ class ActorRegistry:
         """Hand everything in the mailbox (up to ``max_rows``) to the writer as one unit; False, with the
         mailbox untouched, if the writer has no room for it now."""
         mailbox, rows = actor.mailbox, 0
-        unit: list[Delivery] = []
+        unit: list[InFlight] = []
         for delivery in mailbox:
             if unit and rows >= self._max_rows:
                 break
             unit.append(delivery)
-            rows += delivery.size
+            rows += delivery.record.size
         try:
             taken = self._sink.offer(unit)
         except StorageError as exc:  # the writer is closed: nothing in this mailbox can be stored
@@ -199,15 +200,16 @@ class ActorRegistry:
             actor.in_flight = len(unit)
         return taken
 
-    def _settled(self, delivery: Delivery) -> None:
+    def _settled(self, delivery: InFlight) -> None:
         if self._pending.pop(delivery, self) is self:
             return  # abandoned at close, and the writer settled it after all
-        self.inflight_bytes -= delivery.weight
-        self.inflight_messages -= delivery.received
+        record = delivery.record
+        self.inflight_bytes -= record.weight
+        self.inflight_messages -= record.received
         if not self.inflight_bytes and self._on_drained is not None:
             peak, self._peak_bytes = self._peak_bytes, 0
             self._on_drained(peak)
-        actor = self._actors[delivery.conversation_id]
+        actor = self._actors[record.conversation_id]
         actor.in_flight -= 1
         if not actor.in_flight:
             if actor.mailbox:

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 import msgspec
 
 from daemon.errors import InvalidHeader, InvalidPayload, MalformedJSON, Problem
-from storage.deliveries import Delivery
 
 T = TypeVar("T")
 
@@ -106,18 +105,3 @@ def delivery_key(source: str, body: bytes, headers: Any, *extra: str) -> str:
             )
         return ":".join((source, "id", *extra, given))
     return body_key(source, body, *extra)
-
-
-def new_delivery(
-    source: str, event_type: str, conversation_id: str, body: bytes, headers: Any, received_at: float
-) -> Delivery:
-    """An accepted body as a delivery of ``source``, under its idempotency key (:func:`delivery_key`);
-    the format's parser adds what the body changes."""
-    return Delivery(
-        key=delivery_key(source, body, headers, conversation_id),
-        source=source,
-        event_type=event_type,
-        conversation_id=conversation_id,
-        received_at=received_at,
-        body=body,
-    )

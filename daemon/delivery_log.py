@@ -25,7 +25,8 @@ from typing import Any, Final
 import msgspec
 
 from daemon.errors import InvalidPayload, TranscriptdError, from_storage
-from storage.deliveries import Delivery, WriteResult
+from daemon.inflight import InFlight
+from storage.deliveries import WriteResult
 from storage.errors import StorageError
 
 log = logging.getLogger("transcriptd.deliveries")
@@ -59,23 +60,24 @@ _TEMPLATE: Final = logging.LogRecord(
 ).__dict__ | {"thread": None, "threadName": None, "processName": None, "process": None, **EXTRA}
 
 
-def stored(delivery: Delivery, result: WriteResult, outcome: str, started: float) -> None:
+def stored(delivery: InFlight, result: WriteResult, outcome: str, started: float) -> None:
     """A committed delivery (200): ``stored`` or ``duplicate``."""
     if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
         return
+    record = delivery.record
     _emit(
         (
             outcome,
-            delivery.conversation_id,
-            delivery.source,
-            delivery.event_type,
+            record.conversation_id,
+            record.source,
+            record.event_type,
             200,
             result.received,
             result.inserted,
             result.updated,
             result.duplicates,
             result.rejected,
-            len(delivery.body),
+            len(record.body),
             _ms(started),
             None,
             None,
@@ -83,23 +85,24 @@ def stored(delivery: Delivery, result: WriteResult, outcome: str, started: float
     )
 
 
-def enqueued(delivery: Delivery, started: float) -> None:
+def enqueued(delivery: InFlight, started: float) -> None:
     """In the mailbox (202): what it will insert is known only at the commit."""
     if not log.isEnabledFor(logging.INFO):  # server.log_level above info: not even the arguments
         return
+    record = delivery.record
     _emit(
         (
             "enqueued",
-            delivery.conversation_id,
-            delivery.source,
-            delivery.event_type,
+            record.conversation_id,
+            record.source,
+            record.event_type,
             202,
-            delivery.received,
+            record.received,
             0,
             0,
             0,
-            delivery.rejected,
-            len(delivery.body),
+            record.rejected,
+            len(record.body),
             _ms(started),
             None,
             None,
@@ -119,7 +122,7 @@ def not_stored(
     source: str,
     conversation: str | None,
     body: bytes,
-    delivery: Delivery | None,
+    delivery: InFlight | None,
     started: float,
 ) -> None:
     """A delivery answered with an error: what was known of it when it failed. Off the hot path."""
@@ -128,7 +131,7 @@ def not_stored(
     status, reason, field = _described(error)
     event_type = None
     if delivery is not None:
-        conversation, event_type = delivery.conversation_id, delivery.event_type
+        conversation, event_type = delivery.record.conversation_id, delivery.record.event_type
     elif body and conversation is None:
         # Refused before a delivery was built: name the conversation if the body says which, best effort.
         try:
@@ -153,11 +156,11 @@ def not_stored(
             source,
             _printable(event_type),
             status,
-            delivery.received if delivery is not None else 0,
+            delivery.record.received if delivery is not None else 0,
             result.inserted if result is not None else 0,
             result.updated if result is not None else 0,
             result.duplicates if result is not None else 0,
-            delivery.rejected if delivery is not None else 0,
+            delivery.record.rejected if delivery is not None else 0,
             len(body),
             _ms(started),
             reason,

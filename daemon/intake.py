@@ -29,10 +29,11 @@ from daemon.errors import (
     StorageAckTimeout,
 )
 from daemon.ids import PARAM, path_id
+from daemon.inflight import InFlight
 from daemon.metrics import Metrics
 from daemon.sources import SOURCES, Source
 from daemon.sources.model import Parse, Verify
-from storage.deliveries import Delivery, WriteResult, weight_of
+from storage.deliveries import Record, WriteResult, weight_of
 
 
 class Stored(msgspec.Struct, kw_only=True, tag_field="status", tag="stored"):
@@ -134,10 +135,9 @@ class Intake:
                     await anyio.to_thread.run_sync(gate.verify, body, request.headers)
                 else:
                     gate.verify(body, request.headers)
-            delivery, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
-            return await self._accept(
-                _with_metadata(delivery, problems, request), problems, started, source.enqueued_status
-            )
+            record, problems = gate.parse(body, request.headers, received_at=time.time(), **path)
+            delivery = InFlight(_completed(record, problems, request), awaited=self.settings.durable)
+            return await self._accept(delivery, problems, started, source.enqueued_status)
         except Exception as exc:
             if self.settings.log_deliveries:
                 # An id that is not UTF-8 is named as it came, percent-encoded.
@@ -174,18 +174,16 @@ class Intake:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _accept(
-        self, delivery: Delivery, problems: list[Problem], started: float, enqueued_status: int = 202
+        self, delivery: InFlight, problems: list[Problem], started: float, enqueued_status: int = 202
     ) -> Response:
-        durable = self.settings.durable
-        delivery.awaited = durable
-        delivery.problems = len(problems)
+        durable, record = delivery.awaited, delivery.record
         self.registry.submit(delivery)
         if delivery.error is not None:  # refused on the spot (the writer is closing): not even enqueued
             raise delivery.error
         metrics = self.metrics
         if not durable:
-            enqueued = Enqueued(received=delivery.received, rejected=delivery.rejected)
-            metrics.delivery(delivery.event_type, "partial" if problems else "enqueued", None, delivery.rejected)
+            enqueued = Enqueued(received=record.received, rejected=record.rejected)
+            metrics.delivery(record.event_type, "partial" if problems else "enqueued", None, record.rejected)
             metrics.ack_enqueued.observe(time.perf_counter() - started)
             if problems:
                 raise InvalidPayload(problems, accepted=msgspec.to_builtins(enqueued))
@@ -202,12 +200,12 @@ class Intake:
                 retry_after=self.settings.retry_after_s,
             )
         if delivery.result.erased:
-            metrics.delivery(delivery.event_type, "erased", None)
+            metrics.delivery(record.event_type, "erased", None)
             metrics.ack_durable.observe(time.perf_counter() - started)
-            return _json(Dropped(received=delivery.received), 200)
+            return _json(Dropped(received=record.received), 200)
         stored = _stored(delivery.result)
         outcome = "partial" if problems else "duplicate" if delivery.result.duplicate_delivery else "stored"
-        metrics.delivery(delivery.event_type, outcome, delivery.result)
+        metrics.delivery(record.event_type, outcome, delivery.result)
         metrics.ack_durable.observe(time.perf_counter() - started)
         if problems:
             raise InvalidPayload(problems, accepted=msgspec.to_builtins(stored))
@@ -227,12 +225,17 @@ def _gate(source: Source[Any], intake: IntakeSettings) -> _Gate:
     )
 
 
-def _with_metadata(delivery: Delivery, problems: list[Problem], request: Request) -> Delivery:
-    """The URL's query parameters as the conversation's metadata; a refused one joins ``problems``."""
-    if request.scope.get("query_string"):  # most callback URLs carry none: nothing to do on the common path
-        delivery.metadata, refused = metadata.from_query(request.query_params.multi_items())
+def _completed(record: Record, problems: list[Problem], request: Request) -> Record:
+    """The parsed record with what intake adds: the URL's query parameters as the conversation's metadata
+    (a refused one joins ``problems``), and how many problems the answer names. A copy only when there is
+    something to add: most callback URLs carry no query, and most bodies have no problem."""
+    found = None
+    if request.scope.get("query_string"):
+        found, refused = metadata.from_query(request.query_params.multi_items())
         problems.extend(refused)
-    return delivery
+    if found is None and not problems:
+        return record
+    return msgspec.structs.replace(record, metadata=found, problems=len(problems))
 
 
 def _stored(result: WriteResult) -> Stored:

@@ -25,7 +25,7 @@ from daemon.reconcile import Local, local_state
 from storage import dead_letters, erasure, export, notifications, replay, retention, search_index
 from storage.connection import open_reader, open_writer
 from storage.dead_letters import DeadLetter, RetrySummary
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.errors import StorageRejected
 from storage.export import ConversationHead, Format
 from storage.migrations import migrate as sqlite_migrate
@@ -108,7 +108,7 @@ class Database(Generic[C]):
     conn: C
     label: str  # the file's path, or host:port/dbname: for messages
     migrate: Callable[[C], list[int]]
-    write_batch: Callable[[C, Sequence[Delivery]], list[WriteResult | StorageRejected]]
+    write_batch: Callable[[C, Sequence[Record]], list[WriteResult | StorageRejected]]
     retention: Retention[C]
     export: Export[C]
     replay: Replay[C]

@@ -23,11 +23,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from daemon.decoding import delivery_key
 from daemon.errors import InvalidPayload, MalformedJSON
 from daemon.sources.model import Fetched, Source
 from daemon.vendor_http import HttpPolicy, VendorHttp
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.portable import fetch_all
 from storage.surface import Erasure
 
@@ -80,12 +82,12 @@ def fetched_key(source: str, body: bytes) -> str:
 
 def deliveries_of(
     source: Source[Any], webhooks: Any, fetched: Fetched, received_at: float
-) -> tuple[list[Delivery], list[str]]:
-    """The deliveries the fetched bodies make, each parsed by the parser intake uses for the source (with
+) -> tuple[list[Record], list[str]]:
+    """The delivery records the fetched bodies make, each parsed by the parser intake uses for the source (with
     its ``webhooks.<name>`` settings), and what was wrong with any of them (a body the parser refuses is
     named, the others still go)."""
     parse = source.parser(webhooks)
-    deliveries: list[Delivery] = []
+    deliveries: list[Record] = []
     problems: list[str] = []
     for body in fetched.bodies:
         try:
@@ -99,7 +101,7 @@ def deliveries_of(
             continue
         # The parser's own key where it set one (see the module's docstring); else one for fetched bodies.
         if delivery.key == delivery_key(source.name, body, {}, delivery.conversation_id):
-            delivery.key = fetched_key(source.name, body)
+            delivery = msgspec.structs.replace(delivery, key=fetched_key(source.name, body))
         deliveries.append(delivery)
     return deliveries, problems
 

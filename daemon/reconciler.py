@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from daemon.actors import ActorRegistry
 from daemon.config import Config
 from daemon.errors import Unavailable
+from daemon.inflight import InFlight
 from daemon.leadership import Leadership
 from daemon.metrics import Metrics
 from daemon.reconcile import deliveries_of, local_state, vendor_http, waiting
@@ -204,13 +205,13 @@ class Reconciler:
         """Submit the fetched conversation's deliveries and wait for their commit; False if intake has no
         room for them now."""
         name = vendor.source.name
-        deliveries, problems = deliveries_of(vendor.source, self._webhooks, fetched, self._clock())
+        records, problems = deliveries_of(vendor.source, self._webhooks, fetched, self._clock())
         for problem in problems:
             log.warning("reconcile: %s conversation %r: %s", name, fetched.conversation_id, problem)
         inserted, complete = 0, True
-        transcript = any(delivery.rows for delivery in deliveries)
-        for delivery in deliveries:
-            delivery.awaited = True
+        transcript = any(record.rows for record in records)
+        for record in records:
+            delivery = InFlight(record, awaited=True)
             try:
                 self._registry.submit(delivery)
             except Unavailable as exc:

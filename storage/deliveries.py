@@ -1,18 +1,22 @@
-"""What intake hands to the writer: one delivery's rows, its conversation changes, and its outcome."""
+"""What the parsers hand to storage: one delivery's record (its rows, its conversation changes), the
+message row shapes and their columns, and the outcome of its write.
+
+A ``Record`` is built whole by a parser (daemon.sources.*, replay, dead-letter retry) and never changed
+after: whoever needs it different (intake adding the URL's metadata, replay its appended rows'
+positions) makes a copy with ``msgspec.structs.replace``. What happens to it in flight (who waits, its
+result) is the daemon's (daemon.inflight.InFlight); the writer sees that only through ``Pending``.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
 
-import anyio
+import msgspec
 
 from storage.errors import StorageError
-
-log = logging.getLogger("transcriptd.deliveries")
 
 # NULL in the rows the writer binds in bulk. Python's sqlite3 binds None through its adapter protocol,
 # ~240 ns a parameter here, against ~20 for a float, and SQLite stores a NaN double as NULL: a transcript
@@ -21,19 +25,59 @@ NULL: float = math.nan
 MaybeReal = float | None
 MaybeText = str | float | None  # text, or NULL as NaN
 
-# (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-#  external_id, created_at): the column order of statements.INSERT_MESSAGES, so rows are bound as they are.
+# The message row shapes, each named once, column by column: the INSERT column lists of both backends
+# (storage.statements, storage.postgres.statements), the rows' widths and the positions the writers read
+# are derived from these, and tests/test_message_columns.py checks every row builder against them. Rows
+# stay plain tuples in this order, so sqlite3 binds them as they are (a NamedTuple costs more to build).
+MESSAGE_COLUMNS = (
+    "conversation_id",
+    "source",
+    "seq",
+    "role",
+    "content",
+    "timestamp",
+    "seconds_from_start",
+    "duration",
+    "inference_id",
+    "external_id",
+    "created_at",
+)
 MessageRow = tuple[str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, float]
-# (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-#  vendor_role, external_id, created_at): statements.INSERT_VENDOR_MESSAGES, for a source whose roles are
-# mapped to the normalised ones (Vapi's "bot" is "assistant"); vendor_role is NULL where they are equal.
-# Two shapes, so that a source whose roles need no mapping (Tavus) binds no extra column: measured on
-# the writer alone, a twelfth column on every Tavus row cost ~4% of its CPU time. All rows of one
-# delivery have one shape.
+# A source whose roles are mapped to the normalised ones (Vapi's "bot" is "assistant") also keeps the
+# vendor's own, NULL where they are equal. Two shapes, so that a source whose roles need no mapping
+# (Tavus) binds no extra column: measured on the writer alone, a twelfth column on every Tavus row cost
+# ~4% of its CPU time. All rows of one delivery have one shape.
+_EXTERNAL_ID = MESSAGE_COLUMNS.index("external_id")
+VENDOR_MESSAGE_COLUMNS = (*MESSAGE_COLUMNS[:_EXTERNAL_ID], "vendor_role", *MESSAGE_COLUMNS[_EXTERNAL_ID:])
 VendorMessageRow = tuple[
     str, str, int, str, str, MaybeReal, MaybeReal, MaybeReal, MaybeText, MaybeText, MaybeText, float
 ]
-VENDOR_ROW_WIDTH = 12
+VENDOR_ROW_WIDTH = len(VENDOR_MESSAGE_COLUMNS)
+VENDOR_ROLE = VENDOR_MESSAGE_COLUMNS.index("vendor_role")
+# What a re-delivery may change in a stored message: the vendor row's columns up to its external id (the
+# key, conversation_id, source and seq, first).
+CHANGED_MESSAGE_COLUMNS = VENDOR_MESSAGE_COLUMNS[: VENDOR_MESSAGE_COLUMNS.index("external_id")]
+# The generic endpoint's rows: appended, and the writer assigns the position.
+APPEND_COLUMNS = ("conversation_id", "source", "role", "content", "timestamp", "external_id", "created_at")
+AppendRow = tuple[str, str, str, str, float | None, str | None, float]
+# What identifies an appended message the client sent before, and what a new copy of it may change: its
+# columns up to the external id.
+CHANGED_APPEND_COLUMNS = APPEND_COLUMNS[: APPEND_COLUMNS.index("external_id") + 1]
+
+# Positions the writers and parsers read (the same in both message shapes before the vendor role). Literal,
+# because mypy types a tuple's item by a literal index only; checked against the declarations just below.
+SEQ: Final = 2
+TIMESTAMP: Final = 5
+APPEND_TIMESTAMP: Final = 4
+APPEND_EXTERNAL_ID = APPEND_COLUMNS.index("external_id")
+_NAMED = (
+    MESSAGE_COLUMNS[SEQ],
+    MESSAGE_COLUMNS[TIMESTAMP],
+    VENDOR_MESSAGE_COLUMNS[TIMESTAMP],
+    APPEND_COLUMNS[APPEND_TIMESTAMP],
+)
+if _NAMED != ("seq", "timestamp", "timestamp", "timestamp"):
+    raise ImportError("storage.deliveries: SEQ, TIMESTAMP or APPEND_TIMESTAMP names the wrong column")
 
 
 def vendor_row(
@@ -69,9 +113,6 @@ def vendor_row(
 
 Row = MessageRow | VendorMessageRow
 Rows = Sequence[Row]
-# (conversation_id, source, role, content, timestamp, external_id, created_at): the generic endpoint
-# appends, and the writer assigns the position.
-AppendRow = tuple[str, str, str, str, float | None, str | None, float]
 
 Status = Literal["active", "ended", "failed"]
 
@@ -83,10 +124,11 @@ Status = Literal["active", "ended", "failed"]
 #   body 1.3 KB,  10 rows (generic, a list of ten):    5,941 B held,   6,425 B RSS
 #   body 8.5 KB,  11 rows (a 10-turn transcript):     18,779 B held,  19,945 B RSS
 #   body 41 KB,  101 rows (a 100-turn transcript):   120,152 B held, 130,019 B RSS
-# The fixed part is the Delivery, its Event, patch, key and lists, its actor and the registry's entries
-# (~2.1 KB whatever the body); a transcript row is a tuple of eleven with its floats and ids (~360 B);
-# the body is held twice, as received and as decoded text. Counted below, each figure above is within
-# 0.9-1.1x of its RSS (a list of small messages is over-counted, up to 1.5x): the budget is memory.
+# The fixed part is the Record and its in-flight wrapper, with its Event, patch, key and lists, its actor
+# and the registry's entries (~2.1 KB whatever the body); a transcript row is a tuple of eleven with its
+# floats and ids (~360 B); the body is held twice, as received and as decoded text. Counted below, each
+# figure above is within 0.9-1.1x of its RSS (a list of small messages is over-counted, up to 1.5x): the
+# budget is memory.
 DELIVERY_FIXED_BYTES = 2_304
 DELIVERY_ROW_BYTES = 384
 
@@ -96,9 +138,11 @@ def weight_of(body_bytes: int, rows: int = 0) -> int:
     return DELIVERY_FIXED_BYTES + 2 * body_bytes + DELIVERY_ROW_BYTES * rows
 
 
-@dataclass(slots=True, kw_only=True)
-class ConversationPatch:
-    """Columns one event sets on its conversation; None leaves a column as it is."""
+class ConversationPatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Columns one event sets on its conversation; None leaves a column as it is. Built whole by its parser.
+
+    (A frozen msgspec Struct, not a frozen dataclass: that one's ``__init__`` sets each field through
+    ``object.__setattr__``, ~2 us a patch against ~0.15 here, on every delivery.)"""
 
     status: Status | None = None
     replica_id: str | None = None
@@ -113,6 +157,9 @@ class ConversationPatch:
     perception_unavailable_reason: str | None = None
     end_reason: str | None = None  # the vendor's reason the call ended, or failed
     analysis: str | None = None  # the vendor's analysis (summary, success, structured data) as JSON text
+
+
+NO_CHANGE = ConversationPatch()
 
 
 @dataclass(slots=True, frozen=True)
@@ -130,9 +177,11 @@ class WriteResult:
         return self.received - self.rejected - self.inserted - self.updated
 
 
-@dataclass(slots=True, eq=False, kw_only=True)
-class Delivery:
-    """One accepted request, from intake to commit. The writer fills ``result`` or ``error``, then ``done``."""
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """What storage writes of one accepted delivery: its event, its conversation's changes and its messages.
+
+    Built whole by the source's parser; ``metadata`` and ``problems`` are intake's, set on a copy when the
+    request has any. Frozen: the writer thread reads it while the event loop goes on."""
 
     key: str
     source: str
@@ -140,25 +189,15 @@ class Delivery:
     conversation_id: str
     received_at: float
     body: bytes
-    patch: ConversationPatch = field(default_factory=ConversationPatch)
-    rows: Rows = field(default_factory=list)
-    append_rows: list[AppendRow] = field(default_factory=list)
+    patch: ConversationPatch = NO_CHANGE
+    rows: Rows = ()
+    append_rows: Sequence[AppendRow] = ()
     last_message_at: float | None = None
     # The callback URL's query parameters, a JSON object of strings (daemon.metadata); None: leave as is.
     metadata: str | None = None
     rejected: int = 0
     # Problems its answer names (a 422 whose valid part is stored): kept with the event, for its timeline.
     problems: int = 0
-    # When intake handed it over (time.monotonic()): how long its sender has been waiting.
-    taken_at: float = 0.0
-    # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.
-    # Nobody waits (enqueued ack): the delivery was acknowledged, so the writer keeps retrying it.
-    awaited: bool = True
-    result: WriteResult | None = None
-    error: StorageError | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    # Called once, on the event loop, when the delivery is resolved or failed: its actor moves on.
-    on_settled: Callable[[Delivery], None] | None = None
 
     @property
     def received(self) -> int:
@@ -173,28 +212,29 @@ class Delivery:
         """About the memory it holds (see ``weight_of``)."""
         return weight_of(len(self.body), len(self.rows) + len(self.append_rows))
 
+
+class Pending(Protocol):
+    """What the writer queues: a record, and whom to tell once it is committed (daemon.inflight.InFlight)."""
+
+    @property
+    def record(self) -> Record: ...
+
+    # Someone waits for the commit (durable ack): on a storage fault, fail fast so they can retry.
+    # Nobody waits (enqueued ack): the delivery was acknowledged, so the writer keeps retrying it.
+    @property
+    def awaited(self) -> bool: ...
+
     def resolve(self, result: WriteResult) -> None:
-        self.result = result
-        self._settle()
+        """Committed: called on the event loop."""
+        ...
 
     def fail(self, error: StorageError) -> None:
-        self.error = error
-        self._settle()
-
-    def _settle(self) -> None:
-        self.done.set()
-        settled, self.on_settled = self.on_settled, None
-        if settled is not None:
-            try:
-                settled(self)
-            except Exception:
-                # Called from the writer's resolution loop: one broken callback must not leave the other
-                # deliveries of the commit unanswered.
-                log.exception("settling delivery %s failed", self.key)
+        """Not stored: called on the event loop."""
+        ...
 
 
-def message_counts(inserted: Iterable[tuple[Delivery, int]]) -> dict[str, tuple[int, float | None]]:
-    """Per conversation, from (delivery, messages it inserted): the messages inserted, and the latest message
+def message_counts(inserted: Iterable[tuple[Record, int]]) -> dict[str, tuple[int, float | None]]:
+    """Per conversation, from (record, messages it inserted): the messages inserted, and the latest message
     time of the deliveries that inserted any. Both backends add these to the conversations' counts."""
     counts: dict[str, tuple[int, float | None]] = {}
     for delivery, n in inserted:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from storage.backend import is_postgres_url
 from storage.connection import Synchronous, immediate, open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.outbox import latest_position
 from storage.writes import Outcome, commit_batch
@@ -30,7 +30,7 @@ class Engine(Protocol):
     def connection(self) -> Any:
         """The writing connection, for a maintenance job (the backend's own module functions take it)."""
 
-    def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
+    def commit(self, batch: Sequence[Record], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
         """Write ``batch`` in one transaction and commit: its outcomes, and the last change's position."""
 
     def probe(self) -> str | None:
@@ -81,7 +81,7 @@ class SqliteEngine:
         assert self._conn is not None, "the engine is not open"
         return self._conn
 
-    def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
+    def commit(self, batch: Sequence[Record], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
         return commit_batch(self.connection(), batch, record_changes=record_changes)
 
     def probe(self) -> str | None:

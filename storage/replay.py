@@ -24,8 +24,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from storage.connection import immediate
-from storage.deliveries import Delivery, MessageRow
+from storage.deliveries import MessageRow, Record
 from storage.outbox import ChangeSet
 from storage.writes import write_in_savepoint
 
@@ -41,8 +43,8 @@ class StoredEvent:
     body: bytes
 
 
-# Parse a stored event into its delivery, as intake would have; raises if the body cannot be parsed.
-Parse = Callable[[StoredEvent], Delivery]
+# Parse a stored event into its delivery's record, as intake would have; raises if the body cannot be parsed.
+Parse = Callable[[StoredEvent], Record]
 
 
 @dataclass(slots=True)
@@ -106,7 +108,7 @@ def replay(
     def earlier(cid: str, source: str, before_id: int) -> list[StoredEvent]:
         return [StoredEvent(*row) for row in conn.execute(EARLIER_EVENTS, (cid, source, before_id)).fetchall()]
 
-    def write(batch: list[tuple[StoredEvent, Delivery]], stats: ReplayStats) -> None:
+    def write(batch: list[tuple[StoredEvent, Record]], stats: ReplayStats) -> None:
         _write(conn, batch, stats, on_failure)
 
     return replay_events(_events(conn, conversation_id, *bounds), parsers, earlier, write, limits, on_failure)
@@ -115,7 +117,7 @@ def replay(
 # The events of one conversation and source stored before an event id, in id order.
 Earlier = Callable[[str, str, int], Iterable[StoredEvent]]
 # Write one batch of parsed events in a transaction, adding what it did to the stats.
-WriteBatch = Callable[[list[tuple[StoredEvent, Delivery]], ReplayStats], None]
+WriteBatch = Callable[[list[tuple[StoredEvent, Record]], ReplayStats], None]
 
 
 def replay_events(
@@ -130,7 +132,7 @@ def replay_events(
     and hand the parsed events to ``write`` in batches within ``limits``."""
     stats = ReplayStats()
     positions = _Positions(earlier, parsers, limits.max_streams)
-    batch: list[tuple[StoredEvent, Delivery]] = []
+    batch: list[tuple[StoredEvent, Record]] = []
     rows = size = 0
     for event in events:
         parse = parsers.get(event.source)
@@ -144,7 +146,7 @@ def replay_events(
             if on_failure is not None:
                 on_failure(event, f"{exc.__class__.__name__}: {exc}")
             continue
-        positions.assign(delivery, event.id)
+        delivery = positions.assign(delivery, event.id)
         stats.rejected_items += delivery.rejected
         batch.append((event, delivery))
         rows += len(delivery.rows)
@@ -193,14 +195,11 @@ def _events(conn: sqlite3.Connection, conversation_id: str | None, after: int, l
         after = event.id
 
 
-def parse_stored(parse: Parse, event: StoredEvent) -> Delivery:
-    """The delivery a stored event makes again, under the key it was stored under, not awaited."""
-    delivery = parse(event)
+def parse_stored(parse: Parse, event: StoredEvent) -> Record:
+    """The record a stored event makes again, under the key it was stored under."""
     # The key it was stored under (a webhook-id header, or the one key for both join events): the event
     # row is the same, whatever key the headers-less parse would compute.
-    delivery.key = event.delivery_key
-    delivery.awaited = False
-    return delivery
+    return msgspec.structs.replace(parse(event), key=event.delivery_key)
 
 
 class _Positions:
@@ -212,10 +211,10 @@ class _Positions:
         self._max_streams = max(1, max_streams)
         self._streams: OrderedDict[tuple[str, str], _Stream] = OrderedDict()
 
-    def assign(self, delivery: Delivery, event_id: int) -> None:
-        """Turn ``delivery``'s appended rows into rows at fixed positions."""
+    def assign(self, delivery: Record, event_id: int) -> Record:
+        """``delivery`` with its appended rows turned into rows at fixed positions."""
         if not delivery.append_rows:
-            return
+            return delivery
         key = (delivery.conversation_id, delivery.source)
         stream = self._streams.get(key)
         if stream is None:
@@ -224,8 +223,7 @@ class _Positions:
         self._streams.move_to_end(key)
         while len(self._streams) > self._max_streams:
             self._streams.popitem(last=False)
-        delivery.rows = [*delivery.rows, *_place(stream, delivery)]
-        delivery.append_rows = []
+        return msgspec.structs.replace(delivery, rows=[*delivery.rows, *_place(stream, delivery)], append_rows=())
 
     def _earlier(self, key: tuple[str, str], before_id: int) -> _Stream:
         """The stream as the events before ``before_id`` left it: they are parsed again, not written."""
@@ -240,7 +238,7 @@ class _Positions:
         return stream
 
 
-def _place(stream: _Stream, delivery: Delivery) -> list[MessageRow]:
+def _place(stream: _Stream, delivery: Record) -> list[MessageRow]:
     """What ``APPEND_MESSAGE`` and ``UPDATE_CHANGED_BY_EXTERNAL_ID`` did, one row after the other."""
     placed: list[MessageRow] = []
     for cid, source, role, content, timestamp, external_id, created_at in delivery.append_rows:
@@ -261,7 +259,7 @@ def _place(stream: _Stream, delivery: Delivery) -> list[MessageRow]:
 
 def _write(
     conn: sqlite3.Connection,
-    batch: list[tuple[StoredEvent, Delivery]],
+    batch: list[tuple[StoredEvent, Record]],
     stats: ReplayStats,
     on_failure: Callable[[StoredEvent, str], None] | None,
 ) -> None:

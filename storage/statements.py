@@ -17,6 +17,14 @@ from collections.abc import Iterator, Sequence
 from itertools import chain
 from typing import Any
 
+from storage.deliveries import (
+    APPEND_COLUMNS,
+    CHANGED_APPEND_COLUMNS,
+    CHANGED_MESSAGE_COLUMNS,
+    MESSAGE_COLUMNS,
+    VENDOR_MESSAGE_COLUMNS,
+)
+
 # Measured on the writer alone (ms of the messages insert per 32-transcript commit): 128 rows 8.1,
 # 256 8.2, 512 8.6, 1024 9.1, 2048 11.0: a huge statement costs more per row. Beside the busy event loop
 # fewer statements mean fewer GIL re-takes: 512 was as fast as 1024 and 2048 end to end, and faster than
@@ -75,45 +83,62 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at = max(conversations.updated_at, excluded.updated_at)
 """  # noqa: S608 (built from constants only)
 
-INSERT_MESSAGES = (
-    "INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration,"
-    " inference_id, external_id, created_at)"
-)
+
+def numbered(sql: str, columns: tuple[str, ...]) -> str:
+    """``sql`` with each ``{column}`` as the numbered parameter (``?N``) of its place in ``columns``: the
+    statement binds the rows as they are, whatever order their declaration gives the columns."""
+    return sql.format_map({name: f"?{i}" for i, name in enumerate(columns, 1)})
+
+
+# The column lists of storage.deliveries' row shapes, as declared there.
+INSERT_MESSAGES = f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)})"
 # The same with the vendor's own role: for rows of storage.deliveries.VendorMessageRow.
-INSERT_VENDOR_MESSAGES = INSERT_MESSAGES.replace(" inference_id,", " inference_id, vendor_role,")
+INSERT_VENDOR_MESSAGES = f"INSERT INTO messages ({', '.join(VENDOR_MESSAGE_COLUMNS)})"
 INSERT_MESSAGES_TAIL = "ON CONFLICT DO NOTHING"
 
 # Only on a re-delivery (some rows were already there): rewrite the positions whose entry changed
-# (?10: the vendor role, NULL for a row without one).
-UPDATE_CHANGED_MESSAGE = """
+# (the vendor role is NULL for a row without one). Bound to a row's CHANGED_MESSAGE_COLUMNS.
+UPDATE_CHANGED_MESSAGE = numbered(
+    """
 UPDATE messages
-SET role = ?4, content = ?5, timestamp = ?6, seconds_from_start = ?7, duration = ?8, inference_id = ?9,
-    vendor_role = ?10
-WHERE conversation_id = ?1 AND source = ?2 AND seq = ?3
-  AND (role IS NOT ?4 OR content IS NOT ?5 OR timestamp IS NOT ?6 OR seconds_from_start IS NOT ?7
-       OR duration IS NOT ?8 OR inference_id IS NOT ?9 OR vendor_role IS NOT ?10)
+SET role = {role}, content = {content}, timestamp = {timestamp}, seconds_from_start = {seconds_from_start},
+    duration = {duration}, inference_id = {inference_id}, vendor_role = {vendor_role}
+WHERE conversation_id = {conversation_id} AND source = {source} AND seq = {seq}
+  AND (role IS NOT {role} OR content IS NOT {content} OR timestamp IS NOT {timestamp}
+       OR seconds_from_start IS NOT {seconds_from_start} OR duration IS NOT {duration}
+       OR inference_id IS NOT {inference_id} OR vendor_role IS NOT {vendor_role})
 RETURNING seq
-"""
+""",
+    CHANGED_MESSAGE_COLUMNS,
+)
 
 # The position is computed per row inside the statement, so rows still append in order; a client id
 # seen before hits the unique index and is skipped without using up a position. The generic endpoint
-# carries a few messages per request, so row-by-row executemany is fine here.
-APPEND_MESSAGE = """
-INSERT INTO messages (conversation_id, source, seq, role, content, timestamp, external_id, created_at)
-SELECT ?1, ?2, (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversation_id = ?1 AND source = ?2),
-       ?3, ?4, ?5, ?6, ?7
+# carries a few messages per request, so row-by-row executemany is fine here. Bound to an AppendRow.
+APPEND_MESSAGE = numbered(
+    f"""
+INSERT INTO messages (seq, {", ".join(APPEND_COLUMNS)})
+SELECT (SELECT coalesce(max(seq) + 1, 0) FROM messages WHERE conversation_id = {{conversation_id}}
+                                                         AND source = {{source}}),
+       {", ".join(f"{{{name}}}" for name in APPEND_COLUMNS)}
 WHERE true
 ON CONFLICT DO NOTHING
 RETURNING seq
-"""
+""",  # noqa: S608 (built from constants only)
+    APPEND_COLUMNS,
+)
 
-# A client re-sending its message by id replaces it; a timestamp it leaves out is kept.
-UPDATE_CHANGED_BY_EXTERNAL_ID = """
-UPDATE messages SET role = ?3, content = ?4, timestamp = coalesce(?5, timestamp)
-WHERE conversation_id = ?1 AND external_id = ?6 AND source = ?2
-  AND (role IS NOT ?3 OR content IS NOT ?4 OR coalesce(?5, timestamp) IS NOT timestamp)
+# A client re-sending its message by id replaces it; a timestamp it leaves out is kept. Bound to an
+# AppendRow's CHANGED_APPEND_COLUMNS.
+UPDATE_CHANGED_BY_EXTERNAL_ID = numbered(
+    """
+UPDATE messages SET role = {role}, content = {content}, timestamp = coalesce({timestamp}, timestamp)
+WHERE conversation_id = {conversation_id} AND external_id = {external_id} AND source = {source}
+  AND (role IS NOT {role} OR content IS NOT {content} OR coalesce({timestamp}, timestamp) IS NOT timestamp)
 RETURNING seq
-"""
+""",
+    CHANGED_APPEND_COLUMNS,
+)
 
 COUNT_MESSAGES = """
 UPDATE conversations

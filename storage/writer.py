@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from storage.connection import Synchronous
-from storage.deliveries import Delivery
+from storage.deliveries import Pending
 from storage.engine import Engine, engine_for
 from storage.errors import StorageError, StorageRejected, StorageUnavailable, WriterClosed
 from storage.writes import Outcome
@@ -33,7 +33,7 @@ log = logging.getLogger("transcriptd.writer")
 
 State = Literal["starting", "running", "draining", "closed"]
 T = TypeVar("T")
-Unit = Sequence[Delivery]
+Unit = Sequence[Pending]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class Writer:
         unit is resolved: the rows are released before the deliveries are)."""
         if self.state != "running":
             raise WriterClosed(f"the writer is {self.state}")
-        rows = sum(d.size for d in unit)
+        rows = sum(d.record.size for d in unit)
         if self._pending_rows and self._pending_rows + rows > self.settings.max_pending_rows:
             return False
         with self._cond:
@@ -208,7 +208,7 @@ class Writer:
     # --- the writer thread -------------------------------------------------------------------------
 
     def _thread_main(self, ended: anyio.Event) -> None:
-        retry: list[Delivery] = []
+        retry: list[Pending] = []
         backoff_s = 0.0
         drain_deadline: float | None = None
         try:
@@ -255,11 +255,11 @@ class Writer:
                 self._call_soon(self._fail, retry, WriterClosed("the writer stopped before storing this"), None)
             self._call_soon(ended.set)
 
-    def _take(self, retry: list[Delivery], backoff_s: float) -> tuple[list[Delivery], list[_Job]] | None:
+    def _take(self, retry: list[Pending], backoff_s: float) -> tuple[list[Pending], list[_Job]] | None:
         """The next batch: deliveries to retry, then whole units in arrival order, up to max_rows; and
         any jobs queued meanwhile. None once closed and drained."""
         batch, jobs = retry, []
-        rows = sum(d.size for d in batch)
+        rows = sum(d.record.size for d in batch)
         deadline = None
         if backoff_s:
             if self._closing:
@@ -275,7 +275,7 @@ class Writer:
                         jobs.append(item)
                         continue
                     batch.extend(item)
-                    rows += sum(d.size for d in item)
+                    rows += sum(d.record.size for d in item)
                 if jobs or (batch and (rows >= self.settings.max_rows or not self.settings.max_delay_s)):
                     return batch, jobs
                 if self._closing and not self._queue:
@@ -293,11 +293,12 @@ class Writer:
         # A probe takes no connection here: it says why there is none (PostgreSQL down) rather than raise.
         return job.work(self.engine.connection() if job.needs_connection else None)
 
-    def _commit(self, batch: list[Delivery]) -> list[Delivery]:
+    def _commit(self, batch: list[Pending]) -> list[Pending]:
         """Write and commit one batch; returns the acknowledged deliveries that must be retried."""
         started = time.perf_counter()
         try:
-            outcomes, position = self.engine.commit(batch, record_changes=self.settings.record_changes)
+            records = [d.record for d in batch]
+            outcomes, position = self.engine.commit(records, record_changes=self.settings.record_changes)
         except Exception as exc:  # a fault of the storage (or of this code): nothing in the batch is stored
             message = f"{exc.__class__.__name__}: {exc}"
             if message != self.last_error:
@@ -321,7 +322,7 @@ class Writer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(callback, *args)
 
-    def _resolve(self, batch: list[Delivery], outcomes: list[Outcome], seconds: float, position: int | None) -> None:
+    def _resolve(self, batch: list[Pending], outcomes: list[Outcome], seconds: float, position: int | None) -> None:
         self.commits += 1
         if self._on_commit_stats is not None:
             written = sum(o.inserted + o.updated for o in outcomes if not isinstance(o, StorageRejected))
@@ -331,11 +332,11 @@ class Writer:
             self.last_error = None
         if self._on_commit is not None:
             # Before any ack, so that a client reading after its answer sees its data.
-            self._on_commit({d.conversation_id for d in batch})
+            self._on_commit({d.record.conversation_id for d in batch})
         if self._on_changes is not None:
             self._on_changes(position)
         # Released first: a delivery settling lets its actor offer the next unit, which needs the room.
-        self._release(sum(d.size for d in batch))
+        self._release(sum(d.record.size for d in batch))
         for delivery, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StorageRejected):
                 delivery.fail(outcome)
@@ -344,15 +345,15 @@ class Writer:
                 self.dropped_erased += 1
                 log.info(
                     "dropped a %r delivery for erased conversation %r: nothing stored",
-                    delivery.event_type,
-                    delivery.conversation_id,
+                    delivery.record.event_type,
+                    delivery.record.conversation_id,
                 )
             delivery.resolve(outcome)
 
-    def _fail(self, awaited: list[Delivery], error: StorageError, message: str | None) -> None:
+    def _fail(self, awaited: list[Pending], error: StorageError, message: str | None) -> None:
         if message is not None:
             self.last_error = message
-        self._release(sum(d.size for d in awaited))
+        self._release(sum(d.record.size for d in awaited))
         for delivery in awaited:
             delivery.fail(error)
 

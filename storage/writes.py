@@ -20,7 +20,20 @@ from collections.abc import Sequence
 
 from storage import erasure, search_index
 from storage import statements as sql
-from storage.deliveries import NULL, VENDOR_ROW_WIDTH, Delivery, Row, Rows, WriteResult, message_counts
+from storage.deliveries import (
+    APPEND_EXTERNAL_ID,
+    CHANGED_APPEND_COLUMNS,
+    CHANGED_MESSAGE_COLUMNS,
+    NULL,
+    SEQ,
+    VENDOR_ROLE,
+    VENDOR_ROW_WIDTH,
+    Record,
+    Row,
+    Rows,
+    WriteResult,
+    message_counts,
+)
 from storage.errors import StorageRejected
 from storage.outbox import ChangeSet
 
@@ -29,14 +42,14 @@ log = logging.getLogger("transcriptd.storage")
 Outcome = WriteResult | StorageRejected
 
 
-def write_batch(conn: sqlite3.Connection, batch: Sequence[Delivery]) -> list[Outcome]:
+def write_batch(conn: sqlite3.Connection, batch: Sequence[Record]) -> list[Outcome]:
     """Write ``batch`` in one transaction and commit; one outcome per delivery, in order (see ``commit_batch``)."""
     outcomes, _ = commit_batch(conn, batch)
     return outcomes
 
 
 def commit_batch(
-    conn: sqlite3.Connection, batch: Sequence[Delivery], *, record_changes: bool = True
+    conn: sqlite3.Connection, batch: Sequence[Record], *, record_changes: bool = True
 ) -> tuple[list[Outcome], int | None]:
     """Write ``batch`` in one transaction, with its changes, and commit: one outcome per delivery, in order,
     and the position of the last change recorded (None: nothing changed).
@@ -74,7 +87,7 @@ REFUSALS = (sqlite3.DatabaseError, ValueError, OverflowError)
 
 
 def write_in_savepoint(
-    conn: sqlite3.Connection, delivery: Delivery, changes: ChangeSet, *, store_events: bool = True
+    conn: sqlite3.Connection, delivery: Record, changes: ChangeSet, *, store_events: bool = True
 ) -> WriteResult | Exception:
     """Write one delivery inside the open transaction, in a savepoint of its own: if the database refuses
     its rows, only they are rolled back, and the refusal is returned rather than raised. What it changed
@@ -92,7 +105,7 @@ def write_in_savepoint(
     return result
 
 
-def _write_isolated(conn: sqlite3.Connection, delivery: Delivery, changes: ChangeSet) -> Outcome:
+def _write_isolated(conn: sqlite3.Connection, delivery: Record, changes: ChangeSet) -> Outcome:
     result = write_in_savepoint(conn, delivery, changes)
     if isinstance(result, Exception):
         log.error("delivery rejected by the database: %s: %s", result.__class__.__name__, result)
@@ -111,7 +124,7 @@ ON CONFLICT (delivery_key) WHERE resolved_at IS NULL DO UPDATE SET
 """
 
 
-def _dead_letter(conn: sqlite3.Connection, delivery: Delivery, error: str) -> None:
+def _dead_letter(conn: sqlite3.Connection, delivery: Record, error: str) -> None:
     """Keep a refused delivery in ``dead_letters``, inside the open transaction. A failure to do so is
     logged, not raised (the delivery is answered 5xx and retried by its sender anyway), except a fault of
     the storage, which fails the whole batch like any other."""
@@ -136,7 +149,7 @@ class _RowsAlreadyThere(Exception):
 
 def write_deliveries(
     conn: sqlite3.Connection,
-    batch: Sequence[Delivery],
+    batch: Sequence[Record],
     changes: ChangeSet,
     *,
     batch_wide: bool = False,
@@ -164,7 +177,7 @@ def write_deliveries(
         _count_dropped(conn, [d for d in batch if d.conversation_id in erased])
     keys = [(d.key,) for d in batch if d.conversation_id not in erased] if store_events else []
     seen = {row[0] for row in sql.select_rows(conn, sql.EXISTING_KEYS, keys, sql.EXISTING_KEYS_TAIL)}
-    fresh: list[Delivery] = []
+    fresh: list[Record] = []
     for delivery in batch:
         if delivery.conversation_id in erased:
             continue
@@ -203,7 +216,7 @@ def write_deliveries(
 
     results: list[WriteResult] = []
     noted: list[tuple[str, int, int, list[int]]] = []
-    stored: list[tuple[Delivery, int]] = []
+    stored: list[tuple[Record, int]] = []
     for delivery in batch:
         if delivery.conversation_id in erased:
             results.append(WriteResult(delivery.received, 0, 0, delivery.rejected, erased=True))
@@ -225,7 +238,7 @@ def write_deliveries(
     return results
 
 
-def _count_dropped(conn: sqlite3.Connection, dropped: Sequence[Delivery]) -> None:
+def _count_dropped(conn: sqlite3.Connection, dropped: Sequence[Record]) -> None:
     """Count the dropped deliveries on their tombstones, in the same transaction (the writer logs them once
     committed, and counts them in its metrics)."""
     per_conversation: dict[str, int] = {}
@@ -234,7 +247,7 @@ def _count_dropped(conn: sqlite3.Connection, dropped: Sequence[Delivery]) -> Non
     erasure.count_dropped(conn, per_conversation, time.time())
 
 
-def _conversation_row(delivery: Delivery) -> tuple[object, ...]:
+def _conversation_row(delivery: Record) -> tuple[object, ...]:
     patch = delivery.patch
     return (
         delivery.conversation_id,
@@ -252,7 +265,7 @@ def _insert_for(rows: Rows) -> str:
 
 
 def _write_messages(
-    conn: sqlite3.Connection, delivery: Delivery, *, transcript_written: bool
+    conn: sqlite3.Connection, delivery: Record, *, transcript_written: bool
 ) -> tuple[int, int, list[int]]:
     """Messages inserted, messages updated, and the positions of both (for the change's seq range: on
     the batch-wide path the two ends of the delivery's rows, all of which went in)."""
@@ -261,7 +274,7 @@ def _write_messages(
     if transcript_written:
         inserted = len(delivery.rows)
         if delivery.rows:
-            positions = [row[2] for row in delivery.rows]
+            positions = [row[SEQ] for row in delivery.rows]
             seqs = [min(positions), max(positions)]
     elif delivery.rows:
         before = search_index.last_id(conn)
@@ -276,8 +289,8 @@ def _write_messages(
             vendor = len(delivery.rows[0]) == VENDOR_ROW_WIDTH
             # Every row, not only the skipped ones: a delivery may repeat a position (a client id sent
             # twice), and its later entry wins, as it would on a later delivery.
-            changed = [row[:10] if vendor else (*row[:9], None) for row in delivery.rows]
-            texts = _changed_texts(conn, CHANGED_TEXT, [(*row[:3], row[4]) for row in changed])
+            changed = [row[:_CHANGED] if vendor else (*row[:VENDOR_ROLE], None) for row in delivery.rows]
+            texts = _changed_texts(conn, CHANGED_TEXT, [(*row[:_KEY], row[_CONTENT]) for row in changed])
             # Row by row, to learn which positions changed (executemany cannot return rows); only on a
             # re-delivery that repeats stored positions.
             for row in changed:
@@ -294,11 +307,13 @@ def _write_messages(
             if (found := conn.execute(sql.APPEND_MESSAGE, append_row).fetchone()) is not None:
                 inserted += 1
                 seqs.append(found[0])
-            elif append_row[5] is not None:
-                repeated.append(append_row[:6])
+            elif append_row[APPEND_EXTERNAL_ID] is not None:
+                repeated.append(append_row[:_APPEND_CHANGED])
         search_index.index_after(conn, before)
         if repeated:
-            keys: list[tuple[object, ...]] = [(*row[:2], row[5], row[3]) for row in repeated]
+            keys: list[tuple[object, ...]] = [
+                (*row[:_STREAM], row[APPEND_EXTERNAL_ID], row[_APPEND_CONTENT]) for row in repeated
+            ]
             texts = _changed_texts(conn, CHANGED_TEXT_BY_EXTERNAL_ID, keys)
             for key in repeated:
                 if (found := conn.execute(sql.UPDATE_CHANGED_BY_EXTERNAL_ID, key).fetchone()) is not None:
@@ -307,6 +322,14 @@ def _write_messages(
             search_index.reindex(conn, texts)
     return inserted, updated, seqs
 
+
+# Slice bounds and positions in the rows (storage.deliveries' column declarations).
+_CHANGED = len(CHANGED_MESSAGE_COLUMNS)  # a vendor row's columns UPDATE_CHANGED_MESSAGE binds
+_KEY = CHANGED_MESSAGE_COLUMNS.index("seq") + 1  # conversation_id, source, seq
+_CONTENT = CHANGED_MESSAGE_COLUMNS.index("content")
+_APPEND_CHANGED = len(CHANGED_APPEND_COLUMNS)  # an appended row's columns UPDATE_CHANGED_BY_EXTERNAL_ID binds
+_STREAM = CHANGED_APPEND_COLUMNS.index("source") + 1  # conversation_id, source
+_APPEND_CONTENT = CHANGED_APPEND_COLUMNS.index("content")
 
 # The stored text of a message an update is about to change, for the search index (?4: the new text).
 CHANGED_TEXT = (

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from daemon.actors import ActorRegistry
 from daemon.errors import Overloaded
-from storage.deliveries import Delivery, WriteResult
+from daemon.inflight import InFlight
+from storage.deliveries import SEQ, WriteResult
 from storage.errors import WriterClosed
 from storage.writer import Writer, WriterSettings
 from tests.test_writer import delivery
@@ -35,16 +37,15 @@ async def actors(db_path: Path, *, mailbox_size: int = 64, **settings: Any) -> A
             await writer.close()
 
 
-def keyed(cid: str, n: int, contents: list[str]) -> Delivery:
+def keyed(cid: str, n: int, contents: list[str]) -> InFlight:
     """The conversation's ``n``-th delivery: its own event (the events table records the order of
     commits) and its own positions, after those of the deliveries before it."""
-    d = delivery(cid, contents)
-    d.key = f"test:{cid}:{n}"
-    d.rows = [(*row[:2], n * len(contents) + row[2], *row[3:]) for row in d.rows]
-    return d
+    record = delivery(cid, contents).record
+    rows = [(*row[:SEQ], n * len(contents) + row[SEQ], *row[SEQ + 1 :]) for row in record.rows]
+    return InFlight(msgspec.structs.replace(record, key=f"test:{cid}:{n}", rows=rows))
 
 
-async def settle(deliveries: list[Delivery]) -> None:
+async def settle(deliveries: list[InFlight]) -> None:
     with anyio.fail_after(10):
         for d in deliveries:
             await d.done.wait()
@@ -65,7 +66,7 @@ async def test_a_conversation_is_stored_in_order_and_what_waits_is_coalesced(db_
         assert registry.oldest_pending_at is None
     assert all(d.result is not None and d.result.inserted == 1 for d in sent)
     keys = [k for (k,) in db("SELECT delivery_key FROM events ORDER BY id")]
-    assert keys == [d.key for d in sent]
+    assert keys == [d.record.key for d in sent]
 
 
 async def test_without_room_in_the_writer_actors_wait_their_turn_and_lose_nothing(db_path: Path, db: Query) -> None:
@@ -81,7 +82,7 @@ async def test_without_room_in_the_writer_actors_wait_their_turn_and_lose_nothin
     assert all(d.error is None for d in sent)
     for i in range(5):
         order = [k for (k,) in db("SELECT delivery_key FROM events WHERE conversation_id = ? ORDER BY id", (f"c{i}",))]
-        assert order == [d.key for d in sent if d.conversation_id == f"c{i}"]
+        assert order == [d.record.key for d in sent if d.record.conversation_id == f"c{i}"]
     assert db("SELECT count(*) FROM messages") == [(80,)]
 
 
@@ -117,10 +118,10 @@ async def test_a_writer_closing_under_a_long_line_fails_every_waiting_delivery_w
         """Takes one unit, then has no room; then closes."""
 
         def __init__(self) -> None:
-            self.taken: list[Delivery] = []
+            self.taken: list[InFlight] = []
             self.closed = False
 
-        def offer(self, unit: list[Delivery]) -> bool:
+        def offer(self, unit: list[InFlight]) -> bool:
             if self.closed:
                 raise WriterClosed("the writer is closed")
             if self.taken:

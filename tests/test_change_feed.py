@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from storage.connection import open_writer
-from storage.deliveries import ConversationPatch, Delivery, MessageRow, WriteResult
+from storage.deliveries import ConversationPatch, MessageRow, Record, WriteResult
 from storage.migrations import migrate
 from storage.writes import commit_batch
 from tests.conftest import AppClient
@@ -23,12 +23,12 @@ from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
 TURNS = 3  # and the system entry: 4 messages per transcript
 
 
-def delivery(key: str, cid: str, seqs: list[int], *, content: str = "hi", status: Any = None) -> Delivery:
+def delivery(key: str, cid: str, seqs: list[int], *, content: str = "hi", status: Any = None) -> Record:
     now = time.time()
     message_rows: list[MessageRow] = [
         (cid, "test", seq, "user", f"{content} {seq}", None, None, None, None, None, now) for seq in seqs
     ]
-    return Delivery(
+    return Record(
         key=key,
         source="test",
         event_type="test",

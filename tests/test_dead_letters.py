@@ -146,7 +146,7 @@ def test_an_old_event_stored_late_does_not_make_a_live_conversation_old(db_path:
     """A dead letter retried (or an event replayed) long after it was received must not move the
     conversation's last activity back, or retention would delete a conversation acknowledged yesterday."""
     from storage.connection import open_writer
-    from storage.deliveries import Delivery
+    from storage.deliveries import Record
     from storage.migrations import migrate
     from storage.retention import prune_batch
     from storage.writes import write_batch
@@ -156,9 +156,9 @@ def test_an_old_event_stored_late_does_not_make_a_live_conversation_old(db_path:
     conn = open_writer(db_path)
     migrate(conn)
 
-    def delivery(key: str, received_at: float) -> Delivery:
+    def delivery(key: str, received_at: float) -> Record:
         row = ("live", "test", 0 if key == "new" else 1, "user", key, None, None, None, None, None, received_at)
-        return Delivery(
+        return Record(
             key=key,
             source="test",
             event_type="t",

@@ -14,8 +14,9 @@ import pytest
 
 from daemon import delivery_log
 from daemon.config import load_config
+from daemon.inflight import InFlight
 from daemon.logs import JsonFormatter, RedactSecrets, configure
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from tests.conftest import TEST_SECRETS, AppClient, make_config
 from tests.payloads import encode, envelope, transcription_ready
 from tests.test_writer import locked
@@ -219,9 +220,10 @@ def test_the_keys_are_masked_like_the_message() -> None:
 
 def test_the_record_is_the_one_log_info_makes(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    delivery = Delivery(
+    record = Record(
         key="k", source="tavus", event_type="system.shutdown", conversation_id="c-rec", received_at=1.0, body=b"{}"
     )
+    delivery = InFlight(record)
     delivery_log.enqueued(delivery, time.perf_counter())
     (ours,) = delivery_lines(caplog)
     logging.getLogger(LOGGER).info(delivery_log.FORMAT, *ours.args, extra=delivery_log.EXTRA)  # type: ignore[misc]

@@ -9,10 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from msgspec.structs import replace
 
 from storage import erasure
 from storage.connection import open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.writes import write_batch
 from tests.conftest import AppClient
@@ -154,9 +155,9 @@ async def test_a_redelivery_after_erasure_is_answered_2xx_and_stays_erased(
         )
 
 
-def delivery(cid: str, key: str) -> Delivery:
+def delivery(cid: str, key: str) -> Record:
     row = (cid, "tavus", 0, "user", "hello", None, None, None, None, None, 1.0)
-    return Delivery(
+    return Record(
         key=key,
         source="tavus",
         event_type="application.transcription_ready",
@@ -283,7 +284,8 @@ def test_erased_text_is_gone_from_the_file_once_checkpointed(db_path: Path) -> N
     try:
         migrate(conn)
         many = delivery("c-secret", "k-secret")
-        many.rows = [(*many.rows[0][:2], seq, "user", f"{marker} {seq}", *many.rows[0][5:]) for seq in range(300)]
+        row = many.rows[0]
+        many = replace(many, rows=[(*row[:2], seq, "user", f"{marker} {seq}", *row[5:]) for seq in range(300)])
         write_batch(conn, [many, delivery("c-kept", "k-kept")])
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert marker.encode() in db_path.read_bytes()

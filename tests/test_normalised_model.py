@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.connection import open_writer
-from storage.deliveries import NULL, ConversationPatch, Delivery, MessageRow, VendorMessageRow
+from storage.deliveries import NULL, ConversationPatch, MessageRow, Record, VendorMessageRow
 from storage.migrations import _statements, available, migrate
 from storage.queries import Reader
 from storage.writes import write_batch
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.anyio
 
 def delivery(
     key: str, cid: str, *, rows: list[MessageRow] | list[VendorMessageRow] | None = None, **patch: object
-) -> Delivery:
+) -> Record:
     now = time.time()
-    return Delivery(
+    return Record(
         key=key,
         source="test",
         event_type="test.event",

@@ -23,7 +23,7 @@ import pytest
 
 from daemon.sources import generic, tavus
 from storage.connection import open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.writes import write_batch
 from tests.daemon_process import (
@@ -257,7 +257,7 @@ def test_replay_of_one_conversation_or_since_a_time_restores_appended_messages_i
 # --- prune ----------------------------------------------------------------------------------------------
 
 
-def seed(db_path: Path, deliveries: list[Delivery]) -> None:
+def seed(db_path: Path, deliveries: list[Record]) -> None:
     """Store deliveries with the writer's own code, with whatever received_at they carry."""
     conn = open_writer(db_path)
     try:
@@ -269,7 +269,7 @@ def seed(db_path: Path, deliveries: list[Delivery]) -> None:
         conn.close()
 
 
-def conversation_deliveries(cid: str, at: float, *, generic_stream: bool) -> list[Delivery]:
+def conversation_deliveries(cid: str, at: float, *, generic_stream: bool) -> list[Record]:
     """A transcript and a shutdown (Tavus), or two posts of messages (generic), received at ``at``."""
     if generic_stream:
         bodies = [
@@ -288,7 +288,7 @@ def seed_old_and_fresh(db_path: Path, *, old: int, fresh: int) -> tuple[list[str
     now = time.time()
     old_ids = [f"old-{n:04d}" for n in range(old)]
     fresh_ids = [f"kept-{n:03d}" for n in range(fresh)]
-    deliveries: list[Delivery] = []
+    deliveries: list[Record] = []
     for n, cid in enumerate(old_ids):
         deliveries += conversation_deliveries(cid, now - 100 * DAY - n * 60, generic_stream=n % 5 == 0)
     for n, cid in enumerate(fresh_ids):

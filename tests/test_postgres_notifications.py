@@ -12,7 +12,7 @@ from typing import Any
 
 from storage import notifications as lite_notifications
 from storage.connection import open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.notifications import Attempted, Due
 from storage.postgres import notifications
@@ -51,7 +51,7 @@ class Both:
         self.lite = lite
         self.pg = pg
 
-    def commit(self, batch: list[Delivery]) -> None:
+    def commit(self, batch: list[Record]) -> None:
         lite_position = lite_commit_batch(self.lite, batch)[1]
         pg_position = pg_commit_batch(self.pg, batch)[1]
         assert pg_position == lite_position

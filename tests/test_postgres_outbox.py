@@ -12,7 +12,7 @@ import pytest
 
 from storage import outbox as sqlite_outbox
 from storage.connection import open_writer
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.errors import StorageUnavailable
 from storage.migrations import migrate
 from storage.postgres import outbox
@@ -161,7 +161,7 @@ def test_a_reader_polling_after_its_last_position_never_misses_one_while_two_wri
             for i in range(100):
                 # Conversations of their own, so the writers never queue on a row lock: only the outbox
                 # orders them.
-                batch: list[Delivery] = [ready(f"{name}-{i}-{j}", turns=3, seed=i) for j in range(3)]
+                batch: list[Record] = [ready(f"{name}-{i}-{j}", turns=3, seed=i) for j in range(3)]
                 batch.append(append(f"{name}-shared", [{"role": "user", "content": f"{i}"}]))
                 recorded.append(pg_commit_batch(conn, batch)[1])
         return recorded

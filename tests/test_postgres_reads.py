@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from storage.connection import open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.errors import StorageError, StorageUnavailable
 from storage.migrations import migrate
 from storage.postgres.connection import ServerUnreachable, connect
@@ -31,7 +31,7 @@ from tests.test_postgres_writes import NOW, append, event, scenario, with_metada
 pytestmark = pytest.mark.anyio
 
 
-def extra_batches() -> list[list[Delivery]]:
+def extra_batches() -> list[list[Record]]:
     """Ids that byte order and a linguistic collation sort differently, post-call actions, ties on
     updated_at, and every role."""
     return [

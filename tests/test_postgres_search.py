@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.connection import open_writer
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.postgres.connection import connect
 from storage.postgres.queries import Reader as PgReader
@@ -127,7 +127,7 @@ class Both:
     pg: PgReader
 
 
-def corpus_deliveries() -> list[Delivery]:
+def corpus_deliveries() -> list[Record]:
     deliveries = []
     for i, (cid, role, content, timestamp) in enumerate(CORPUS):
         message: dict[str, Any] = {"role": role, "content": content}
@@ -138,7 +138,7 @@ def corpus_deliveries() -> list[Delivery]:
     return deliveries
 
 
-async def open_both(postgres_url: str, path: Path, deliveries: list[Delivery], per_batch: int = 1) -> Both:
+async def open_both(postgres_url: str, path: Path, deliveries: list[Record], per_batch: int = 1) -> Both:
     lite = open_writer(path)
     migrate(lite)
     with connect(postgres_url) as pg:

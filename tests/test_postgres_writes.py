@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from daemon.sources import elevenlabs, generic, retell, tavus, vapi
 from storage.connection import open_writer
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.migrations import migrate
 from storage.postgres.connection import Connection, connect
@@ -32,33 +33,33 @@ FIXTURES = Path(__file__).parent / "fixtures"
 NOW = 1_790_000_000.0
 
 
-def ready(cid: str, turns: int = 10, seed: int = 0, at: float = NOW) -> Delivery:
+def ready(cid: str, turns: int = 10, seed: int = 0, at: float = NOW) -> Record:
     return tavus.parse(encode(transcription_ready(cid, turns=turns, seed=seed)), {}, received_at=at)[0]
 
 
-def event(cid: str, event_type: str, properties: dict[str, Any], at: float = NOW) -> Delivery:
+def event(cid: str, event_type: str, properties: dict[str, Any], at: float = NOW) -> Record:
     return tavus.parse(encode(envelope(cid, event_type, properties)), {}, received_at=at)[0]
 
 
-def append(cid: str, messages: list[dict[str, Any]], at: float = NOW) -> Delivery:
+def append(cid: str, messages: list[dict[str, Any]], at: float = NOW) -> Record:
     return generic.parse(json.dumps(messages).encode(), {}, received_at=at, conversation_id=cid)[0]
 
 
-def vendor(parse: Callable[..., tuple[Delivery, Any]], path: str, at: float = NOW) -> Delivery:
+def vendor(parse: Callable[..., tuple[Record, Any]], path: str, at: float = NOW) -> Record:
     return parse((FIXTURES / path).read_bytes(), {}, received_at=at)[0]
 
 
-def with_metadata(delivery: Delivery, metadata: dict[str, str]) -> Delivery:
-    delivery.metadata = json.dumps(metadata)
-    return delivery
+def with_metadata(delivery: Record, metadata: dict[str, str]) -> Record:
+    return replace(delivery, metadata=json.dumps(metadata))
 
 
-def scenario() -> list[list[Delivery]]:
+def scenario() -> list[list[Record]]:
     """Batches covering what a group commit meets: new conversations, status events, every vendor's shape,
     appends with and without client ids, re-deliveries, a changed transcript, the same delivery twice in
     one batch, metadata merges, a refused delivery and an erased conversation."""
     surrogate = append("c-bad", [{"role": "user", "content": "fine"}], at=NOW + 20)
-    surrogate.append_rows = [(*surrogate.append_rows[0][:3], "lone \ud800 surrogate", *surrogate.append_rows[0][4:])]
+    (row,) = surrogate.append_rows
+    surrogate = replace(surrogate, append_rows=[(*row[:3], "lone \ud800 surrogate", *row[4:])])
     return [
         [
             with_metadata(ready("c-a", turns=20), {"team": "a"}),
@@ -96,10 +97,9 @@ def scenario() -> list[list[Delivery]]:
     ]
 
 
-def out_of_range(cid: str) -> Delivery:
+def out_of_range(cid: str) -> Record:
     delivery = ready(cid, turns=2, at=NOW + 41)
-    delivery.rows = [*delivery.rows[:1], (*delivery.rows[1][:2], 2**70, *delivery.rows[1][3:])]
-    return delivery
+    return replace(delivery, rows=[*delivery.rows[:1], (*delivery.rows[1][:2], 2**70, *delivery.rows[1][3:])])
 
 
 TABLES = {
@@ -191,8 +191,7 @@ def test_a_delivery_with_u0000_is_refused_alone_with_its_raw_body_kept(postgres_
 
 
 def test_a_nul_in_the_conversation_id_is_kept_escaped_in_dead_letters(postgres_url: str) -> None:
-    delivery = append("c-ok", [{"role": "user", "content": "hi"}])
-    delivery.conversation_id = "c\x00id"
+    delivery = replace(append("c-ok", [{"role": "user", "content": "hi"}]), conversation_id="c\x00id")
     with connect(postgres_url) as conn:
         (outcome,) = pg_write_batch(conn, [delivery])
         assert isinstance(outcome, StorageRejected)
@@ -284,7 +283,7 @@ def test_interleaved_appends_from_two_writers_get_gapless_positions(postgres_url
 def test_shuffled_overlapping_batches_from_two_writers_never_deadlock_and_lose_nothing(postgres_url: str) -> None:
     conversations = [f"c-{i:02}" for i in range(12)]
 
-    def batches(seed: int) -> list[list[Delivery]]:
+    def batches(seed: int) -> list[list[Record]]:
         rng = random.Random(seed)
         out = []
         for b in range(25):

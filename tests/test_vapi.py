@@ -13,7 +13,7 @@ import pytest
 
 from daemon.errors import InvalidPayload, MalformedJSON
 from daemon.sources import vapi
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vapi"
 
@@ -22,11 +22,11 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-def parsed(body: bytes, at: float = 1_800_000_000.0) -> tuple[Delivery, list[Any]]:
+def parsed(body: bytes, at: float = 1_800_000_000.0) -> tuple[Record, list[Any]]:
     return vapi.parse(body, {}, received_at=at)
 
 
-def rows(delivery: Delivery) -> list[tuple[Any, ...]]:
+def rows(delivery: Record) -> list[tuple[Any, ...]]:
     """(seq, role, vendor_role, content) per row, NULL (NaN) as None."""
     return [tuple(None if v != v else v for v in (r[2], r[3], r[9], r[4])) for r in delivery.rows]
 

@@ -12,8 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
+from daemon.inflight import InFlight
 from storage.connection import open_writer
-from storage.deliveries import Delivery, MessageRow
+from storage.deliveries import MessageRow, Record
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.migrations import available, migrate
 from storage.writer import Writer, WriterSettings
@@ -25,12 +26,12 @@ pytestmark = pytest.mark.anyio
 Query = Any
 
 
-def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery:
+def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> InFlight:
     now = time.time()
     rows: list[MessageRow] = [
         (cid, "test", i, "user", c, None, None, None, None, None, now) for i, c in enumerate(contents)
     ]
-    return Delivery(
+    record = Record(
         key=f"test:{cid}:{len(contents)}",
         source="test",
         event_type="test",
@@ -38,8 +39,8 @@ def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery
         received_at=now,
         body=b"{}",
         rows=rows,
-        awaited=awaited,
     )
+    return InFlight(record, awaited=awaited)
 
 
 @contextmanager
@@ -189,9 +190,9 @@ async def test_the_registry_closes_in_time_even_when_the_writer_never_commits() 
 
     class NeverCommits:
         def __init__(self) -> None:
-            self.units: list[list[Delivery]] = []
+            self.units: list[list[InFlight]] = []
 
-        def offer(self, unit: list[Delivery]) -> bool:
+        def offer(self, unit: list[InFlight]) -> bool:
             self.units.append(unit)
             return True  # taken, and never resolved: the actor waits for ever
 

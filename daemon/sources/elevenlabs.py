@@ -12,13 +12,13 @@ from typing import Annotated
 
 import msgspec
 
-from daemon.decoding import new_delivery
+from daemon.decoding import delivery_key
 from daemon.errors import Problem, Unavailable
 from daemon.sources import elevenlabs_api
-from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, Event, parse_event
+from daemon.sources.elevenlabs_events import EVENT_TYPES, NAME, Envelope, parse_event
 from daemon.sources.elevenlabs_signature import DEFAULT_FUTURE_SKEW_S, DEFAULT_TOLERANCE_S, ElevenLabsSignature
 from daemon.sources.model import Parse, Secret, Source, Verify, WebhookSettings, message_rows, replay_with
-from storage.deliveries import Delivery
+from storage.deliveries import ConversationPatch, Record
 
 # A 10-minute call at 128 kbit/s is ~13 MiB of base64 MP3, near ingest.max_body_bytes already; this takes
 # calls of about 50 minutes. The audio is not kept (see keep_audio): only the request holds it, while read.
@@ -65,37 +65,46 @@ def parse_with(settings: ElevenLabsSettings) -> Parse:
 
     def parse_configured(
         body: bytes, headers: Mapping[str, str], *, received_at: float
-    ) -> tuple[Delivery, list[Problem]]:
+    ) -> tuple[Record, list[Problem]]:
         return _parse(body, headers, received_at, keep_audio=keep_audio)
 
     return parse_configured
 
 
-def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
-    """One webhook body as a delivery, with the default settings (the audio is not kept)."""
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Record, list[Problem]]:
+    """One webhook body as a delivery's record, with the default settings (the audio is not kept)."""
     return _parse(body, headers, received_at, keep_audio=False)
 
 
 def _parse(
     body: bytes, headers: Mapping[str, str], received_at: float, *, keep_audio: bool
-) -> tuple[Delivery, list[Problem]]:
+) -> tuple[Record, list[Problem]]:
     event, problems = parse_event(body, keep_audio=keep_audio)
-    delivery = new_delivery(NAME, event.event_type, event.conversation_id, event.stored_body, headers, received_at)
-    delivery.key = event.key  # type + event_timestamp + conversation_id, as ElevenLabs documents
-    delivery.rejected = event.rejected
-    call, patch = event.call, delivery.patch
-    patch.status, patch.started_at, patch.ended_at = call.status, call.started_at, call.ended_at
-    patch.end_reason, patch.analysis = call.end_reason, call.analysis
-    _add_rows(delivery, event)
-    return delivery, problems
-
-
-def _add_rows(delivery: Delivery, event: Event) -> None:
-    cid, now = delivery.conversation_id, delivery.received_at
-    rows = message_rows(cid, NAME, event.messages, now)
-    delivery.rows = rows
-    if rows:
-        delivery.last_message_at = max((m.timestamp for m in event.messages if m.timestamp is not None), default=now)
+    # Its key is type + event_timestamp + conversation_id, as ElevenLabs documents; an id header is still
+    # checked (an over-long one is a 400), as for every source.
+    delivery_key(NAME, event.stored_body, headers, event.conversation_id)
+    call, now = event.call, received_at
+    rows = message_rows(event.conversation_id, NAME, event.messages, now)
+    last = max((m.timestamp for m in event.messages if m.timestamp is not None), default=now) if rows else None
+    record = Record(
+        key=event.key,
+        source=NAME,
+        event_type=event.event_type,
+        conversation_id=event.conversation_id,
+        received_at=received_at,
+        body=event.stored_body,
+        patch=ConversationPatch(
+            status=call.status,
+            started_at=call.started_at,
+            ended_at=call.ended_at,
+            end_reason=call.end_reason,
+            analysis=call.analysis,
+        ),
+        rows=rows,
+        rejected=event.rejected,
+        last_message_at=last,
+    )
+    return record, problems
 
 
 SOURCE = Source(

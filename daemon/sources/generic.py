@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
+from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
 from daemon.sources.model import ConversationId, Role, Source
-from storage.deliveries import AppendRow, Delivery
+from storage.deliveries import APPEND_TIMESTAMP, AppendRow, Record
 from storage.replay import StoredEvent
 
 NAME = "api"
@@ -36,7 +36,7 @@ def check_conversation_id(conversation_id: str) -> str:
 
 def parse(
     body: bytes, headers: Mapping[str, str], *, received_at: float, conversation_id: str
-) -> tuple[Delivery, list[Problem]]:
+) -> tuple[Record, list[Problem]]:
     """Messages are appended after the conversation's last one; each bad item is named, the rest kept."""
     cid = check_conversation_id(conversation_id)
     items: list[tuple[int, IncomingMessage]]
@@ -48,15 +48,23 @@ def parse(
     rows: list[AppendRow] = [
         (cid, NAME, m.role, m.content, epoch_seconds(m.timestamp), m.id, received_at) for _, m in items
     ]
-    # Without a client id, the same body to the same conversation is a retry, not new messages.
-    delivery = new_delivery(NAME, EVENT_TYPE, cid, body, headers, received_at)
-    delivery.append_rows, delivery.rejected = rows, len(problems)
-    if rows:
-        delivery.last_message_at = max((row[4] for row in rows if row[4] is not None), default=received_at)
-    return delivery, problems
+    stamps = [at for row in rows if (at := row[APPEND_TIMESTAMP]) is not None]
+    record = Record(
+        # Without a client id, the same body to the same conversation is a retry, not new messages.
+        key=delivery_key(NAME, body, headers, cid),
+        source=NAME,
+        event_type=EVENT_TYPE,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+        append_rows=rows,
+        rejected=len(problems),
+        last_message_at=max(stamps, default=received_at) if rows else None,
+    )
+    return record, problems
 
 
-def replay(event: StoredEvent) -> Delivery:
+def replay(event: StoredEvent) -> Record:
     return parse(event.body, {}, received_at=event.received_at, conversation_id=event.conversation_id)[0]
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, Ty
 import msgspec
 
 from daemon.errors import Problem
-from storage.deliveries import Delivery, Rows, vendor_row
+from storage.deliveries import Record, Rows, vendor_row
 from storage.replay import StoredEvent
 
 if TYPE_CHECKING:
@@ -50,12 +50,12 @@ S = TypeVar("S", bound=WebhookSettings)
 # Checks a request's raw body and headers (before anything is decoded); raises `Unauthorized` naming
 # the failed check. Built once at start-up from the source's settings, or None when nothing is to check.
 Verify = Callable[[bytes, Mapping[str, str]], None]
-# parse(body, headers, *, received_at, **path parameters other than the token) -> (delivery, problems).
+# parse(body, headers, *, received_at, **path parameters other than the token) -> (record, problems).
 # Only malformed JSON or an envelope without a usable conversation id raises; past that, problems are
 # listed and the good part of the body is still delivered.
-Parse = Callable[..., tuple[Delivery, list[Problem]]]
-# The delivery a stored event makes again (transcriptd replay, dead-letters retry): no headers then.
-Replay = Callable[[StoredEvent], Delivery]
+Parse = Callable[..., tuple[Record, list[Problem]]]
+# The record a stored event makes again (transcriptd replay, dead-letters retry): no headers then.
+Replay = Callable[[StoredEvent], Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +199,7 @@ class Source(Generic[S]):
 def replay_with(parse: Parse) -> Replay:
     """The replay parser of a source whose ``parse`` needs nothing but the body."""
 
-    def replay(event: StoredEvent) -> Delivery:
+    def replay(event: StoredEvent) -> Record:
         return parse(event.body, {}, received_at=event.received_at)[0]
 
     return replay

@@ -36,7 +36,7 @@ from daemon.sources.model import (
     message_rows,
     replay_with,
 )
-from storage.deliveries import Delivery
+from storage.deliveries import ConversationPatch, Record
 
 NAME = "retell"
 
@@ -444,24 +444,34 @@ def _no_api_key(body: bytes, headers: Mapping[str, str]) -> None:
     raise Unavailable("webhooks.retell.api_key is not set: no Retell delivery can be verified", retry_after=60)
 
 
-def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
-    """One webhook as a delivery: its call's fields, and its transcript by position (see ``parse_call``)."""
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Record, list[Problem]]:
+    """One webhook as a delivery's record: its call's fields, and its transcript by position (see ``parse_call``)."""
     parsed = parse_call(body)
-    cid = parsed.call_id
-    # Not decoding.new_delivery: its default key hashes the body (2 ms a megabyte), and Retell's is its own.
-    delivery = Delivery(
-        key=parsed.key, source=NAME, event_type=parsed.event, conversation_id=cid, received_at=received_at, body=body
-    )
-    fields, patch = parsed.fields, delivery.patch
-    patch.status, patch.started_at, patch.ended_at = fields.status, fields.started_at, fields.ended_at
-    patch.end_reason, patch.recording_uri, patch.analysis = fields.end_reason, fields.recording_url, fields.analysis
+    cid, fields = parsed.call_id, parsed.fields
     # Retell gives no wall-clock time per message, only offsets from the call's start: timestamp stays
     # empty rather than guessed. The vendor role is kept where it says more than the normalised one.
     rows = message_rows(cid, NAME, parsed.messages, received_at)
-    delivery.rows, delivery.rejected = rows, parsed.rejected
-    if rows:
-        delivery.last_message_at = fields.ended_at or received_at
-    return delivery, parsed.problems
+    # Not decoding.delivery_key: it hashes the body (2 ms a megabyte), and Retell's key is its own.
+    record = Record(
+        key=parsed.key,
+        source=NAME,
+        event_type=parsed.event,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+        patch=ConversationPatch(
+            status=fields.status,
+            started_at=fields.started_at,
+            ended_at=fields.ended_at,
+            end_reason=fields.end_reason,
+            recording_uri=fields.recording_url,
+            analysis=fields.analysis,
+        ),
+        rows=rows,
+        rejected=parsed.rejected,
+        last_message_at=(fields.ended_at or received_at) if rows else None,
+    )
+    return record, parsed.problems
 
 
 SOURCE: Source[RetellSettings] = Source(

@@ -1,4 +1,4 @@
-"""Tavus CVI conversation callbacks: msgspec models, and their mapping to a delivery.
+"""Tavus CVI conversation callbacks: msgspec models, and their mapping to a delivery's record.
 
 Tavus documents no signature and no retries, and does not guarantee arrival order: every mapping here
 is idempotent and changes only the columns its event knows about.
@@ -11,12 +11,12 @@ from typing import Annotated, Any
 
 import msgspec
 
-from daemon.decoding import decode, decode_items, epoch_seconds, new_delivery
+from daemon.decoding import decode, decode_items, delivery_key, epoch_seconds
 from daemon.errors import InvalidPayload, Problem
 from daemon.signatures import SignatureVerifier, parse_secrets
 from daemon.sources import tavus_api
 from daemon.sources.model import ConversationId, EventType, Role, Secret, Source, Verify, WebhookSettings, replay_with
-from storage.deliveries import NULL, Delivery, MessageRow
+from storage.deliveries import NO_CHANGE, NULL, TIMESTAMP, ConversationPatch, MessageRow, Record
 
 NAME = "tavus"
 
@@ -121,31 +121,31 @@ PROPERTIES: dict[str, type[msgspec.Struct]] = {
 }
 
 
-def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
-    """Map one callback to a delivery, and list what is wrong with it.
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Record, list[Problem]]:
+    """Map one callback to a delivery's record, and list what is wrong with it.
 
     Only a body that is not JSON, or an envelope without a usable ``conversation_id`` and ``event_type``,
-    raises (nothing can be stored). Past that, the delivery always carries the raw event, and a
+    raises (nothing can be stored). Past that, the record always carries the raw event, and a
     transcript with bad entries still carries every good one.
     """
     ready = _transcription_ready(body)
     if ready is not None:
-        delivery = new_delivery(NAME, ready.event_type, ready.conversation_id, body, headers, received_at)
-        return _apply(delivery, ready.properties, ready.timestamp), []
+        key = delivery_key(NAME, body, headers, ready.conversation_id)
+        return _record(key, ready, body, received_at, ready.properties), []
     envelope = decode(body, Envelope)
-    delivery = new_delivery(NAME, envelope.event_type, envelope.conversation_id, body, headers, received_at)
+    key = delivery_key(NAME, body, headers, envelope.conversation_id)
     kind = PROPERTIES.get(envelope.event_type)
     if kind is None:
-        return delivery, []  # an event we do not know yet: kept raw, answered 2xx
+        return _raw(key, envelope, body, received_at), []  # an event we do not know yet: kept raw, answered 2xx
     try:
         props = decode(envelope.properties, kind, path="$.properties")
     except InvalidPayload as exc:
         # The envelope is sound, so the raw event is still stored (replay can re-derive it once the
         # shape is understood); the answer names every problem.
         if kind is TranscriptionReady:
-            return delivery, _parse_transcript_leniently(delivery, envelope.properties)
-        return delivery, exc.problems
-    return _apply(delivery, props, envelope.timestamp), []
+            return _parse_transcript_leniently(key, envelope, body, received_at)
+        return _raw(key, envelope, body, received_at), exc.problems
+    return _record(key, envelope, body, received_at, props), []
 
 
 def _transcription_ready(body: bytes) -> ReadyEnvelope | None:
@@ -162,64 +162,101 @@ def _transcription_ready(body: bytes) -> ReadyEnvelope | None:
     return ready if ready.event_type == READY else None
 
 
-def _apply(delivery: Delivery, props: msgspec.Struct, timestamp: Timestamp) -> Delivery:
+def _raw(key: str, envelope: Envelope, body: bytes, received_at: float) -> Record:
+    """The raw event alone: nothing of it is understood (yet)."""
+    return Record(
+        key=key,
+        source=NAME,
+        event_type=envelope.event_type,
+        conversation_id=envelope.conversation_id,
+        received_at=received_at,
+        body=body,
+    )
+
+
+def _record(
+    key: str, envelope: Envelope | ReadyEnvelope, body: bytes, received_at: float, props: msgspec.Struct
+) -> Record:
     """What a decoded event changes: its conversation's columns, and its messages."""
-    cid, received_at = delivery.conversation_id, delivery.received_at
+    cid = envelope.conversation_id
     if isinstance(props, Joined):
         # Tavus sends both names for one join: one key, so the second is a duplicate delivery. Only
         # for a join that decoded: a malformed one must not shadow the good one that follows.
-        delivery.key = f"{NAME}:joined:{cid}"
+        key = f"{NAME}:joined:{cid}"
     # When the event happened, by the sender's clock if it said, else by ours.
-    at = epoch_seconds(timestamp) or received_at
-    patch = delivery.patch
+    at = epoch_seconds(envelope.timestamp) or received_at
+    rows: list[MessageRow] = []
     match props:
         case Joined(replica_id=replica_id):
-            patch.replica_id, patch.started_at = replica_id, at
+            patch = ConversationPatch(replica_id=replica_id, started_at=at)
         case Shutdown(replica_id=replica_id, shutdown_reason=reason):
-            patch.replica_id, patch.shutdown_reason = replica_id, reason
-            patch.status, patch.ended_at = "ended", at
+            patch = ConversationPatch(replica_id=replica_id, shutdown_reason=reason, status="ended", ended_at=at)
         case TranscriptionReady(transcript=transcript, replica_id=replica_id):
-            patch.replica_id, patch.status = replica_id, "ended"
-            _add_transcript(delivery, enumerate(transcript))
+            patch = ConversationPatch(replica_id=replica_id, status="ended")
+            rows = _transcript(cid, received_at, enumerate(transcript))
         case RecordingReady():
-            patch.recording_provider = props.storage_provider or ("s3" if props.bucket_name else None)
-            patch.recording_duration = props.duration
-            patch.recording_uri = props.storage_uri or (
-                f"s3://{props.bucket_name}/{props.s3_key}" if props.bucket_name and props.s3_key else None
+            patch = ConversationPatch(
+                recording_provider=props.storage_provider or ("s3" if props.bucket_name else None),
+                recording_duration=props.duration,
+                recording_uri=props.storage_uri
+                or (f"s3://{props.bucket_name}/{props.s3_key}" if props.bucket_name and props.s3_key else None),
             )
         case PerceptionAnalysis(analysis=analysis):
-            patch.perception_analysis = analysis
+            patch = ConversationPatch(perception_analysis=analysis)
         case PerceptionUnavailable(reason=reason):
-            patch.perception_unavailable_reason = reason or "unavailable"
+            patch = ConversationPatch(perception_unavailable_reason=reason or "unavailable")
         case RecordingCopyFailed(error_message=error_message):
-            patch.recording_error = error_message or "recording copy failed"
+            patch = ConversationPatch(recording_error=error_message or "recording copy failed")
         case _:
-            pass  # post-call actions live in the events table, raw
-    return delivery
+            patch = NO_CHANGE  # post-call actions live in the events table, raw
+    return Record(
+        key=key,
+        source=NAME,
+        event_type=envelope.event_type,
+        conversation_id=cid,
+        received_at=received_at,
+        body=body,
+        patch=patch,
+        rows=rows,
+        last_message_at=_last_message_at(rows, received_at),
+    )
 
 
-def _parse_transcript_leniently(delivery: Delivery, properties: msgspec.Raw) -> list[Problem]:
+def _parse_transcript_leniently(
+    key: str, envelope: Envelope, body: bytes, received_at: float
+) -> tuple[Record, list[Problem]]:
     """The transcript did not decode as a whole: store the entries that are right, name the others.
     Each other property is checked on its own, so a bad ``replica_id`` costs no message."""
     try:
-        raw = decode(properties, RawTranscript, path="$.properties")
+        raw = decode(envelope.properties, RawTranscript, path="$.properties")
     except InvalidPayload as exc:
-        return exc.problems
+        return _raw(key, envelope, body, received_at), exc.problems
     good, problems = decode_items(raw.transcript, TranscriptEntry, path="$.properties.transcript")
-    delivery.rejected = len(problems)
-    delivery.patch.status = "ended"
+    rejected = len(problems)
     try:
-        delivery.patch.replica_id = decode(properties, Joined, path="$.properties").replica_id
+        replica_id = decode(envelope.properties, Joined, path="$.properties").replica_id
     except InvalidPayload as exc:
         problems.extend(exc.problems)
-    _add_transcript(delivery, good)
-    return problems
+        replica_id = None
+    rows = _transcript(envelope.conversation_id, received_at, good)
+    record = Record(
+        key=key,
+        source=NAME,
+        event_type=envelope.event_type,
+        conversation_id=envelope.conversation_id,
+        received_at=received_at,
+        body=body,
+        patch=ConversationPatch(status="ended", replica_id=replica_id),
+        rows=rows,
+        last_message_at=_last_message_at(rows, received_at),
+        rejected=rejected,
+    )
+    return record, problems
 
 
-def _add_transcript(delivery: Delivery, entries: Any) -> None:
-    cid, now = delivery.conversation_id, delivery.received_at
+def _transcript(cid: str, now: float, entries: Any) -> list[MessageRow]:
     # NULL (NaN) rather than None: the writer binds these rows in bulk (see storage.deliveries.NULL).
-    rows: list[MessageRow] = [
+    return [
         (
             cid,
             NAME,
@@ -235,10 +272,13 @@ def _add_transcript(delivery: Delivery, entries: Any) -> None:
         )
         for seq, entry in entries
     ]
-    delivery.rows = rows
-    if rows:
-        # NaN is the one value not equal to itself.
-        delivery.last_message_at = max((at for row in rows if (at := row[5]) == at), default=now)  # type: ignore[type-var]
+
+
+def _last_message_at(rows: list[MessageRow], received_at: float) -> float | None:
+    if not rows:
+        return None
+    # NaN is the one value not equal to itself.
+    return max((at for row in rows if (at := row[TIMESTAMP]) == at), default=received_at)  # type: ignore[type-var]
 
 
 class TavusSettings(WebhookSettings, frozen=True):

@@ -1,4 +1,4 @@
-"""Vapi server messages (``POST /webhooks/vapi``): msgspec models, and their mapping to a delivery.
+"""Vapi server messages (``POST /webhooks/vapi``): msgspec models, and their mapping to a delivery's record.
 
 Every message is ``{"message": {"type", "call": {"id", ...}, "timestamp", ...}}``. Three types change a
 conversation: ``end-of-call-report`` (the transcript at ``artifact.messages``, the analysis, the ended
@@ -23,7 +23,7 @@ from daemon.errors import InvalidPayload, Problem
 from daemon.sources import vapi_api
 from daemon.sources.model import ConversationId, EventType, NormalRole, Source, replay_with
 from daemon.sources.vapi_auth import VapiSettings, authenticate
-from storage.deliveries import Delivery, Status, VendorMessageRow, vendor_row
+from storage.deliveries import NO_CHANGE, TIMESTAMP, ConversationPatch, Record, Status, VendorMessageRow, vendor_row
 
 NAME = "vapi"
 END_OF_CALL = "end-of-call-report"
@@ -193,8 +193,8 @@ MESSAGES = "$.message.messages"
 ARTIFACT_MESSAGES = "$.message.artifact.messages"
 
 
-def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Delivery, list[Problem]]:
-    """Map one server message to a delivery, and list what is wrong with it.
+def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tuple[Record, list[Problem]]:
+    """Map one server message to a delivery's record, and list what is wrong with it.
 
     Only a body that is not JSON, or a message without a type and a call id, raises: nothing can be
     stored. Past that, the raw message is always stored and every good transcript entry kept.
@@ -203,38 +203,39 @@ def parse(body: bytes, headers: Mapping[str, str], *, received_at: float) -> tup
         message = decode(body, Envelope).message
     except InvalidPayload as exc:
         bare = decode(body, _BareEnvelope).message  # raises if even the least is not there
-        key = f"{bare.type}:malformed:{received_at!r}"
-        return _delivery(body, bare.type, _conversation_id(bare), received_at, key), exc.problems
+        cid, key = _conversation_id(bare), f"{bare.type}:malformed:{received_at!r}"
+        return _record(body, bare.type, cid, received_at, key), exc.problems
     cid, kind = _conversation_id(message), message.type
     stamp = _seconds(message.timestamp)
     # Its own time tells two snapshots (or two messages of another type) apart; never the body's hash.
     when = repr(message.timestamp) if message.timestamp is not None else f"received:{received_at!r}"
     snapshot = _given(message.messages)
     transcript = None  # the list whose entries become the conversation's messages
+    patch = NO_CHANGE
     match kind:
         case "end-of-call-report":
-            delivery = _delivery(body, kind, cid, received_at, kind)
-            _end_of_call(delivery, message, stamp)
+            key, patch = kind, _end_of_call(message, stamp)
             transcript = ARTIFACT_MESSAGES
         case "status-update":
-            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{message.status}")
-            _status_update(delivery, message, stamp)
+            key, patch = f"{kind}:{message.status}", _status_update(message, stamp)
         case "conversation-update":
             # A snapshot each time: its rows update the positions an earlier one wrote.
-            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")
+            key = f"{kind}:{when}"
             transcript = MESSAGES if snapshot is not None else ARTIFACT_MESSAGES
         case _:
-            delivery = _delivery(body, kind, cid, received_at, f"{kind}:{when}")  # kept raw, answered 2xx
+            key = f"{kind}:{when}"  # kept raw, answered 2xx
     problems = []
     if bytes(message.analysis)[:1] not in (b"{", b"n"):
         problems.append(Problem("Expected `object | null`", "$.message.analysis"))
+    rows: list[VendorMessageRow] = []
+    rejected = 0
     for path, raw in ((MESSAGES, snapshot), (ARTIFACT_MESSAGES, _artifact_messages(message))):
         if raw is not None:
             entries, bad = _entries(raw, path)
             problems += bad
             if path == transcript:
-                _add_rows(delivery, entries, rejected=len(bad))
-    return delivery, problems
+                rows, rejected = _rows(cid, received_at, entries), len(bad)
+    return _record(body, kind, cid, received_at, key, patch=patch, rows=rows, rejected=rejected), problems
 
 
 def _conversation_id(message: ServerMessage | _BareMessage) -> str:
@@ -243,37 +244,57 @@ def _conversation_id(message: ServerMessage | _BareMessage) -> str:
     return message.call.id
 
 
-def _delivery(body: bytes, event_type: str, cid: str, received_at: float, key: str) -> Delivery:
-    return Delivery(
+def _record(
+    body: bytes,
+    event_type: str,
+    cid: str,
+    received_at: float,
+    key: str,
+    *,
+    patch: ConversationPatch = NO_CHANGE,
+    rows: list[VendorMessageRow] | None = None,
+    rejected: int = 0,
+) -> Record:
+    rows = rows or []
+    # NaN is the one value not equal to itself.
+    stamps = [at for row in rows if (at := row[TIMESTAMP]) == at]
+    return Record(
         key=f"{NAME}:{cid}:{key}",
         source=NAME,
         event_type=event_type,
         conversation_id=cid,
         received_at=received_at,
         body=body,
+        patch=patch,
+        rows=rows,
+        rejected=rejected,
+        last_message_at=(max(stamps) if stamps else received_at) if rows else None,  # type: ignore[type-var]
     )
 
 
-def _end_of_call(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
-    patch = delivery.patch
-    patch.status = _status_of(message.ended_reason)
-    patch.started_at = epoch_seconds(message.started_at)
-    patch.ended_at = epoch_seconds(message.ended_at) or stamp
-    patch.end_reason = message.ended_reason
-    patch.recording_uri = _recording_url(message)
+def _end_of_call(message: ServerMessage, stamp: float | None) -> ConversationPatch:
     analysis = bytes(message.analysis)
-    if analysis[:1] == b"{" and analysis.strip() != b"{}":
-        # Compact, whatever the sender's spacing: a report fetched back by reconcile (the API's formatting)
-        # and the webhook's must leave the same text.
-        patch.analysis = msgspec.json.encode(msgspec.json.decode(analysis)).decode()
+    # Compact, whatever the sender's spacing: a report fetched back by reconcile (the API's formatting)
+    # and the webhook's must leave the same text.
+    compact = analysis[:1] == b"{" and analysis.strip() != b"{}"
+    return ConversationPatch(
+        status=_status_of(message.ended_reason),
+        started_at=epoch_seconds(message.started_at),
+        ended_at=epoch_seconds(message.ended_at) or stamp,
+        end_reason=message.ended_reason,
+        recording_uri=_recording_url(message),
+        analysis=msgspec.json.encode(msgspec.json.decode(analysis)).decode() if compact else None,
+    )
 
 
-def _status_update(delivery: Delivery, message: ServerMessage, stamp: float | None) -> None:
-    patch = delivery.patch
+def _status_update(message: ServerMessage, stamp: float | None) -> ConversationPatch:
     if message.status == "in-progress":
-        patch.started_at = stamp
-    elif message.status == "ended":
-        patch.status, patch.ended_at, patch.end_reason = _status_of(message.ended_reason), stamp, message.ended_reason
+        return ConversationPatch(started_at=stamp)
+    if message.status == "ended":
+        return ConversationPatch(
+            status=_status_of(message.ended_reason), ended_at=stamp, end_reason=message.ended_reason
+        )
+    return NO_CHANGE
 
 
 def _artifact_messages(message: ServerMessage) -> msgspec.Raw | None:
@@ -299,17 +320,7 @@ def _entries(raw: msgspec.Raw, path: str) -> tuple[list[tuple[int, VapiMessage]]
     return decode_items(items, VapiMessage, path=path)
 
 
-def _add_rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]], *, rejected: int) -> None:
-    delivery.rejected = rejected
-    delivery.rows = _rows(delivery, entries)
-    if delivery.rows:
-        # NaN is the one value not equal to itself.
-        stamps = [at for row in delivery.rows if (at := row[5]) == at]
-        delivery.last_message_at = max(stamps) if stamps else delivery.received_at  # type: ignore[type-var]
-
-
-def _rows(delivery: Delivery, entries: Iterable[tuple[int, VapiMessage]]) -> list[VendorMessageRow]:
-    cid, now = delivery.conversation_id, delivery.received_at
+def _rows(cid: str, now: float, entries: Iterable[tuple[int, VapiMessage]]) -> list[VendorMessageRow]:
     return [
         vendor_row(
             cid,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from storage.deliveries import Delivery
+from storage.deliveries import Record
 from storage.errors import StorageUnavailable
 from storage.postgres import heartbeat
 from storage.postgres.connection import Connection, Synchronous, connect, where
@@ -63,7 +63,7 @@ class PostgresEngine:
         log.info("reconnected to PostgreSQL at %s", where(self.url))
         return conn, True
 
-    def commit(self, batch: Sequence[Delivery], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
+    def commit(self, batch: Sequence[Record], *, record_changes: bool) -> tuple[list[Outcome], int | None]:
         conn, new = self._connection()
         try:
             return commit_batch(conn, batch, record_changes=record_changes)

@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 
-from storage.deliveries import Delivery, WriteResult
+from storage.deliveries import Record, WriteResult
 from storage.errors import StorageUnavailable
 from storage.postgres.connection import Connection
 from storage.postgres.outbox import ChangeSet
@@ -36,7 +36,7 @@ NEXT_EVENT_OF = _EVENT + " WHERE conversation_id = %s AND id > %s AND id <= %s O
 EARLIER_EVENTS = _EVENT + " WHERE conversation_id = %s AND source = %s AND id < %s ORDER BY id"
 EVENT_OF = "SELECT 1 FROM events WHERE conversation_id = %s LIMIT 1"
 
-Batch = list[tuple[StoredEvent, Delivery]]
+Batch = list[tuple[StoredEvent, Record]]
 
 
 def replay(

@@ -7,6 +7,7 @@ no statement text grows with the batch.
 
 from __future__ import annotations
 
+from storage.deliveries import CHANGED_MESSAGE_COLUMNS, VENDOR_MESSAGE_COLUMNS
 from storage.statements import MAX_METADATA_KEYS, PATCH_COLUMNS
 
 # The first statement of every write transaction: the batch's conversations, sorted by id, inserted or
@@ -65,38 +66,44 @@ FROM unnest(%b::text[], %b::text[], {_PATCH_TYPES}, %b::jsonb[], %b::float8[])
 WHERE c.id = v.id
 """  # noqa: S608 (built from constants only)
 
-MESSAGE_COLUMNS = (
-    "conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,"
-    " vendor_role, external_id, created_at"
-)
-MESSAGE_TYPES = "%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], %b::float8[], %b::float8[],"
-MESSAGE_TYPES += " %b::float8[], %b::text[], %b::text[], %b::text[], %b::float8[]"
+# Each message column's type: the rows of both shapes go in as arrays of the vendor shape's columns
+# (storage.deliveries.VENDOR_MESSAGE_COLUMNS), a plain row's vendor role NULL.
+REAL_MESSAGE_COLUMNS = frozenset({"timestamp", "seconds_from_start", "duration", "created_at"})
+MESSAGE_TYPES = {
+    name: "int8" if name == "seq" else "float8" if name in REAL_MESSAGE_COLUMNS else "text"
+    for name in VENDOR_MESSAGE_COLUMNS
+}
+
+
+def _arrays(columns: tuple[str, ...]) -> str:
+    return ", ".join(f"%b::{MESSAGE_TYPES[name]}[]" for name in columns)
+
 
 # A position already stored (a re-delivery, or the same position twice in the batch) is skipped; the
 # returned keys are the rows inserted, attributed to deliveries afterwards.
 INSERT_MESSAGES = f"""
-INSERT INTO messages ({MESSAGE_COLUMNS})
-SELECT * FROM unnest({MESSAGE_TYPES})
+INSERT INTO messages ({", ".join(VENDOR_MESSAGE_COLUMNS)})
+SELECT * FROM unnest({_arrays(VENDOR_MESSAGE_COLUMNS)})
 ON CONFLICT DO NOTHING
 RETURNING conversation_id, source, seq
 """  # noqa: S608 (built from constants only)
 
 # Only for rows that were already there: rewrite the positions whose entry changed. Each position at most
 # once per statement (the caller splits repeats into rounds): an UPDATE applies one source row per target.
-UPDATE_CHANGED_MESSAGES = """
+# Bound to the arrays of CHANGED_MESSAGE_COLUMNS: the key (conversation_id, source, seq), then the rest.
+_KEY = ("conversation_id", "source", "seq")
+_CHANGED = [name for name in CHANGED_MESSAGE_COLUMNS if name not in _KEY]
+UPDATE_CHANGED_MESSAGES = f"""
 UPDATE messages AS m SET
-    role = v.role, content = v.content, timestamp = v.timestamp, seconds_from_start = v.seconds_from_start,
-    duration = v.duration, inference_id = v.inference_id, vendor_role = v.vendor_role
-FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], %b::float8[], %b::float8[],
-            %b::float8[], %b::text[], %b::text[])
-    AS v (conversation_id, source, seq, role, content, timestamp, seconds_from_start, duration, inference_id,
-          vendor_role)
+    {", ".join(f"{name} = v.{name}" for name in _CHANGED)}
+FROM unnest({_arrays(CHANGED_MESSAGE_COLUMNS)})
+    AS v ({", ".join(CHANGED_MESSAGE_COLUMNS)})
 WHERE m.conversation_id = v.conversation_id AND m.source = v.source AND m.seq = v.seq
-  AND (m.role, m.content, m.timestamp, m.seconds_from_start, m.duration, m.inference_id, m.vendor_role)
+  AND ({", ".join(f"m.{name}" for name in _CHANGED)})
       IS DISTINCT FROM
-      (v.role, v.content, v.timestamp, v.seconds_from_start, v.duration, v.inference_id, v.vendor_role)
+      ({", ".join(f"v.{name}" for name in _CHANGED)})
 RETURNING m.conversation_id, m.source, m.seq
-"""
+"""  # noqa: S608 (built from constants only)
 
 # The generic endpoint's appends, one row per statement (pipelined): the position is the stream's last
 # one plus one, read under the conversation's row lock (LOCK_CONVERSATIONS), so appends from two replicas

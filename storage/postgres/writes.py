@@ -35,7 +35,16 @@ from typing import Any
 
 import psycopg
 
-from storage.deliveries import VENDOR_ROW_WIDTH, Delivery, WriteResult, message_counts
+from storage.deliveries import (
+    CHANGED_MESSAGE_COLUMNS,
+    VENDOR_MESSAGE_COLUMNS,
+    VENDOR_ROLE,
+    VENDOR_ROW_WIDTH,
+    AppendRow,
+    Record,
+    WriteResult,
+    message_counts,
+)
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.postgres import erasure
 from storage.postgres import statements as sql
@@ -57,7 +66,7 @@ MAX_SAVEPOINTS = 64
 REFUSALS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
+def write_batch(conn: Connection, batch: Sequence[Record]) -> list[Outcome]:
     """Write ``batch`` in one transaction, with its changes, and commit; one outcome per delivery, in order
     (see ``commit_batch``)."""
     outcomes, _ = commit_batch(conn, batch)
@@ -65,7 +74,7 @@ def write_batch(conn: Connection, batch: Sequence[Delivery]) -> list[Outcome]:
 
 
 def commit_batch(
-    conn: Connection, batch: Sequence[Delivery], *, record_changes: bool = True
+    conn: Connection, batch: Sequence[Record], *, record_changes: bool = True
 ) -> tuple[list[Outcome], int | None]:
     """Write ``batch`` in one transaction, with its changes (storage.postgres.outbox), and commit: one
     outcome per delivery, in order, and the position of the last change recorded (None: nothing changed).
@@ -90,7 +99,7 @@ def commit_batch(
     raise AssertionError("unreachable")
 
 
-def unstorable(delivery: Delivery) -> str | None:
+def unstorable(delivery: Record) -> str | None:
     """Why PostgreSQL would refuse ``delivery``'s text, or None: checked before the batch, so one such
     delivery never aborts the transaction of the others. All its text is joined and checked at once (a
     check per string was a tenth of the writer's time on 100-message transcripts)."""
@@ -111,7 +120,7 @@ def unstorable(delivery: Delivery) -> str | None:
 
 
 def _write_in_one_transaction(
-    conn: Connection, batch: Sequence[Delivery], refused: dict[int, str], record_changes: bool
+    conn: Connection, batch: Sequence[Record], refused: dict[int, str], record_changes: bool
 ) -> tuple[list[Outcome], int | None]:
     with _transaction(conn):
         for i, reason in refused.items():
@@ -125,7 +134,7 @@ def _write_in_one_transaction(
 
 
 def _write_isolated(
-    conn: Connection, batch: Sequence[Delivery], refused: dict[int, str], record_changes: bool
+    conn: Connection, batch: Sequence[Record], refused: dict[int, str], record_changes: bool
 ) -> tuple[list[Outcome], int | None]:
     """The slow path: each delivery in a savepoint of its own, at most ``MAX_SAVEPOINTS`` per transaction.
     A delivery the server refuses is rolled back alone and dead-lettered in its savepoint.
@@ -201,12 +210,12 @@ class _transaction:
             log.warning("rollback failed: the connection is gone, and the server rolls back on its own")
 
 
-def _rejected(delivery: Delivery, reason: str) -> StorageRejected:
+def _rejected(delivery: Record, reason: str) -> StorageRejected:
     log.error("delivery %s refused before the batch: %s", _storable(delivery.key), reason)
     return StorageRejected(f"the database rejected this delivery: {reason}")
 
 
-def _dead_letter(conn: Connection, delivery: Delivery, error: str) -> None:
+def _dead_letter(conn: Connection, delivery: Record, error: str) -> None:
     """Keep a refused delivery, its raw body as received, in ``dead_letters`` inside the open transaction;
     its text columns made storable (the very reason for the refusal may be in its key or conversation id)."""
     texts = (delivery.key, delivery.source, delivery.event_type, delivery.conversation_id)
@@ -230,7 +239,7 @@ def _real(value: float | None) -> float | None:
 
 
 def write_deliveries(
-    conn: Connection, batch: Sequence[Delivery], changes: ChangeSet | None = None, *, store_events: bool = True
+    conn: Connection, batch: Sequence[Record], changes: ChangeSet | None = None, *, store_events: bool = True
 ) -> list[WriteResult]:
     """Store every delivery not seen before, inside the open transaction; one result per delivery. A
     delivery seen before (its key stored, by any replica, or earlier in this batch) changes nothing; one
@@ -282,9 +291,9 @@ class _Tally:
     seqs: list[int] = field(default_factory=list)  # of the messages inserted or updated, for the change
 
 
-def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[set[str], set[str]]:
+def _lock_conversations(conn: Connection, batch: Sequence[Record]) -> tuple[set[str], set[str]]:
     """Insert or lock the batch's conversations in id order; (the ones not erased, the ones inserted)."""
-    first: dict[str, Delivery] = {}
+    first: dict[str, Record] = {}
     for delivery in batch:
         first.setdefault(delivery.conversation_id, delivery)
     ids = sorted(first)
@@ -303,14 +312,14 @@ def _lock_conversations(conn: Connection, batch: Sequence[Delivery]) -> tuple[se
     return live, created
 
 
-def _count_dropped(conn: Connection, dropped: Sequence[Delivery]) -> None:
+def _count_dropped(conn: Connection, dropped: Sequence[Record]) -> None:
     per_conversation: dict[str, int] = {}
     for delivery in dropped:
         per_conversation[delivery.conversation_id] = per_conversation.get(delivery.conversation_id, 0) + 1
     erasure.count_dropped(conn, per_conversation, time.time())
 
 
-def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
+def _claim(conn: Connection, batch: Sequence[Record]) -> list[Record]:
     """Insert the deliveries' events; the fresh deliveries, in batch order: the first of the batch with
     each key this statement stored."""
     if not batch:
@@ -336,7 +345,7 @@ def _claim(conn: Connection, batch: Sequence[Delivery]) -> list[Delivery]:
     return fresh
 
 
-def _first_of_each_key(batch: Sequence[Delivery]) -> list[Delivery]:
+def _first_of_each_key(batch: Sequence[Record]) -> list[Record]:
     seen: set[str] = set()
     first = []
     for delivery in batch:
@@ -356,7 +365,7 @@ class _Patch:
     updated_at: float = float("-inf")
 
 
-def _patch_conversations(conn: Connection, fresh: Sequence[Delivery]) -> None:
+def _patch_conversations(conn: Connection, fresh: Sequence[Record]) -> None:
     patches: dict[str, _Patch] = {}
     for delivery in fresh:
         merged = patches.setdefault(delivery.conversation_id, _Patch())
@@ -386,17 +395,17 @@ def _patch_conversations(conn: Connection, fresh: Sequence[Delivery]) -> None:
 MessageKey = tuple[str, str, int]
 # Positions in a message row (storage.deliveries.VendorMessageRow; a plain row lacks VENDOR_ROLE). Binary
 # arrays are typed by their elements, so reals go in as floats even where a parser kept an int.
-NULLABLE_REALS = (5, 6, 7)
-NULLABLE_TEXTS = (8, 9, 10)
-VENDOR_ROLE = 9
-CREATED_AT = 11
+NULLABLE_REALS = tuple(VENDOR_MESSAGE_COLUMNS.index(name) for name in ("timestamp", "seconds_from_start", "duration"))
+NULLABLE_TEXTS = tuple(VENDOR_MESSAGE_COLUMNS.index(name) for name in ("inference_id", "vendor_role", "external_id"))
+CREATED_AT = VENDOR_MESSAGE_COLUMNS.index("created_at")
+CHANGED = len(CHANGED_MESSAGE_COLUMNS)  # the arrays UPDATE_CHANGED_MESSAGES takes: the first ones
 
 
-def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _write_transcripts(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     """All transcript rows in one statement; a position already stored (or repeated in the batch) is
     rewritten if its entry changed, counted for the delivery that carried it."""
     owners: list[_Tally] = []
-    columns: list[list[Any]] = [[] for _ in range(12)]
+    columns: list[list[Any]] = [[] for _ in VENDOR_MESSAGE_COLUMNS]
     for delivery in fresh:
         if not delivery.rows:
             continue
@@ -434,7 +443,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
             (later if key in seen else this_round).append(i)
             seen.add(key)
         changed = conn.execute(
-            sql.UPDATE_CHANGED_MESSAGES, [[column[i] for i in this_round] for column in columns[:10]]
+            sql.UPDATE_CHANGED_MESSAGES, [[column[i] for i in this_round] for column in columns[:CHANGED]]
         ).fetchall()
         changed_keys = {tuple(row) for row in changed}
         for i in this_round:
@@ -444,7 +453,7 @@ def _write_transcripts(conn: Connection, fresh: Sequence[Delivery], tally: dict[
         again = later
 
 
-def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _write_appends(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     """The generic endpoint's messages, in order, each at its stream's next position (under the lock)."""
     rows = [(tally[id(delivery)], _append_params(row)) for delivery in fresh for row in delivery.append_rows]
     if not rows:
@@ -465,7 +474,7 @@ def _write_appends(conn: Connection, fresh: Sequence[Delivery], tally: dict[int,
             counted.seqs.extend(row[0] for row in changed)
 
 
-def _append_params(row: tuple[str, str, str, str, float | None, str | None, float]) -> dict[str, Any]:
+def _append_params(row: AppendRow) -> dict[str, Any]:
     cid, source, role, content, timestamp, external_id, created_at = row
     return {
         "cid": cid,
@@ -478,7 +487,7 @@ def _append_params(row: tuple[str, str, str, str, float | None, str | None, floa
     }
 
 
-def _count_messages(conn: Connection, fresh: Sequence[Delivery], tally: dict[int, _Tally]) -> None:
+def _count_messages(conn: Connection, fresh: Sequence[Record], tally: dict[int, _Tally]) -> None:
     # As SQLite's writer counts them: per conversation, the rows inserted and the latest message time
     # of the deliveries that inserted any.
     counts = message_counts((delivery, tally[id(delivery)].inserted) for delivery in fresh)
