@@ -163,6 +163,7 @@ class Notifier:
         the outcomes of finished ones are recorded before this returns."""
         try:
             self._reader = await anyio.to_thread.run_sync(self.surface.read_connection)
+            await self._register()
             task_status.started(self)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._retention)
@@ -184,6 +185,17 @@ class Notifier:
                 if self._reader is not None:
                     await anyio.to_thread.run_sync(self._reader.close)
             self._done.set()
+
+    async def _register(self) -> None:
+        """Give each receiver never seen before its cursor now, before the daemon is ready: it is owed every
+        change committed from here on. Left to the first take-in, a replica that does not lead yet (or a
+        first turn after the first deliveries) would start it past changes it is owed."""
+        if not self.receivers:
+            return
+        try:
+            await self.writer.run_job(partial(self.store.settle_and_take_in, [], list(self.receivers), self.clock(), 0))
+        except Exception as exc:  # the storage is failing: the first take-in registers them instead
+            log.warning("notify: cannot register the receivers yet: %s: %s", exc.__class__.__name__, exc)
 
     async def _schedule(self, tg: TaskGroup) -> None:
         while not self._stop.is_set():
