@@ -140,7 +140,12 @@ def active_lines(block: str) -> str:
 def guide_block(language: str) -> str:
     guide = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
     blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", guide, re.DOTALL)
-    assert len(blocks) == 1, f"{len(blocks)} {language} blocks in docs/deployment.md"
+    assert blocks, f"no {language} block in docs/deployment.md"
+    # The first is the whole example; a later one (replicas on PostgreSQL) shows only what changes, and
+    # forwards the webhooks alone as well.
+    for later in blocks[1:]:
+        forwarded = re.findall(r"location\s+([^{]+?)\s*\{[^}]*proxy_pass", active_lines(later))
+        assert all(path.startswith("/webhooks/") for path in forwarded), forwarded
     return blocks[0]
 
 
