@@ -16,9 +16,8 @@ from daemon import delivery_log
 from daemon.config import load_config
 from daemon.logs import JsonFormatter, RedactSecrets, configure
 from storage.deliveries import Delivery
-from tests.conftest import TEST_SECRETS, AppClient, make_config
+from tests.conftest import TEST_SECRETS, AppClient, locked, make_config
 from tests.payloads import encode, envelope, transcription_ready
-from tests.test_writer import locked
 
 pytestmark = pytest.mark.anyio
 
@@ -130,6 +129,7 @@ async def test_rejections_before_the_body_name_what_is_known(
         assert "/webhooks/tavus/" not in record.getMessage()
 
 
+@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_enqueued_timeout_and_storage_faults_are_logged(
     app_client: AppClient, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

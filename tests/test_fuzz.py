@@ -28,8 +28,7 @@ from starlette.applications import Starlette
 from daemon.app import create_app
 from daemon.sources.tavus import PROPERTIES
 from tests import contract
-from tests.conftest import make_config
-from tests.test_writer import locked
+from tests.conftest import Storage, locked, make_config
 
 TOKEN = "t0ken-Secret-1234"  # in TEST_SECRETS
 EVENT_TYPES = sorted(PROPERTIES)
@@ -86,8 +85,8 @@ def running(app: Starlette) -> Iterator[Client]:
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[Client]:
-    with running(create_app(make_config(tmp_path / "transcriptd.db"))) as client:
+def client(storage: Storage) -> Iterator[Client]:
+    with running(create_app(storage.config())) as client:
         yield client
 
 
@@ -374,16 +373,15 @@ def test_each_rejected_request_is_logged_once_without_token_or_body(
         assert rejection_lines(caplog) == []
 
 
-def test_a_5xx_rejection_is_logged_as_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_5xx_rejection_is_logged_as_a_warning(storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     # Another process holds the database: no commit can come within the ack timeout, a real 503
     # commit_timeout without mocking anything.
-    db_path = tmp_path / "transcriptd.db"
-    config = make_config(db_path, **{"ingest.ack_timeout_s": 0.05})
+    config = storage.config(**{"ingest.ack_timeout_s": 0.05})
     body = json.dumps({"conversation_id": "slow", "event_type": "system.shutdown", "properties": {}}).encode()
     with running(create_app(config)) as client:
         caplog.clear()
-        with locked(db_path):
+        with locked(storage.target):
             response = client.post("/webhooks/tavus", content=body)
         check_answer(response)
         assert response.status_code == 503

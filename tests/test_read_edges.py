@@ -14,11 +14,10 @@ from hypothesis import strategies as st
 
 from daemon.app import create_app
 from daemon.ids import quoted
-from tests.conftest import AppClient, make_config
+from tests.conftest import AppClient, locked, make_config
 from tests.daemon_process import managed, start_daemon, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
 from tests.test_fuzz import fresh_id, fuzz, running
-from tests.test_writer import locked
 
 pytestmark = pytest.mark.anyio
 
@@ -173,6 +172,7 @@ async def test_a_repeated_delivery_says_it_is_a_duplicate(app_client: AppClient,
     assert again.json()["inserted"] == again.json()["updated"] == 0
 
 
+@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_a_storage_fault_answers_retry_after_from_the_setting(app_client: AppClient, db_path: Path) -> None:
     settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 7}
     async with app_client(**settings) as client:
@@ -184,12 +184,14 @@ async def test_a_storage_fault_answers_retry_after_from_the_setting(app_client: 
     assert refused.headers["retry-after"] == "7"
 
 
-async def test_replay_of_an_unknown_conversation_exits_1_and_says_so(app_client: AppClient, db_path: Path) -> None:
+async def test_replay_of_an_unknown_conversation_exits_1_and_says_so(
+    app_client: AppClient, target: str, tmp_path: Path
+) -> None:
     async with app_client() as client:
         await client.post("/webhooks/tavus", content=encode(transcription_ready("c-known", turns=2)))
-    cwd = db_path.parent
-    unknown = transcriptd("replay", "--db", str(db_path), "--conversation", "c-unknown", cwd=cwd)
-    known = transcriptd("replay", "--db", str(db_path), "--conversation", "c-known", cwd=cwd)
+    cwd = tmp_path
+    unknown = transcriptd("replay", "--db", target, "--conversation", "c-unknown", cwd=cwd)
+    known = transcriptd("replay", "--db", target, "--conversation", "c-known", cwd=cwd)
     assert unknown.returncode == 1, unknown.stdout + unknown.stderr
     assert "c-unknown" in unknown.stderr
     assert unknown.stdout == ""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from storage.deliveries import Delivery, MessageRow
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.migrations import available, migrate
 from storage.writer import Writer, WriterSettings
-from tests.conftest import AppClient
+from tests.conftest import AppClient, execute, locked
 from tests.payloads import encode, transcription_ready
 
 pytestmark = pytest.mark.anyio
@@ -42,21 +40,9 @@ def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> Delivery
     )
 
 
-@contextmanager
-def locked(db_path: Path) -> Iterator[None]:
-    """Another process's exclusive lock: the writer cannot begin a write transaction while it is held."""
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-
-
-async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Path, db: Query) -> None:
+async def test_one_commit_for_many_units_and_each_delivery_resolved(target: str, db: Query) -> None:
     # The batch is held open long enough for every unit below to join it.
-    writer = Writer(WriterSettings(db_path, max_delay_s=0.3))
+    writer = Writer(WriterSettings(target, max_delay_s=0.3))
     units = [[delivery(f"c{i}", ["a", "b"]), delivery(f"c{i}-b", ["c"])] for i in range(20)]
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -71,8 +57,8 @@ async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Pat
     assert db("SELECT count(*) FROM messages") == [(60,)]
 
 
-async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path))
+async def test_a_poisoned_delivery_does_not_sink_its_batch(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target))
     good_before, good_after = delivery("good-1", ["fine"]), delivery("good-2", ["also fine"])
     poison = delivery("poison", ["ok", "\ud800 a lone surrogate cannot be stored as UTF-8"])
     async with anyio.create_task_group() as tg:
@@ -89,6 +75,7 @@ async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Qu
     assert db("SELECT count(*) FROM conversations WHERE id = 'poison'") == [(0,)]
 
 
+@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(db_path: Path, db: Query) -> None:
     writer = Writer(WriterSettings(db_path, busy_timeout_ms=20))
     async with anyio.create_task_group() as tg:
@@ -110,6 +97,7 @@ async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged
     assert db("SELECT conversation_id FROM messages") == [("enqueued",)]
 
 
+@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, db_path: Path) -> None:
     body = encode(transcription_ready("c-fault", turns=5))
     settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 3}
@@ -160,8 +148,8 @@ async def test_a_database_that_cannot_open_fails_start_up(tmp_path: Path) -> Non
     assert writer.state == "closed"
 
 
-async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path, max_rows=10, max_delay_s=0.3))
+async def test_a_batch_stops_growing_at_max_rows(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target, max_rows=10, max_delay_s=0.3))
     units = [[delivery(f"c{i}", ["a", "b", "c", "d"])] for i in range(6)]  # 5 rows each, with the event
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -173,6 +161,7 @@ async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> No
     assert db("SELECT count(*) FROM messages") == [(24,)]
 
 
+@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_readiness_recovers_without_any_delivery(app_client: AppClient, db_path: Path) -> None:
     async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
         with locked(db_path):
@@ -213,16 +202,13 @@ async def test_the_registry_closes_in_time_even_when_the_writer_never_commits() 
 
 
 async def test_retention_inside_the_daemon_removes_exactly_the_old(
-    app_client: AppClient, db_path: Path, db: Query
+    app_client: AppClient, target: str, db: Query
 ) -> None:
     async with app_client(**{"storage.retention_days": 30}) as client:
         for cid in ("old-1", "old-2", "fresh"):
             await client.post("/webhooks/tavus", content=encode(transcription_ready(cid, turns=3)))
         await client.get("/conversations/old-1")  # cached: must not outlive the removal
-        aged = sqlite3.connect(db_path)
-        with aged:
-            aged.execute("UPDATE conversations SET updated_at = updated_at - 40 * 86400 WHERE id LIKE 'old-%'")
-        aged.close()
+        execute(target, "UPDATE conversations SET updated_at = updated_at - 40 * 86400 WHERE id LIKE 'old-%'")
         janitor = client.app.state.runtime.janitor  # type: ignore[attr-defined]
         assert await janitor.sweep() == 2
         assert (await client.get("/conversations/old-1")).status_code == 404
