@@ -168,12 +168,39 @@ class Storage:
     def config(self, **settings: Any) -> Config:
         return make_config(self.target, **settings)
 
+    def refuses(self, *values: Any) -> bool:
+        """Whether this backend refuses to store text found in ``values`` (strings, in lists and dicts at any
+        depth): PostgreSQL's text cannot hold U+0000, so such a delivery is refused and dead-lettered
+        (docs/postgresql.md); SQLite stores it."""
+        return self.postgres and any("\x00" in text for text in texts_in(values))
+
+    def refused(self, response: httpx.Response, *values: Any) -> bool:
+        """True if ``response`` is this backend's documented refusal of text in ``values`` (see ``refuses``):
+        the caller then expects nothing stored. Any other answer is left to the caller's checks."""
+        if response.status_code < 500 or not self.refuses(*values):
+            return False
+        assert response.json()["error"]["code"] == "storage_rejected", response.text
+        return True
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> Rows:
         """``sql`` (SQLite's ``?`` placeholders) on a connection of its own: rows as tuples, bodies as bytes."""
         return rows(self.target, sql, params)
 
     def execute(self, script: str) -> None:
         execute(self.target, script)
+
+
+def texts_in(value: Any) -> Iterator[str]:
+    """Every string in ``value``: itself, or the keys and items of its dicts and lists, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from texts_in(key)
+            yield from texts_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from texts_in(item)
 
 
 def execute(target: Path | str, script: str) -> None:

@@ -286,13 +286,15 @@ def test_broken_and_odd_generic_bodies_never_fail_the_server(client: Client) -> 
     post()
 
 
-def test_every_valid_transcript_reads_back_exactly(client: Client) -> None:
+def test_every_valid_transcript_reads_back_exactly(client: Client, storage: Storage) -> None:
     @fuzz(120)
     @given(delivery=valid_transcripts())
     def round_trip(delivery: tuple[str, list[dict[str, Any]], bytes]) -> None:
         cid, entries, body = delivery
         response = client.post("/webhooks/tavus", content=body)
         check_answer(response)
+        if storage.refused(response, entries):
+            return
         assert response.status_code == 200, response.text
         assert response.json()["received"] == len(entries)
         read = client.get(f"/conversations/{cid}/messages", params={"include_system": "true", "limit": "500"})
@@ -303,12 +305,14 @@ def test_every_valid_transcript_reads_back_exactly(client: Client) -> None:
     round_trip()
 
 
-def test_every_valid_generic_message_reads_back_exactly(client: Client) -> None:
+def test_every_valid_generic_message_reads_back_exactly(client: Client, storage: Storage) -> None:
     @fuzz(60)
     @given(messages=st.lists(st.fixed_dictionaries({"role": roles, "content": text_content}), min_size=1, max_size=8))
     def round_trip(messages: list[dict[str, str]]) -> None:
         cid = fresh_id("api")
         response = client.post(f"/conversations/{cid}/messages", json=messages)
+        if storage.refused(response, messages):
+            return
         assert response.status_code == 200, response.text
         read = client.get(f"/conversations/{cid}/messages", params={"include_system": "true", "limit": "500"})
         assert read.status_code == 200, read.text

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 
 from daemon.app import create_app
 from daemon.sources.retell import ROLES, SIGNATURE_HEADER
-from tests.conftest import make_config
+from tests.conftest import Storage
 from tests.retell_signing import sign
 from tests.test_fuzz import Client, broken_json, check_answer, fresh_id, fuzz, json_values, running, text_content
 
@@ -26,8 +25,8 @@ EVENTS = ["call_started", "call_ended", "call_analyzed", "transcript_updated", "
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[Client]:
-    config = make_config(tmp_path / "transcriptd.db", **{"webhooks.retell.api_key": API_KEY})
+def client(storage: Storage) -> Iterator[Client]:
+    config = storage.config(**{"webhooks.retell.api_key": API_KEY})
     with running(create_app(config)) as client:
         yield client
 
@@ -61,7 +60,7 @@ tool_results = st.fixed_dictionaries(
 entries = st.lists(st.one_of(spoken, tool_calls, tool_results), max_size=12)
 
 
-def test_any_transcript_reads_back_exactly(client: Client) -> None:
+def test_any_transcript_reads_back_exactly(client: Client, storage: Storage) -> None:
     @fuzz(80)
     @given(transcript=entries, key=st.sampled_from(["transcript_object", "transcript_with_tool_calls"]))
     def round_trip(transcript: list[dict[str, Any]], key: str) -> None:
@@ -69,6 +68,8 @@ def test_any_transcript_reads_back_exactly(client: Client) -> None:
         body = json.dumps({"event": "call_ended", "call": {"call_id": cid, key: transcript}}).encode()
         response = signed_post(client, body)
         check_answer(response)
+        if storage.refused(response, transcript):
+            return
         assert response.status_code == 200, response.text
         assert response.json()["received"] == len(transcript)
         read = client.get(f"/conversations/{cid}/messages", params={"include_system": "true", "limit": "500"})
