@@ -129,9 +129,8 @@ async def test_rejections_before_the_body_name_what_is_known(
         assert "/webhooks/tavus/" not in record.getMessage()
 
 
-@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
 async def test_enqueued_timeout_and_storage_faults_are_logged(
-    app_client: AppClient, db_path: Path, caplog: pytest.LogCaptureFixture
+    app_client: AppClient, target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     body = encode(envelope("c-log-modes", "system.shutdown", {"shutdown_reason": "end_call"}))
@@ -141,12 +140,12 @@ async def test_enqueued_timeout_and_storage_faults_are_logged(
         (enqueued,) = delivery_lines(caplog)
     async with app_client(**{"ingest.ack_timeout_s": 0.05}) as client:
         caplog.clear()
-        with locked(db_path):
+        with locked(target):
             late = await client.post("/conversations/c-log-late/messages", json={"role": "user", "content": "x"})
         (timeout,) = delivery_lines(caplog)
     async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
         caplog.clear()
-        with locked(db_path):
+        with locked(target):
             down = await client.post("/conversations/c-log-down/messages", json={"role": "user", "content": "x"})
         (unavailable,) = delivery_lines(caplog)
     assert fields(enqueued)["outcome"] == "enqueued"

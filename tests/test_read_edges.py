@@ -172,12 +172,11 @@ async def test_a_repeated_delivery_says_it_is_a_duplicate(app_client: AppClient,
     assert again.json()["inserted"] == again.json()["updated"] == 0
 
 
-@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
-async def test_a_storage_fault_answers_retry_after_from_the_setting(app_client: AppClient, db_path: Path) -> None:
+async def test_a_storage_fault_answers_retry_after_from_the_setting(app_client: AppClient, target: str) -> None:
     settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 7}
     async with app_client(**settings) as client:
         assert (await client.get("/readyz")).status_code == 200
-        with locked(db_path):
+        with locked(target):
             refused = await client.post("/conversations/c-503/messages", json={"role": "user", "content": "x"})
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "storage_unavailable"

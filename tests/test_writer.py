@@ -1,4 +1,5 @@
-"""The group-commit writer on a real SQLite file: batching, poison isolation, storage faults, migrations."""
+"""The group-commit writer on a real SQLite file and PostgreSQL schema: batching, poison isolation, storage
+faults, migrations."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
+from storage.backend import is_postgres_url
 from storage.connection import open_writer
 from storage.deliveries import Delivery, MessageRow
 from storage.errors import StorageRejected, StorageUnavailable
@@ -75,19 +77,19 @@ async def test_a_poisoned_delivery_does_not_sink_its_batch(target: str, db: Quer
     assert db("SELECT count(*) FROM conversations WHERE id = 'poison'") == [(0,)]
 
 
-@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
-async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path, busy_timeout_ms=20))
+async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target, busy_timeout_ms=20))
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
-        with locked(db_path):
+        with locked(target):
             waited = delivery("durable", ["x"], awaited=True)
             acked = delivery("enqueued", ["y"], awaited=False)
             assert writer.offer([waited, acked])
             await waited.done.wait()
             assert isinstance(waited.error, StorageUnavailable)
             assert not acked.done.is_set()
-            assert "locked" in (writer.last_error or "")
+            # The storage's own words: SQLite's "database is locked", PostgreSQL's "lock timeout".
+            assert ("lock timeout" if is_postgres_url(target) else "locked") in (writer.last_error or "")
             assert await writer.probe() is not None
         # The lock is gone: the acknowledged delivery is committed by the retry, without anyone resending it.
         with anyio.fail_after(10):
@@ -97,13 +99,12 @@ async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged
     assert db("SELECT conversation_id FROM messages") == [("enqueued",)]
 
 
-@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
-async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, db_path: Path) -> None:
+async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, target: str) -> None:
     body = encode(transcription_ready("c-fault", turns=5))
     settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 3}
     async with app_client(**settings) as client:
         assert (await client.get("/readyz")).status_code == 200
-        with locked(db_path):
+        with locked(target):
             refused = await client.post("/webhooks/tavus", content=body)
             not_ready = await client.get("/readyz")
         assert refused.status_code == 503
@@ -161,10 +162,9 @@ async def test_a_batch_stops_growing_at_max_rows(target: str, db: Query) -> None
     assert db("SELECT count(*) FROM messages") == [(24,)]
 
 
-@pytest.mark.sqlite_only("busy_timeout: SQLite gives up on a held lock; a PostgreSQL writer waits for it")
-async def test_readiness_recovers_without_any_delivery(app_client: AppClient, db_path: Path) -> None:
+async def test_readiness_recovers_without_any_delivery(app_client: AppClient, target: str) -> None:
     async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
-        with locked(db_path):
+        with locked(target):
             await client.post("/webhooks/tavus", content=encode(transcription_ready("c-r", turns=1)))
             assert (await client.get("/readyz")).status_code == 503
         # No sender comes back (a load balancer stopped routing here): the probe alone must clear it.
