@@ -191,16 +191,18 @@ class Storage:
 
 
 def texts_in(value: Any) -> Iterator[str]:
-    """Every string in ``value``: itself, or the keys and items of its dicts and lists, at any depth."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from texts_in(key)
-            yield from texts_in(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from texts_in(item)
+    """Every string in ``value``: itself, or the keys and items of its dicts and lists, at any depth (without
+    recursion: the fuzzers' bodies nest deeper than Python's stack)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
 
 
 def execute(target: Path | str, script: str) -> None:

@@ -94,6 +94,21 @@ def check_answer(response: httpx.Response) -> None:
     contract.check_answer(response.status_code, response.headers.get, response.json, response.text)
 
 
+def check_answer_to(response: httpx.Response, storage: Storage, body: bytes) -> None:
+    """``check_answer``, where the backend's documented refusal of what ``body`` holds (PostgreSQL: text
+    with U+0000, docs/postgresql.md) is the answer expected instead."""
+    if not storage.refused(response, decoded(body)):
+        check_answer(response)
+
+
+def decoded(body: bytes) -> Any:
+    """The JSON ``body`` holds, or None."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 # --- Strategies ---------------------------------------------------------------------------------------------
 
 EMOJI = "😀🎉👩‍👩‍👧‍👦🏳️‍🌈🇵🇹"
@@ -260,16 +275,16 @@ tavus_bodies = st.one_of(
 # --- Tests ----------------------------------------------------------------------------------------------------
 
 
-def test_broken_and_odd_tavus_bodies_never_fail_the_server(client: Client) -> None:
+def test_broken_and_odd_tavus_bodies_never_fail_the_server(client: Client, storage: Storage) -> None:
     @fuzz(400)
     @given(body=tavus_bodies)
     def post(body: bytes) -> None:
-        check_answer(client.post("/webhooks/tavus", content=body))
+        check_answer_to(client.post("/webhooks/tavus", content=body), storage, body)
 
     post()
 
 
-def test_broken_and_odd_generic_bodies_never_fail_the_server(client: Client) -> None:
+def test_broken_and_odd_generic_bodies_never_fail_the_server(client: Client, storage: Storage) -> None:
     message = st.fixed_dictionaries({"role": roles, "content": text_content}, optional={"id": short_text}) | json_values
     bodies = st.one_of(
         st.lists(message, max_size=5).map(lambda m: json.dumps(m).encode()),
@@ -281,7 +296,9 @@ def test_broken_and_odd_generic_bodies_never_fail_the_server(client: Client) -> 
     @fuzz(150)
     @given(body=bodies, cid=st.text(min_size=0, max_size=300))
     def post(body: bytes, cid: str) -> None:
-        check_answer(client.post(f"/conversations/{quote(cid, safe='')}/messages", content=body))
+        response = client.post(f"/conversations/{quote(cid, safe='')}/messages", content=body)
+        if not storage.refused(response, cid):
+            check_answer_to(response, storage, body)
 
     post()
 
@@ -292,9 +309,9 @@ def test_every_valid_transcript_reads_back_exactly(client: Client, storage: Stor
     def round_trip(delivery: tuple[str, list[dict[str, Any]], bytes]) -> None:
         cid, entries, body = delivery
         response = client.post("/webhooks/tavus", content=body)
-        check_answer(response)
         if storage.refused(response, entries):
             return
+        check_answer(response)
         assert response.status_code == 200, response.text
         assert response.json()["received"] == len(entries)
         read = client.get(f"/conversations/{cid}/messages", params={"include_system": "true", "limit": "500"})
