@@ -71,7 +71,8 @@ def table(path: Path | str, name: str, *, ignore: tuple[str, ...] = ()) -> list[
             " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
             (name,),
         )
-        columns = [c[0] for c in found if c[0] not in ignore]
+        # rev counts the writes to a conversation (for the replicas' caches): bookkeeping, not data to compare.
+        columns = [c[0] for c in found if c[0] not in (*ignore, "rev")]
     else:
         columns = [c[1] for c in rows(path, f"PRAGMA table_info({name})") if c[1] not in ignore]
     return rows(path, f"SELECT {', '.join(columns)} FROM {name} ORDER BY {order}")  # noqa: S608
