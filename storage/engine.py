@@ -118,7 +118,7 @@ def engine_for(
     if is_postgres_url(str(target)):
         from storage.postgres.engine import PostgresEngine
 
-        return PostgresEngine(str(target), synchronous=synchronous, replica=replica)
+        return PostgresEngine(str(target), synchronous=synchronous, replica=replica, busy_timeout_ms=busy_timeout_ms)
     return SqliteEngine(
         target, synchronous=synchronous, cache_size_mib=cache_size_mib, busy_timeout_ms=busy_timeout_ms, factory=factory
     )

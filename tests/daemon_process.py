@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from storage.backend import is_postgres_url
+from storage.portable import fetch_all
 from tests.payloads import encode, transcription_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,9 +80,16 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
-def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with connect(path) as conn:
-        return conn.execute(sql, params).fetchall()
+def rows(target: Path | str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """``sql`` (``?`` placeholders) on the database ``target`` names: a SQLite file or a PostgreSQL URL."""
+    target = str(target)
+    if is_postgres_url(target):
+        from storage.postgres.connection import connect as connect_postgres
+
+        with connect_postgres(target) as pg:
+            return fetch_all(pg, sql, params)
+    with connect(Path(target)) as conn:
+        return fetch_all(conn, sql, params)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -98,15 +106,19 @@ class Daemon:
 
     process: subprocess.Popen[bytes]
     port: int
-    # What it stores into: a SQLite file's path, or a postgresql:// URL.
-    target: str
+    db_path: Path | str  # the SQLite file, or the PostgreSQL URL it serves
     log_path: Path
 
     @property
-    def db_path(self) -> Path:
-        """The SQLite file, for tests that read it directly."""
-        assert not is_postgres_url(self.target), f"this daemon stores into PostgreSQL, not a file: {self.target}"
-        return Path(self.target)
+    def target(self) -> str:
+        """What it stores into: a SQLite file's path, or a postgresql:// URL."""
+        return str(self.db_path)
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file it serves (for tests that are SQLite's alone)."""
+        assert not is_postgres_url(str(self.db_path)), self.db_path
+        return Path(self.db_path)
 
     @property
     def base_url(self) -> str:
@@ -183,7 +195,8 @@ def start_daemon(
     name: str = "transcriptd",
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> Daemon:
-    """Start ``transcriptd serve`` on a free loopback port, and return once /readyz answers 200.
+    """Start ``transcriptd serve --db db_path`` (a SQLite file, or a postgresql:// URL) on a free loopback
+    port, and return once /readyz answers 200.
 
     It runs in ``workdir`` (so no ``config.toml`` of the repository is read), logging to a new file there.
     ``db_path`` is a SQLite file, or a ``postgresql://`` URL (a ``str``: a ``Path`` would fold its ``//``).
@@ -386,19 +399,13 @@ class Stored:
     max_seq: int
 
 
-def stored_messages(db_path: Path) -> dict[str, Stored]:
-    """Per conversation id: how many message rows the database file holds, and their seq range."""
-    conn = sqlite3.connect(db_path)
-    try:
-        rows = conn.execute(
-            "SELECT conversation_id, COUNT(*), MIN(seq), MAX(seq) FROM messages GROUP BY conversation_id"
-        ).fetchall()
-    finally:
-        conn.close()
-    return {cid: Stored(n, lo, hi) for cid, n, lo, hi in rows}
+def stored_messages(db_path: Path | str) -> dict[str, Stored]:
+    """Per conversation id: how many message rows the database (file or URL) holds, and their seq range."""
+    found = rows(db_path, "SELECT conversation_id, COUNT(*), MIN(seq), MAX(seq) FROM messages GROUP BY conversation_id")
+    return {cid: Stored(n, lo, hi) for cid, n, lo, hi in found}
 
 
-def missing_rows(db_path: Path, conversation_ids: Sequence[str], rows_per_delivery: int) -> list[str]:
+def missing_rows(db_path: Path | str, conversation_ids: Sequence[str], rows_per_delivery: int) -> list[str]:
     """The acknowledged conversations that do not have all their rows, each with what the database has."""
     stored = stored_messages(db_path)
     complete = Stored(rows_per_delivery, 0, rows_per_delivery - 1)

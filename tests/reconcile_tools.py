@@ -3,9 +3,7 @@ what two databases must agree on after a webhook path and a reconcile path."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterable
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import httpx
 
 from daemon.app import create_app
 from tests.conftest import make_config
+from tests.daemon_process import rows
 
 # The conversation fields both paths must converge on (created_at and updated_at are when *this*
 # database saw it, so they differ by design).
@@ -29,7 +28,7 @@ MESSAGE_COLUMNS = (
 
 
 async def post_webhooks(
-    db_path: Path,
+    db_path: Path | str,
     path: str,
     bodies: Iterable[bytes],
     *,
@@ -52,24 +51,24 @@ async def post_webhooks(
     return answers
 
 
-def snapshot(db_path: Path, ids: Iterable[str]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(conversations, messages) of ``ids``, in a fixed order."""
+def snapshot(db_path: Path | str, ids: Iterable[str]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(conversations, messages) of ``ids``, in a fixed order (a SQLite file or a PostgreSQL URL)."""
     wanted = sorted(ids)
     marks = ", ".join("?" * len(wanted))
-    with closing(sqlite3.connect(db_path)) as conn:
-        conversations = conn.execute(
-            f"SELECT {FIELDS} FROM conversations WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
-            wanted,
-        ).fetchall()
-        messages = conn.execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id IN ({marks}) "  # noqa: S608
-            "ORDER BY conversation_id, source, seq",
-            wanted,
-        ).fetchall()
+    conversations = rows(
+        db_path,
+        f"SELECT {FIELDS} FROM conversations WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+        wanted,
+    )
+    messages = rows(
+        db_path,
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id IN ({marks}) "  # noqa: S608
+        "ORDER BY conversation_id, source, seq",
+        wanted,
+    )
     return conversations, messages
 
 
-def count(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
-    with closing(sqlite3.connect(db_path)) as conn:
-        (value,) = conn.execute(sql, params).fetchone()
+def count(db_path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> int:
+    ((value,),) = rows(db_path, sql, params)
     return int(value)

@@ -25,8 +25,8 @@ Query = Callable[..., list[tuple[Any, ...]]]
 
 
 @asynccontextmanager
-async def actors(db_path: Path, *, mailbox_size: int = 64, **settings: Any) -> AsyncIterator[ActorRegistry]:
-    writer = Writer(WriterSettings(db_path, **settings))
+async def actors(target: str, *, mailbox_size: int = 64, **settings: Any) -> AsyncIterator[ActorRegistry]:
+    writer = Writer(WriterSettings(target, **settings))
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
         registry = ActorRegistry(writer, mailbox_size=mailbox_size, max_rows=10_000, retry_after_s=1)
@@ -51,8 +51,8 @@ async def settle(deliveries: list[InFlight]) -> None:
             await d.done.wait()
 
 
-async def test_a_conversation_is_stored_in_order_and_what_waits_is_coalesced(db_path: Path, db: Query) -> None:
-    async with actors(db_path) as registry:
+async def test_a_conversation_is_stored_in_order_and_what_waits_is_coalesced(target: str, db: Query) -> None:
+    async with actors(target) as registry:
         sent = [keyed("c", n, [f"m{n}"]) for n in range(30)]
         for d in sent:
             registry.submit(d)
@@ -69,9 +69,9 @@ async def test_a_conversation_is_stored_in_order_and_what_waits_is_coalesced(db_
     assert keys == [d.record.key for d in sent]
 
 
-async def test_without_room_in_the_writer_actors_wait_their_turn_and_lose_nothing(db_path: Path, db: Query) -> None:
+async def test_without_room_in_the_writer_actors_wait_their_turn_and_lose_nothing(target: str, db: Query) -> None:
     # Room for about one delivery at a time: most units are refused at first and wait in line.
-    async with actors(db_path, max_pending_rows=4) as registry:
+    async with actors(target, max_pending_rows=4) as registry:
         sent = [keyed(f"c{i % 5}", i, ["a", "b"]) for i in range(40)]
         for d in sent:
             registry.submit(d)
@@ -86,8 +86,8 @@ async def test_without_room_in_the_writer_actors_wait_their_turn_and_lose_nothin
     assert db("SELECT count(*) FROM messages") == [(80,)]
 
 
-async def test_a_full_mailbox_refuses_and_the_others_are_still_stored(db_path: Path, db: Query) -> None:
-    async with actors(db_path, mailbox_size=2) as registry:
+async def test_a_full_mailbox_refuses_and_the_others_are_still_stored(target: str, db: Query) -> None:
+    async with actors(target, mailbox_size=2) as registry:
         taken = [keyed("busy", n, ["x"]) for n in range(3)]  # one in flight, two waiting
         for d in taken:
             registry.submit(d)

@@ -15,10 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from storage.backup import backup
 from storage.connection import open_writer
 from storage.migrations import migrate
 from tests.daemon_process import cli_argv, daemon_env, transcriptd
+
+pytestmark = pytest.mark.sqlite_only("SQLite's backup API; a PostgreSQL database is backed up with pg_dump")
 
 CONVERSATIONS = 16_000  # ~4 KB each: ~64 MiB
 
@@ -81,6 +85,7 @@ def test_the_next_backup_removes_what_a_killed_backup_left(tmp_path: Path) -> No
 
 HOLDER = """
 import fcntl, os, sys
+
 path = os.path.join(sys.argv[1], f".nightly.db.partial-{os.getpid()}")
 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -15,10 +15,10 @@ from storage.connection import open_writer
 from storage.deliveries import ConversationPatch, MessageRow, Record, WriteResult
 from storage.migrations import migrate
 from storage.writes import commit_batch
-from tests.conftest import AppClient
-from tests.daemon_process import WEBHOOK, connect, rows, transcriptd
+from tests.conftest import AppClient, execute
+from tests.daemon_process import WEBHOOK, rows, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
-from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
+from tests.test_dead_letters import cure, poison, poisoned_body
 
 TURNS = 3  # and the system entry: 4 messages per transcript
 
@@ -40,7 +40,7 @@ def delivery(key: str, cid: str, seqs: list[int], *, content: str = "hi", status
     )
 
 
-def changes_in(db_path: Path) -> list[tuple[Any, ...]]:
+def changes_in(db_path: Path | str) -> list[tuple[Any, ...]]:
     return rows(db_path, "SELECT position, conversation_id, status, kinds, first_seq, last_seq FROM changes ORDER BY 1")
 
 
@@ -211,7 +211,7 @@ async def test_the_feed_needs_the_api_token(app_client: AppClient) -> None:
 
 
 @pytest.mark.anyio
-async def test_erasure_deletes_the_changes_and_records_one_erased(app_client: AppClient, db_path: Path) -> None:
+async def test_erasure_deletes_the_changes_and_records_one_erased(app_client: AppClient, target: str) -> None:
     async with app_client() as client:
         await store(client, transcription_ready("gone", turns=TURNS))
         await store(client, transcription_ready("kept", turns=TURNS))
@@ -226,42 +226,39 @@ async def test_erasure_deletes_the_changes_and_records_one_erased(app_client: Ap
         await store(client, transcription_ready("gone", turns=TURNS, seed=1))
         assert (await client.delete("/conversations/gone")).status_code == 404
         assert (await feed(client, after=4))["changes"] == []
-        assert len(changes_in(db_path)) == 2
+        assert len(changes_in(target)) == 2
 
 
 @pytest.mark.anyio
-async def test_operator_commands_record_their_changes(app_client: AppClient, db_path: Path, tmp_path: Path) -> None:
+async def test_operator_commands_record_their_changes(app_client: AppClient, target: str, tmp_path: Path) -> None:
     async with app_client() as client:
-        with connect(db_path) as conn:  # the schema exists once the app has started
-            conn.execute(POISON_TRIGGER)
+        poison(target)  # the schema exists once the app has started
         await store(client, transcription_ready("op-a", turns=TURNS))
         await store(client, transcription_ready("op-b", turns=TURNS))
         refused = await client.post(WEBHOOK, content=poisoned_body("op-poison"))
         assert refused.status_code >= 500
-    assert [cid for _, cid, *_ in changes_in(db_path)] == ["op-a", "op-b"]
-    db = str(db_path)
+    assert [cid for _, cid, *_ in changes_in(target)] == ["op-a", "op-b"]
+    db = target
 
     # A replay that re-derives what is stored changes nothing, and records nothing.
     replayed = transcriptd("replay", "--db", db, cwd=tmp_path)
     assert replayed.returncode == 0, replayed.stderr
-    assert len(changes_in(db_path)) == 2
+    assert len(changes_in(target)) == 2
     # One that puts back lost messages records them.
-    with connect(db_path) as conn:
-        conn.execute("DELETE FROM messages WHERE conversation_id = 'op-a' AND seq >= 2")
+    execute(target, "DELETE FROM messages WHERE conversation_id = 'op-a' AND seq >= 2")
     replayed = transcriptd("replay", "--conversation", "op-a", "--db", db, cwd=tmp_path)
     assert replayed.returncode == 0, replayed.stderr
-    assert changes_in(db_path)[-1][1:] == ("op-a", "ended", f'{{"messages_added":{TURNS - 1}}}', 2, TURNS)
+    assert changes_in(target)[-1][1:] == ("op-a", "ended", f'{{"messages_added":{TURNS - 1}}}', 2, TURNS)
 
     # A dead letter retried once its cause is gone: its conversation's first change.
-    with connect(db_path) as conn:
-        conn.execute("DROP TRIGGER poison")
+    cure(target)
     retried = transcriptd("dead-letters", "retry", "--db", db, cwd=tmp_path)
     assert retried.returncode == 0, retried.stderr
-    assert changes_in(db_path)[-1][1:4] == ("op-poison", "ended", '{"messages_added":5,"created":1,"status":1}')
+    assert changes_in(target)[-1][1:4] == ("op-poison", "ended", '{"messages_added":5,"created":1,"status":1}')
 
     # The CLI's erasure: the conversation's changes go, and one {"erased": 1} is left.
     deleted = transcriptd("delete", "--conversation", "op-b", "--db", db, cwd=tmp_path)
     assert deleted.returncode == 0, deleted.stderr
-    assert [(cid, status, kinds) for _, cid, status, kinds, _, _ in changes_in(db_path) if cid == "op-b"] == [
+    assert [(cid, status, kinds) for _, cid, status, kinds, _, _ in changes_in(target) if cid == "op-b"] == [
         ("op-b", None, '{"erased":1}')
     ]

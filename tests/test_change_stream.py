@@ -43,13 +43,15 @@ def sse_items(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             event[name] = value.removeprefix(" ")
 
 
-def test_the_stream_resumes_after_last_event_id_follows_commits_and_ends_on_sigterm(tmp_path: Path) -> None:
+def test_the_stream_resumes_after_last_event_id_follows_commits_and_ends_on_sigterm(
+    tmp_path: Path, target: str
+) -> None:
     env = {
         # A stream holding the shutdown up would keep the daemon past EXIT_TIMEOUT_S (40 s for the requests).
         "TRANSCRIPTD_SERVER_SHUTDOWN_TIMEOUT_S": "100",
         "TRANSCRIPTD_CHANGES_HEARTBEAT_S": "0.2",
     }
-    with managed(start_daemon(tmp_path, tmp_path / "transcriptd.db", env=env)) as daemon:
+    with managed(start_daemon(tmp_path, target, env=env)) as daemon:
         with httpx.Client(base_url=daemon.base_url, trust_env=False, timeout=30) as client:
             for n in range(3):
                 post(client, f"sse-{n}")
@@ -84,8 +86,10 @@ def test_the_stream_resumes_after_last_event_id_follows_commits_and_ends_on_sigt
     assert "timeout graceful shutdown exceeded" not in daemon.log()
 
 
-def test_a_follower_of_next_sees_every_change_once_in_order_under_concurrent_ingest(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_a_follower_of_next_sees_every_change_once_in_order_under_concurrent_ingest(
+    tmp_path: Path, target: str
+) -> None:
+    db_path = target
     with managed(start_daemon(tmp_path, db_path)) as daemon:
         load = Load(daemon.base_url, "fol", senders=8, turns=TURNS, max_deliveries=400, duration_s=60.0).start()
         positions: list[int] = []
@@ -112,9 +116,9 @@ def test_a_follower_of_next_sees_every_change_once_in_order_under_concurrent_ing
     assert positions == [p for (p,) in rows(db_path, "SELECT position FROM changes ORDER BY position")]
 
 
-def test_kill_9_under_load_every_acknowledged_delivery_has_its_change(tmp_path: Path) -> None:
+def test_kill_9_under_load_every_acknowledged_delivery_has_its_change(tmp_path: Path, target: str) -> None:
     rng = random.Random(16)
-    db_path = tmp_path / "transcriptd.db"
+    db_path = target
     acknowledged: list[str] = []
     for round_ in range(4):
         with managed(start_daemon(tmp_path, db_path, name=f"round-{round_}")) as daemon:

@@ -13,6 +13,8 @@ from storage.checkpointer import Checkpointer
 from storage.connection import open_writer
 from storage.migrations import migrate
 
+pytestmark = pytest.mark.sqlite_only("WAL checkpoints")
+
 
 def commit_rows(path: Path, count: int) -> sqlite3.Connection:
     conn = open_writer(path)

@@ -1,7 +1,7 @@
-"""Poison isolation with a dead-letter table, on a real SQLite file that genuinely refuses one delivery's rows
-(a trigger): the real app answers the others 200 and keeps the refused one, raw body and error, in
-``dead_letters``; ``transcriptd dead-letters list|retry`` (real subprocesses) show it and, once the cause
-is gone, store it."""
+"""Poison isolation with a dead-letter table, on a real database (SQLite file or PostgreSQL schema) that
+genuinely refuses one delivery's rows (a trigger): the real app answers the others 200 and keeps the
+refused one, raw body and error, in ``dead_letters``; ``transcriptd dead-letters list|retry`` (real
+subprocesses) show it and, once the cause is gone, store it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import TEST_SECRETS, AppClient
-from tests.daemon_process import WEBHOOK, connect, rows, transcriptd
+from storage.backend import is_postgres_url
+from tests.conftest import TEST_SECRETS, AppClient, Storage, execute
+from tests.daemon_process import WEBHOOK, transcriptd
 from tests.payloads import encode, transcription_ready
 from tests.test_cli_help import help_text
 
@@ -22,6 +23,25 @@ POISON_TRIGGER = """
 CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content = 'poison'
 BEGIN SELECT RAISE(ABORT, 'poisoned row'); END
 """
+# The same refusal on PostgreSQL: the server refuses the row mid-batch, as a constraint does (SQLite's
+# RAISE(ABORT) is a constraint error too).
+POSTGRES_POISON_TRIGGER = """
+CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'poisoned row' USING ERRCODE = 'check_violation'; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON messages FOR EACH ROW WHEN (NEW.content = 'poison') EXECUTE FUNCTION poison();
+"""
+
+
+def poison(target: Path | str) -> None:
+    """From now on the database refuses any message whose content is 'poison' (the schema must exist)."""
+    execute(target, POSTGRES_POISON_TRIGGER if is_postgres_url(str(target)) else POISON_TRIGGER)
+
+
+def cure(target: Path | str) -> None:
+    postgres = is_postgres_url(str(target))
+    execute(target, "DROP TRIGGER poison ON messages; DROP FUNCTION poison()" if postgres else "DROP TRIGGER poison")
+
+
 TURNS = 4  # and the system entry: 5 messages per transcript
 
 
@@ -33,15 +53,14 @@ def poisoned_body(conversation_id: str) -> bytes:
 
 @pytest.mark.anyio
 async def test_a_refused_delivery_is_dead_lettered_then_retried(
-    app_client: AppClient, db_path: Path, tmp_path: Path
+    app_client: AppClient, storage: Storage, tmp_path: Path
 ) -> None:
     good = {f"c-good-{i}": encode(transcription_ready(f"c-good-{i}", turns=TURNS, seed=i)) for i in range(5)}
     poisoned = poisoned_body("c-poison")
     answers: dict[str, httpx.Response] = {}
     # Held open a while, so that the concurrent deliveries share one batch (and one transaction).
     async with app_client(**{"ingest.batch_max_delay_ms": 500}) as client:
-        with connect(db_path) as conn:  # the schema exists once the app has started
-            conn.execute(POISON_TRIGGER)
+        poison(storage.target)  # the schema exists once the app has started
         writer = client.app.state.runtime.writer  # type: ignore[attr-defined]
         commits_before = writer.commits
 
@@ -61,22 +80,22 @@ async def test_a_refused_delivery_is_dead_lettered_then_retried(
         assert refused.json()["error"]["code"] == "storage_rejected"
         assert refused.headers["retry-after"] == "60"
 
-        (letter,) = rows(db_path, "SELECT id, conversation_id, body, error, attempts, resolved_at FROM dead_letters")
+        (letter,) = storage.query("SELECT id, conversation_id, body, error, attempts, resolved_at FROM dead_letters")
         letter_id, cid, body, error, attempts, resolved_at = letter
         assert (cid, body, attempts, resolved_at) == ("c-poison", poisoned, 1, None)
         assert "poisoned row" in error
         # The others committed; of the refused one nothing but its dead letter is left.
-        stored = rows(db_path, "SELECT conversation_id, count(*) FROM messages GROUP BY conversation_id")
+        stored = storage.query("SELECT conversation_id, count(*) FROM messages GROUP BY conversation_id")
         assert dict(stored) == dict.fromkeys(good, TURNS + 1)
-        assert rows(db_path, "SELECT count(*) FROM events WHERE conversation_id = 'c-poison'") == [(0,)]
+        assert storage.query("SELECT count(*) FROM events WHERE conversation_id = 'c-poison'") == [(0,)]
 
         # The sender retries: still refused, still one dead letter, one attempt more.
         again = await client.post(WEBHOOK, content=poisoned)
         assert again.status_code == refused.status_code
         assert again.headers["retry-after"] == "60"
-        assert rows(db_path, "SELECT id, attempts, resolved_at FROM dead_letters") == [(letter_id, 2, None)]
+        assert storage.query("SELECT id, attempts, resolved_at FROM dead_letters") == [(letter_id, 2, None)]
 
-    db = str(db_path)
+    db = storage.target
     listed = transcriptd("dead-letters", "list", "--db", db, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert f"{letter_id}  " in listed.stdout
@@ -101,10 +120,9 @@ async def test_a_refused_delivery_is_dead_lettered_then_retried(
     assert failing.returncode == 1
     assert "still fails" in failing.stderr
     assert "poisoned row" in failing.stderr
-    assert rows(db_path, "SELECT attempts, resolved_at FROM dead_letters") == [(3, None)]
+    assert storage.query("SELECT attempts, resolved_at FROM dead_letters") == [(3, None)]
 
-    with connect(db_path) as conn:
-        conn.execute("DROP TRIGGER poison")
+    cure(storage.target)
     unknown = transcriptd("dead-letters", "retry", "--id", "999", "--db", db, cwd=tmp_path)
     assert unknown.returncode == 1
     assert "no unresolved dead letter 999" in unknown.stderr
@@ -113,11 +131,11 @@ async def test_a_refused_delivery_is_dead_lettered_then_retried(
     assert f"dead letter {letter_id}" in retried.stdout
     assert f"stored, {TURNS + 1} messages inserted" in retried.stdout
 
-    contents = rows(db_path, "SELECT content FROM messages WHERE conversation_id = 'c-poison' ORDER BY seq")
+    contents = storage.query("SELECT content FROM messages WHERE conversation_id = 'c-poison' ORDER BY seq")
     assert len(contents) == TURNS + 1
     assert ("poison",) in contents
-    assert rows(db_path, "SELECT body FROM events WHERE conversation_id = 'c-poison'") == [(poisoned,)]
-    ((resolved,),) = rows(db_path, "SELECT resolved_at FROM dead_letters")
+    assert storage.query("SELECT body FROM events WHERE conversation_id = 'c-poison'") == [(poisoned,)]
+    ((resolved,),) = storage.query("SELECT resolved_at FROM dead_letters")
     assert resolved is not None
     empty = transcriptd("dead-letters", "list", "--json", "--db", db, cwd=tmp_path)
     assert empty.returncode == 0, empty.stderr

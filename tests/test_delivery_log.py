@@ -17,9 +17,8 @@ from daemon.config import load_config
 from daemon.inflight import InFlight
 from daemon.logs import JsonFormatter, RedactSecrets, configure
 from storage.deliveries import Record
-from tests.conftest import TEST_SECRETS, AppClient, make_config
+from tests.conftest import TEST_SECRETS, AppClient, locked, make_config
 from tests.payloads import encode, envelope, transcription_ready
-from tests.test_writer import locked
 
 pytestmark = pytest.mark.anyio
 
@@ -132,7 +131,7 @@ async def test_rejections_before_the_body_name_what_is_known(
 
 
 async def test_enqueued_timeout_and_storage_faults_are_logged(
-    app_client: AppClient, db_path: Path, caplog: pytest.LogCaptureFixture
+    app_client: AppClient, target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     body = encode(envelope("c-log-modes", "system.shutdown", {"shutdown_reason": "end_call"}))
@@ -142,12 +141,12 @@ async def test_enqueued_timeout_and_storage_faults_are_logged(
         (enqueued,) = delivery_lines(caplog)
     async with app_client(**{"ingest.ack_timeout_s": 0.05}) as client:
         caplog.clear()
-        with locked(db_path):
+        with locked(target):
             late = await client.post("/conversations/c-log-late/messages", json={"role": "user", "content": "x"})
         (timeout,) = delivery_lines(caplog)
     async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
         caplog.clear()
-        with locked(db_path):
+        with locked(target):
             down = await client.post("/conversations/c-log-down/messages", json={"role": "user", "content": "x"})
         (unavailable,) = delivery_lines(caplog)
     assert fields(enqueued)["outcome"] == "enqueued"

@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.daemon_process import connect, managed, rows, start_daemon, transcriptd
+from tests.conftest import execute
+from tests.daemon_process import managed, rows, start_daemon, transcriptd
 from tests.test_elevenlabs_intake import SECRET, fixture, signed
-from tests.test_operations import copy_database, table
+from tests.test_operations import table
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,8 @@ def chunks(body: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
         yield body[start : start + size]
 
 
-def test_every_event_type_over_real_http_and_replay_rederives_it(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_every_event_type_over_real_http_and_replay_rederives_it(tmp_path: Path, target: str) -> None:
+    db_path = target
     mp3 = bytes(range(256)) * (13 * 4096)  # 13 MiB: its base64 is over ingest.max_body_bytes
     audio = json.dumps(
         {
@@ -68,15 +69,12 @@ def test_every_event_type_over_real_http_and_replay_rederives_it(tmp_path: Path)
         ("conv_tools", "ended", "Client disconnected: 1000"),
     ]
 
-    copy = tmp_path / "copy.db"
-    copy_database(db_path, copy)
-    with connect(copy) as conn:
-        conn.execute("DELETE FROM messages")
-        conn.execute("DELETE FROM conversations")
-    done = transcriptd("replay", "--db", str(copy), cwd=tmp_path)
+    ignore = ("created_at", "updated_at")
+    messages, conversations = table(db_path, "messages", ignore=("id",)), table(db_path, "conversations", ignore=ignore)
+    execute(db_path, "DELETE FROM messages; DELETE FROM conversations")
+    done = transcriptd("replay", "--db", db_path, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "replayed 5 events" in done.stdout, done.stdout
     assert "9 messages inserted" in done.stdout, done.stdout
-    assert table(copy, "messages", ignore=("id",)) == table(db_path, "messages", ignore=("id",))
-    ignore = ("created_at", "updated_at")
-    assert table(copy, "conversations", ignore=ignore) == table(db_path, "conversations", ignore=ignore)
+    assert table(db_path, "messages", ignore=("id",)) == messages
+    assert table(db_path, "conversations", ignore=ignore) == conversations

@@ -1,5 +1,6 @@
-"""Erasure on real SQLite files: ``DELETE /conversations/{id}`` through the in-process app, the writer's
-set-based tombstone check, and ``transcriptd delete`` as a real subprocess, beside a real serving daemon."""
+"""Erasure on real SQLite files and PostgreSQL schemas: ``DELETE /conversations/{id}`` through the in-process
+app, the writer's set-based tombstone check, and ``transcriptd delete`` as a real subprocess, beside a real
+serving daemon."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.writes import write_batch
 from tests.conftest import AppClient
-from tests.daemon_process import WEBHOOK, connect, managed, rows, start_daemon, transcriptd
+from tests.daemon_process import WEBHOOK, managed, rows, start_daemon, transcriptd
 from tests.payloads import encode, envelope, transcription_ready
 from tests.test_cli_help import expected_words, help_text, subcommands
-from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
+from tests.test_dead_letters import cure, poison, poisoned_body
 
 TURNS = 4  # and the system entry: 5 messages per transcript
 TABLES = {
@@ -31,12 +32,12 @@ TABLES = {
 }
 
 
-def held(path: Path, cid: str) -> dict[str, int]:
+def held(path: Path | str, cid: str) -> dict[str, int]:
     """How many rows of each table belong to ``cid``."""
     return {table: rows(path, sql, (cid,))[0][0] for table, sql in TABLES.items()}
 
 
-def tombstone(path: Path, cid: str) -> tuple[Any, ...] | None:
+def tombstone(path: Path | str, cid: str) -> tuple[Any, ...] | None:
     found = rows(path, "SELECT deleted_at, dropped FROM tombstones WHERE conversation_id = ?", (cid,))
     return found[0] if found else None
 
@@ -57,7 +58,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_delete_erases_everything_of_one_conversation_and_nothing_of_another(
-    app_client: AppClient, db_path: Path
+    app_client: AppClient, target: str
 ) -> None:
     async with app_client() as client:
         for cid in ("c-gone", "c-kept"):
@@ -66,19 +67,17 @@ async def test_delete_erases_everything_of_one_conversation_and_nothing_of_anoth
         appended = await client.post("/conversations/c-gone/messages", json={"role": "user", "content": "hi"})
         assert appended.status_code == 200, appended.text
         # A delivery the database refuses leaves a dead letter of each conversation.
-        with connect(db_path) as conn:
-            conn.execute(POISON_TRIGGER)
+        poison(target)
         for cid in ("c-gone", "c-kept"):
             assert (await client.post(WEBHOOK, content=poisoned_body(cid))).status_code >= 500
-        with connect(db_path) as conn:
-            conn.execute("DROP TRIGGER poison")
+        cure(target)
         # Cached pages of both, so that the cache has something to serve.
         for cid in ("c-gone", "c-kept"):
             assert (await client.get(f"/conversations/{cid}")).status_code == 200
             assert (await client.get(f"/conversations/{cid}/messages")).status_code == 200
-        kept_before = held(db_path, "c-kept")
+        kept_before = held(target, "c-kept")
         kept_page = (await client.get("/conversations/c-kept/messages")).json()
-        assert held(db_path, "c-gone") == {"messages": 6, "events": 3, "dead_letters": 1, "conversations": 1}
+        assert held(target, "c-gone") == {"messages": 6, "events": 3, "dead_letters": 1, "conversations": 1}
 
         response = await client.delete("/conversations/c-gone")
         assert response.status_code == 200, response.text
@@ -92,9 +91,9 @@ async def test_delete_erases_everything_of_one_conversation_and_nothing_of_anoth
             "dead_letters": 1,
             "cached_pages": 2,
         }
-        assert held(db_path, "c-gone") == dict.fromkeys(TABLES, 0)
-        assert held(db_path, "c-kept") == kept_before
-        assert tombstone(db_path, "c-gone") == (answer["deleted_at"], 0)
+        assert held(target, "c-gone") == dict.fromkeys(TABLES, 0)
+        assert held(target, "c-kept") == kept_before
+        assert tombstone(target, "c-gone") == (answer["deleted_at"], 0)
 
         # The cache no longer serves it; the other one is served as before.
         assert (await client.get("/conversations/c-gone")).status_code == 404
@@ -108,26 +107,26 @@ async def test_delete_erases_everything_of_one_conversation_and_nothing_of_anoth
             missing = await client.delete(f"/conversations/{cid}")
             assert missing.status_code == 404, missing.text
             assert missing.json()["error"]["code"] == "not_found"
-    assert tombstone(db_path, "c-never") is None
+    assert tombstone(target, "c-never") is None
 
 
-async def test_delete_needs_the_read_token(app_client: AppClient, db_path: Path) -> None:
+async def test_delete_needs_the_read_token(app_client: AppClient, target: str) -> None:
     async with app_client(**{"api.token": "read-s3cret"}) as client:
         await store(client, transcription_ready("c-guarded", turns=TURNS))
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             refused = await client.delete("/conversations/c-guarded", headers=headers)
             assert refused.status_code == 401
-        assert held(db_path, "c-guarded")["messages"] == TURNS + 1
+        assert held(target, "c-guarded")["messages"] == TURNS + 1
         bad_id = await client.delete("/conversations/" + "x" * 300, headers={"Authorization": "Bearer read-s3cret"})
         assert bad_id.status_code == 422
         done = await client.delete("/conversations/c-guarded", headers={"Authorization": "Bearer read-s3cret"})
         assert done.status_code == 200, done.text
-    assert held(db_path, "c-guarded") == dict.fromkeys(TABLES, 0)
+    assert held(target, "c-guarded") == dict.fromkeys(TABLES, 0)
 
 
 @pytest.mark.parametrize("ack", ["durable", "enqueued"])
 async def test_a_redelivery_after_erasure_is_answered_2xx_and_stays_erased(
-    app_client: AppClient, db_path: Path, ack: str
+    app_client: AppClient, target: str, ack: str
 ) -> None:
     first = transcription_ready("c-late", turns=TURNS)
     async with app_client(**{"ingest.ack": "durable"}) as client:
@@ -146,8 +145,8 @@ async def test_a_redelivery_after_erasure_is_answered_2xx_and_stays_erased(
         await client.app.state.runtime.registry.close(timeout_s=10)  # type: ignore[attr-defined]
         assert (await client.get("/conversations/c-late")).status_code == 404
         scraped = (await client.get("/metrics")).text
-    assert held(db_path, "c-late") == dict.fromkeys(TABLES, 0)
-    assert tombstone(db_path, "c-late")[1] == 3  # type: ignore[index]
+    assert held(target, "c-late") == dict.fromkeys(TABLES, 0)
+    assert tombstone(target, "c-late")[1] == 3  # type: ignore[index]
     assert metric(scraped, "transcriptd_erased_deliveries_dropped_total") == 3
     if ack == "durable":
         assert 'transcriptd_deliveries_total{event_type="application.transcription_ready",outcome="erased"} 1.0' in (
@@ -202,19 +201,19 @@ def test_tombstone_check_reads_many_ids_in_one_batch(db_path: Path) -> None:
 # --- the CLI ------------------------------------------------------------------------------------------
 
 
-async def test_cli_delete_and_undo_against_a_real_file(app_client: AppClient, db_path: Path, tmp_path: Path) -> None:
+async def test_cli_delete_and_undo_against_a_real_file(app_client: AppClient, target: str, tmp_path: Path) -> None:
     async with app_client() as client:
         for cid in ("c-cli", "c-other"):
             await store(client, transcription_ready(cid, turns=TURNS))
-    other = held(db_path, "c-other")
+    other = held(target, "c-other")
 
-    done = transcriptd("delete", "--conversation", "c-cli", "--db", str(db_path), cwd=tmp_path)
+    done = transcriptd("delete", "--conversation", "c-cli", "--db", target, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "erased conversation 'c-cli': 1 conversation, 5 messages, 1 events, 0 dead letters" in done.stdout
-    assert held(db_path, "c-cli") == dict.fromkeys(TABLES, 0)
-    assert held(db_path, "c-other") == other
+    assert held(target, "c-cli") == dict.fromkeys(TABLES, 0)
+    assert held(target, "c-other") == other
 
-    again = transcriptd("delete", "--conversation", "c-cli", "--db", str(db_path), cwd=tmp_path)
+    again = transcriptd("delete", "--conversation", "c-cli", "--db", target, cwd=tmp_path)
     assert again.returncode == 1
     assert "no conversation 'c-cli'" in again.stderr
 
@@ -222,18 +221,18 @@ async def test_cli_delete_and_undo_against_a_real_file(app_client: AppClient, db
         dropped = await client.post(WEBHOOK, content=encode(transcription_ready("c-cli", turns=TURNS)))
         assert dropped.json()["status"] == "erased"
 
-    undo = transcriptd("delete", "--undo", "--conversation", "c-cli", "--db", str(db_path), cwd=tmp_path)
+    undo = transcriptd("delete", "--undo", "--conversation", "c-cli", "--db", target, cwd=tmp_path)
     assert undo.returncode == 0, undo.stderr
     assert "1 deliveries dropped since" in undo.stdout
-    assert tombstone(db_path, "c-cli") is None
-    undo_again = transcriptd("delete", "--undo", "--conversation", "c-cli", "--db", str(db_path), cwd=tmp_path)
+    assert tombstone(target, "c-cli") is None
+    undo_again = transcriptd("delete", "--undo", "--conversation", "c-cli", "--db", target, cwd=tmp_path)
     assert undo_again.returncode == 1
     assert "no tombstone" in undo_again.stderr
 
     # Lifted: the next delivery is stored again (what the erasure deleted stays deleted).
     async with app_client() as client:
         await store(client, transcription_ready("c-cli", turns=TURNS))
-    assert held(db_path, "c-cli")["messages"] == TURNS + 1
+    assert held(target, "c-cli")["messages"] == TURNS + 1
 
     missing_db = transcriptd("delete", "--conversation", "c-cli", "--db", str(tmp_path / "none.db"), cwd=tmp_path)
     assert missing_db.returncode == 1
@@ -248,24 +247,24 @@ def test_delete_help_shows_every_option(tmp_path: Path) -> None:
     assert "cache.ttl_s" in text
 
 
-def test_delete_while_serve_runs(tmp_path: Path, db_path: Path) -> None:
+def test_delete_while_serve_runs(tmp_path: Path, target: str) -> None:
     """The CLI erases under a serving daemon (busy timeout, not an error); the daemon then drops the
     conversation's deliveries; its own DELETE evicts at once; everything else stays served."""
     with (
-        managed(start_daemon(tmp_path / "serve", db_path)) as daemon,
+        managed(start_daemon(tmp_path / "serve", target)) as daemon,
         httpx.Client(base_url=daemon.base_url, trust_env=False, timeout=30) as client,
     ):
         for cid in ("c-live-a", "c-live-b", "c-live-c"):
             assert client.post(WEBHOOK, content=encode(transcription_ready(cid, turns=TURNS))).status_code == 200
             assert client.get(f"/conversations/{cid}/messages").status_code == 200  # cached
-        done = transcriptd("delete", "--conversation", "c-live-a", "--db", str(db_path), cwd=tmp_path)
+        done = transcriptd("delete", "--conversation", "c-live-a", "--db", target, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert held(db_path, "c-live-a") == dict.fromkeys(TABLES, 0)
+        assert held(target, "c-live-a") == dict.fromkeys(TABLES, 0)
 
         late = client.post(WEBHOOK, content=encode(transcription_ready("c-live-a", turns=TURNS)))
         assert late.status_code == 200, late.text
         assert late.json()["status"] == "erased"
-        assert held(db_path, "c-live-a") == dict.fromkeys(TABLES, 0)
+        assert held(target, "c-live-a") == dict.fromkeys(TABLES, 0)
 
         erased = client.delete("/conversations/c-live-b")
         assert erased.status_code == 200, erased.text
@@ -273,10 +272,11 @@ def test_delete_while_serve_runs(tmp_path: Path, db_path: Path) -> None:
         assert client.get("/conversations/c-live-c/messages").json()["messages"]
         assert "dropped a 'application.transcription_ready' delivery for erased conversation" in daemon.log()
         assert daemon.stop() == 0
-    assert held(db_path, "c-live-c")["messages"] == TURNS + 1
-    assert tombstone(db_path, "c-live-a")[1] == 1  # type: ignore[index]
+    assert held(target, "c-live-c")["messages"] == TURNS + 1
+    assert tombstone(target, "c-live-a")[1] == 1  # type: ignore[index]
 
 
+@pytest.mark.sqlite_only("freed pages of the database file and WAL checkpoints")
 def test_erased_text_is_gone_from_the_file_once_checkpointed(db_path: Path) -> None:
     """Freed pages would keep the erased text in the file until reused: erasure zeroes it."""
     marker = "erase-me-" + "q" * 40

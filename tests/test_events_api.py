@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +12,8 @@ import pytest
 
 from daemon.ids import quoted
 from tests.conftest import TEST_SECRETS, AppClient
-from tests.daemon_process import connect
 from tests.payloads import encode, envelope, transcription_ready
-from tests.test_dead_letters import POISON_TRIGGER, poisoned_body
+from tests.test_dead_letters import poison, poisoned_body
 
 pytestmark = pytest.mark.anyio
 
@@ -86,11 +84,10 @@ async def test_bodies_only_on_request_with_the_callback_secret_masked(app_client
     assert shown_body["properties"] == stored["properties"]
 
 
-async def test_a_refused_delivery_appears_as_failed(app_client: AppClient, db_path: Path) -> None:
+async def test_a_refused_delivery_appears_as_failed(app_client: AppClient, target: str) -> None:
     async with app_client() as client:
         await client.post("/webhooks/tavus", content=encode(envelope("c-poison", "system.replica_joined", {})))
-        with connect(db_path) as conn:
-            conn.execute(POISON_TRIGGER)
+        poison(target)
         refused = await client.post("/webhooks/tavus", content=poisoned_body("c-poison"))
         entries = await timeline(client, "/conversations/c-poison/events?limit=1")
         # A conversation whose only delivery was refused has no record, but its timeline shows the refusal.

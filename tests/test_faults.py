@@ -102,6 +102,7 @@ def partial_transcripts(db_path: Path, rows: int) -> dict[str, object]:
 # --- 1. disk full -------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("a filesystem under the database file that fills up or turns read-only")
 def test_disk_full_answers_503_loses_nothing_acknowledged_and_recovers_by_itself(tmp_path: Path) -> None:
     report = FaultReport("disk full (tmpfs ENOSPC)")
     turns, rows = 100, 101
@@ -170,6 +171,7 @@ def test_disk_full_answers_503_loses_nothing_acknowledged_and_recovers_by_itself
 # --- 2. read-only filesystem --------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("a filesystem under the database file that fills up or turns read-only")
 def test_read_only_filesystem(tmp_path: Path) -> None:
     """A read-only remount under the running daemon, else (Linux refuses it while the database is open for
     writing: EBUSY) the read-only filesystem the daemon meets at start-up; then rw again, and it works."""
@@ -234,6 +236,9 @@ def test_read_only_filesystem(tmp_path: Path) -> None:
 # --- 3. kill -9 at random moments ---------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only(
+    "SQLite's WAL recovery after kills at random moments (kill -9 on PostgreSQL: test_process, test_change_stream)"
+)
 def test_kill_9_at_random_moments_for_20_rounds_loses_nothing_answered_200(tmp_path: Path) -> None:
     report = FaultReport("kill -9 under load (durable)")
     rng = random.Random(20_251_124)
@@ -419,6 +424,7 @@ def test_overload_at_ten_times_the_sustainable_rate(tmp_path: Path) -> None:
     assert os.path.exists(db_path)
 
 
+@pytest.mark.sqlite_only("a filesystem under the database file that fills up or turns read-only")
 def test_filesystem_turning_read_only_under_the_daemon(tmp_path: Path) -> None:
     """The disk fails under a serving daemon and the kernel remounts it read-only (ext4 errors=remount-ro):
     every answer is a retryable 503, /readyz says why, and nothing acknowledged before is lost."""

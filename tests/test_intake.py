@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.conftest import AppClient
+from tests.conftest import AppClient, locked
 from tests.payloads import encode, envelope, transcription_ready
 
 pytestmark = pytest.mark.anyio
@@ -241,20 +239,15 @@ async def test_deeply_nested_json_is_400_not_500(app_client: AppClient, path: st
 
 
 async def test_memory_budget_refuses_with_503_before_it_is_exceeded(
-    app_client: AppClient, db_path: Path, db: Query
+    app_client: AppClient, target: str, db: Query
 ) -> None:
     bodies = [encode(transcription_ready(f"c-mem-{i}", turns=100, seed=i)) for i in range(40)]
     settings = {"ingest.ack": "enqueued", "ingest.max_inflight_mib": 1, "storage.busy_timeout_ms": 0}
     async with app_client(**settings) as client:
-        blocker = sqlite3.connect(db_path, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")  # nothing can be committed: everything accepted stays in memory
-        try:
+        with locked(target):  # nothing can be committed: everything accepted stays in memory
             answers = [await client.post("/webhooks/tavus", content=body) for body in bodies]
             registry = client.app.state.runtime.registry  # type: ignore[attr-defined]
             assert registry.inflight_bytes <= 1024 * 1024
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
     accepted = [a for a in answers if a.status_code == 202]
     refused = [a for a in answers if a.status_code == 503]
     assert accepted
@@ -264,19 +257,14 @@ async def test_memory_budget_refuses_with_503_before_it_is_exceeded(
     assert db("SELECT count(DISTINCT conversation_id) FROM messages") == [(len(accepted),)]
 
 
-async def test_message_budget_refuses_with_503(app_client: AppClient, db_path: Path, db: Query) -> None:
+async def test_message_budget_refuses_with_503(app_client: AppClient, target: str, db: Query) -> None:
     settings = {"ingest.ack": "enqueued", "ingest.max_inflight_messages": 150, "storage.busy_timeout_ms": 0}
     async with app_client(**settings) as client:
-        blocker = sqlite3.connect(db_path, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")  # nothing commits: every accepted message stays in flight
-        try:
+        with locked(target):  # nothing commits: every accepted message stays in flight
             answers = [
                 await client.post("/webhooks/tavus", content=encode(transcription_ready(f"c-n-{i}", turns=99)))
                 for i in range(4)
             ]
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
     assert [a.status_code for a in answers] == [202, 503, 503, 503]
     assert "messages are waiting" in answers[1].json()["error"]["message"]
     assert answers[1].headers["retry-after"]
@@ -284,13 +272,11 @@ async def test_message_budget_refuses_with_503(app_client: AppClient, db_path: P
 
 
 async def test_a_commit_that_outlasts_the_ack_timeout_is_answered_503_and_still_stored(
-    app_client: AppClient, db_path: Path, db: Query
+    app_client: AppClient, target: str, db: Query
 ) -> None:
-    from tests.test_writer import locked
-
     body = encode(transcription_ready("c-late", turns=3))
     async with app_client(**{"ingest.ack_timeout_s": 0.1, "ingest.retry_after_s": 3}) as client:
-        with locked(db_path):  # another process holds the database: the commit waits for it
+        with locked(target):  # another process holds the database: the commit waits for it
             late = await client.post("/webhooks/tavus", content=body)
         retry = await client.post("/webhooks/tavus", content=body)
     assert late.status_code == 503

@@ -74,7 +74,7 @@ def test_closed_loop_against_a_durable_daemon(durable: Daemon) -> None:
         concurrency=4,
         requests=24,
         turns=TURNS,
-        verify_db=durable.db_path,
+        verify_db=durable.sqlite_path,
         id_prefix="closed",
         warmup=4,
     )
@@ -84,7 +84,7 @@ def test_closed_loop_against_a_durable_daemon(durable: Daemon) -> None:
     assert results["verification"]["checked"] == 24 + 4  # the warm-up conversations are verified too
     assert results["warmup"] == {"sent": 4, "statuses": {"200": 4}, "errors": 0}
     assert results["preexisting_conversations"] == 0
-    assert_all_stored(durable.db_path, "closed", 24)
+    assert_all_stored(durable.sqlite_path, "closed", 24)
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_enqueued_acks_are_verified_once_stored(tmp_path: Path) -> None:
             concurrency=4,
             requests=24,
             turns=TURNS,
-            verify_db=daemon.db_path,
+            verify_db=daemon.sqlite_path,
             verify_timeout_s=30.0,
             id_prefix="enqueued",
         )
@@ -113,13 +113,13 @@ def test_open_loop_sends_at_the_rate_whatever_the_answers(durable: Daemon) -> No
         duration_s=1.0,
         concurrency=4,
         turns=TURNS,
-        verify_db=durable.db_path,
+        verify_db=durable.sqlite_path,
         id_prefix="open",
     )
     check_report(report, requests=20, status="200")
     assert report["settings"]["mode"] == "open"
     assert report["results"]["errors"]["overflow"] == 0
-    assert_all_stored(durable.db_path, "open", 20)
+    assert_all_stored(durable.sqlite_path, "open", 20)
 
 
 @pytest.mark.slow
@@ -150,25 +150,27 @@ def test_against_the_naive_port(tmp_path: Path, variant: str, status: str) -> No
 
 @pytest.mark.slow
 def test_verification_catches_missing_messages(durable: Daemon) -> None:
-    report = load(durable.base_url, concurrency=2, requests=6, turns=TURNS, verify_db=durable.db_path, id_prefix="loss")
+    report = load(
+        durable.base_url, concurrency=2, requests=6, turns=TURNS, verify_db=durable.sqlite_path, id_prefix="loss"
+    )
     assert report["results"]["verified"] is True
     ids = [f"loss-{i:06d}" for i in range(6)]
-    with connect(durable.db_path) as conn:  # as an operator's mistake would: one row of one, all of another
+    with connect(durable.sqlite_path) as conn:  # as an operator's mistake would: one row of one, all of another
         conn.execute("DELETE FROM messages WHERE conversation_id = ? AND seq = ?", (ids[1], MESSAGES - 1))
         conn.execute("DELETE FROM messages WHERE conversation_id = ?", (ids[4],))
 
     # Nothing was answered 202, so nothing can still be on its way: it answers at once (were it to wait for
     # this timeout instead, the test would time out).
-    answered_200 = verify_stored(durable.db_path, dict.fromkeys(ids, MESSAGES), timeout_s=3600.0)
+    answered_200 = verify_stored(durable.sqlite_path, dict.fromkeys(ids, MESSAGES), timeout_s=3600.0)
     assert answered_200.lost == [ids[1], ids[4]]
     assert not answered_200.verified
     assert answered_200.report()["lost"] == 2
 
-    answered_202 = verify_stored(durable.db_path, dict.fromkeys(ids, MESSAGES), pending=ids, timeout_s=0.3)
+    answered_202 = verify_stored(durable.sqlite_path, dict.fromkeys(ids, MESSAGES), pending=ids, timeout_s=0.3)
     assert answered_202.lost == [ids[1], ids[4]]
     assert answered_202.complete_after_s is None
 
-    too_many = verify_stored(durable.db_path, dict.fromkeys(ids[:1], MESSAGES - 1), timeout_s=0.0)
+    too_many = verify_stored(durable.sqlite_path, dict.fromkeys(ids[:1], MESSAGES - 1), timeout_s=0.0)
     assert too_many.excess == ids[:1]
     assert not too_many.verified
 
@@ -177,7 +179,7 @@ def test_verification_catches_missing_messages(durable: Daemon) -> None:
 def test_command_line_writes_the_json_report(durable: Daemon, tmp_path: Path) -> None:
     out = tmp_path / "report" / "load.json"
     argv = [sys.executable, "-m", "bench.load", durable.base_url, "--requests", "6", "--concurrency", "2"]
-    argv += ["--turns", str(TURNS), "--verify-db", str(durable.db_path), "--id-prefix", "cli"]
+    argv += ["--turns", str(TURNS), "--verify-db", str(durable.sqlite_path), "--id-prefix", "cli"]
     argv += ["--json", str(out), "--no-progress"]
     done = subprocess.run(argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

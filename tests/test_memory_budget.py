@@ -97,7 +97,10 @@ def rss_mib(daemon: Daemon, settle_s: float = 1.0) -> float:
 def backlog(daemon: Daemon, prefix: str, body: Callable[[str], bytes], limit: int) -> tuple[Flood, float]:
     """Hold the writer back and send until 503s come; release, wait until all is stored. The flood and
     the peak RSS (MiB) while it was held."""
-    with transaction_elsewhere(daemon.db_path, "BEGIN IMMEDIATE"), RssSampler(daemon.pid, interval_s=0.02) as sampler:
+    with (
+        transaction_elsewhere(daemon.sqlite_path, "BEGIN IMMEDIATE"),
+        RssSampler(daemon.pid, interval_s=0.02) as sampler,
+    ):
         flood = Flood(daemon, prefix, body, limit).run()
         peak = max(sampler.peak_kib, rss_kib(daemon.pid) or 0) / 1024
     assert flood.statuses.get(503, 0) >= flood.enough_503, flood.statuses  # the budget was reached

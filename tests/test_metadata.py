@@ -4,13 +4,13 @@ with status, source and updated_since, across pages."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from daemon.metadata import MAX_KEYS, MAX_VALUE_LENGTH
+from storage.backend import is_postgres_url
 from tests.conftest import AppClient
 from tests.daemon_process import WEBHOOK, rows
 from tests.payloads import encode, envelope, transcription_ready
@@ -39,7 +39,7 @@ async def listed(client: httpx.AsyncClient, url: str) -> tuple[list[str], list[s
     raise AssertionError("more than 100 pages")
 
 
-async def test_metadata_is_stored_merged_and_returned(app_client: AppClient, db_path: Path) -> None:
+async def test_metadata_is_stored_merged_and_returned(app_client: AppClient, target: str) -> None:
     async with app_client() as client:
         first = await post(client, transcription_ready("c-meta", turns=2), "user_id=42&plan=pro")
         assert first.status_code == 200, first.text
@@ -54,7 +54,11 @@ async def test_metadata_is_stored_merged_and_returned(app_client: AppClient, db_
     expected = {"user_id": "43", "plan": "pro", "team": "a b"}  # never the token
     assert record["metadata"] == expected
     assert page["conversations"][0]["metadata"] == expected
-    assert rows(db_path, "SELECT json(metadata) FROM conversations")[0][0].count('"') == 12
+    # SQLite may keep it as JSONB (json() gives its text); PostgreSQL keeps the text.
+    sql = (
+        "SELECT metadata FROM conversations" if is_postgres_url(target) else "SELECT json(metadata) FROM conversations"
+    )
+    assert rows(target, sql)[0][0].count('"') == 12
 
 
 async def test_a_conversation_without_metadata_shows_an_empty_object(app_client: AppClient) -> None:
@@ -122,7 +126,7 @@ async def seed(client: httpx.AsyncClient) -> None:
             assert (await client.post(url, json={"role": "user", "content": "hi"})).status_code == 200
 
 
-async def test_filters_combine_and_carry_across_pages(app_client: AppClient, db_path: Path) -> None:
+async def test_filters_combine_and_carry_across_pages(app_client: AppClient, target: str) -> None:
     async with app_client() as client:
         await seed(client)
         everything, _ = await listed(client, "/conversations?limit=3")
@@ -141,8 +145,8 @@ async def test_filters_combine_and_carry_across_pages(app_client: AppClient, db_
         nobody, _ = await listed(client, "/conversations?metadata.user_id=3")
         assert nobody == []
 
-        (cutoff,) = rows(db_path, "SELECT updated_at FROM conversations WHERE id = 'c-5'")[0]
-        newer = rows(db_path, "SELECT id FROM conversations WHERE updated_at >= ?", (cutoff,))
+        (cutoff,) = rows(target, "SELECT updated_at FROM conversations WHERE id = 'c-5'")[0]
+        newer = rows(target, "SELECT id FROM conversations WHERE updated_at >= ?", (cutoff,))
         expected = sorted(cid for (cid,) in newer)
         since, links = await listed(client, f"/conversations?limit=1&updated_since={cutoff!r}")
         assert sorted(since) == expected

@@ -33,6 +33,8 @@ from bench.payloads import encode, transcription_ready
 from bench.redis_cache import check_redis_url
 from storage.migrations import available
 
+pytestmark = pytest.mark.sqlite_only("the benchmark's naive baseline is a SQLite port")
+
 CID = "c-naive-1"
 OTHER = "c-naive-other"
 TURNS = 20

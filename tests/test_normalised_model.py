@@ -64,6 +64,7 @@ def conn(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
+@pytest.mark.sqlite_only("SQLite's table rebuild in migration 0004")
 def test_a_database_of_before_keeps_every_row_through_the_migration(db_path: Path) -> None:
     conn = open_writer(db_path)
     (target,) = [m for m in available() if m.name == NORMALISED]

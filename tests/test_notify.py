@@ -161,7 +161,7 @@ async def test_a_failing_receiver_shows_in_readyz_and_metrics_without_making_it_
 
 
 async def test_given_up_after_max_age_then_listed_and_resent_by_the_operator(
-    app_client: AppClient, db_path: Path, tmp_path: Path
+    app_client: AppClient, target: str, tmp_path: Path
 ) -> None:
     with receiving(default=Answer(500)) as receiver:
         settings = notify(receiver, **{"notify.retry_schedule": [0.2], "notify.max_age_s": 1.0})
@@ -171,11 +171,11 @@ async def test_given_up_after_max_age_then_listed_and_resent_by_the_operator(
             metrics_text = ""
 
             def failed_listed(_: Receiver) -> bool:
-                listed = transcriptd("notifications", "list", "--failed", "--json", "--db", str(db_path), cwd=tmp_path)
+                listed = transcriptd("notifications", "list", "--failed", "--json", "--db", target, cwd=tmp_path)
                 return bool(json.loads(listed.stdout or "[]"))
 
             await receiver.until(failed_listed, 20, "the change marked failed")
-            listed = transcriptd("notifications", "list", "--failed", "--db", str(db_path), cwd=tmp_path)
+            listed = transcriptd("notifications", "list", "--failed", "--db", target, cwd=tmp_path)
             assert listed.returncode == 0, listed.stderr
             assert "given-up" in listed.stdout
             assert "failed" in listed.stdout
@@ -185,12 +185,12 @@ async def test_given_up_after_max_age_then_listed_and_resent_by_the_operator(
             assert "transcriptd_notify_failed_total 1.0" in metrics_text
             # Given up: not tried again by itself.
             receiver.default = Answer(200)
-            retried = transcriptd("notifications", "retry", "--all-failed", "--db", str(db_path), cwd=tmp_path)
+            retried = transcriptd("notifications", "retry", "--all-failed", "--db", target, cwd=tmp_path)
             assert retried.returncode == 0, retried.stderr
             assert "1 to send again" in retried.stdout
             await receiver.until(lambda r: len(r.delivered()) == 1, 20, "re-sent after the operator's retry")
             assert len(receiver.all()) == attempts_before + 1
-    listed = transcriptd("notifications", "list", "--db", str(db_path), cwd=tmp_path)
+    listed = transcriptd("notifications", "list", "--db", target, cwd=tmp_path)
     assert listed.returncode == 0
     assert listed.stdout == "0 undelivered changes\n"
 

@@ -58,8 +58,8 @@ def ingest(base_url: str, turns: int) -> None:
     assert len(outcomes) == CONVERSATIONS
 
 
-def test_a_thousand_transcripts_reach_a_receiver_down_then_flaky_across_kill_9(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_a_thousand_transcripts_reach_a_receiver_down_then_flaky_across_kill_9(tmp_path: Path, target: str) -> None:
+    db_path = target
     receiver = flaky(seed=16)
     receiver.up()  # for its port, then down: every attempt meets a refused connection
     receiver.down()

@@ -22,10 +22,12 @@ import httpx
 import pytest
 
 from daemon.sources import generic, tavus
+from storage.backend import is_postgres_url
 from storage.connection import open_writer
 from storage.deliveries import Record
 from storage.migrations import migrate
 from storage.writes import write_batch
+from tests.conftest import execute
 from tests.daemon_process import (
     WEBHOOK,
     Daemon,
@@ -59,12 +61,21 @@ def popen_transcriptd(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def table(path: Path, name: str, *, ignore: tuple[str, ...] = ()) -> list[Row]:
-    """Every row of a table, in key order, without the ``ignore`` columns."""
+def table(path: Path | str, name: str, *, ignore: tuple[str, ...] = ()) -> list[Row]:
+    """Every row of a table, in key order, without the ``ignore`` columns (a SQLite file or a PostgreSQL URL)."""
     order = {"conversations": "id", "messages": "conversation_id, source, seq", "events": "id"}[name]
-    with connect(path) as conn:
-        columns = [c[1] for c in conn.execute(f"PRAGMA table_info({name})") if c[1] not in ignore]
-        return conn.execute(f"SELECT {', '.join(columns)} FROM {name} ORDER BY {order}").fetchall()  # noqa: S608
+    if is_postgres_url(str(path)):
+        found = rows(
+            path,
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
+            (name,),
+        )
+        # rev counts the writes to a conversation (for the replicas' caches): bookkeeping, not data to compare.
+        columns = [c[0] for c in found if c[0] not in (*ignore, "rev")]
+    else:
+        columns = [c[1] for c in rows(path, f"PRAGMA table_info({name})") if c[1] not in ignore]
+    return rows(path, f"SELECT {', '.join(columns)} FROM {name} ORDER BY {order}")  # noqa: S608
 
 
 def copy_database(source: Path, target: Path) -> None:
@@ -176,77 +187,77 @@ def post_everything(daemon: Daemon) -> None:
         post.close()
 
 
-def test_replay_rederives_conversations_and_messages_exactly_and_twice_changes_nothing(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
-    with managed(start_daemon(tmp_path, db_path)) as daemon:
+def test_replay_rederives_conversations_and_messages_exactly_and_twice_changes_nothing(
+    tmp_path: Path, target: str
+) -> None:
+    with managed(start_daemon(tmp_path, target)) as daemon:
         post_everything(daemon)
         assert daemon.stop(signal.SIGTERM) == 0
 
-    copy = tmp_path / "copy.db"
-    copy_database(db_path, copy)
-    with connect(copy) as conn:
-        conn.execute("DELETE FROM messages")
-        conn.execute("DELETE FROM conversations")
-    events = rows(copy, "SELECT count(*) FROM events")[0][0]
-    assert rows(copy, "SELECT count(*) FROM messages") == [(0,)]
+    loose = ("id", "created_at", "updated_at")
+    original = {name: table(target, name, ignore=loose) for name in ("messages", "conversations")}
+    conversations = table(target, "conversations")
+    messages = table(target, "messages", ignore=("id",))
+    inserted = rows(target, "SELECT count(*) FROM messages")[0][0]
+    execute(target, "DELETE FROM messages; DELETE FROM conversations")
+    events = rows(target, "SELECT count(*) FROM events")[0][0]
+    assert rows(target, "SELECT count(*) FROM messages") == [(0,)]
 
-    done = transcriptd("replay", "--db", str(copy), cwd=tmp_path)
+    done = transcriptd("replay", "--db", target, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    inserted = rows(db_path, "SELECT count(*) FROM messages")[0][0]
     assert f"replayed {events} events" in done.stdout, done.stdout
     assert f"{inserted} messages inserted" in done.stdout, done.stdout
 
     for name in ("messages", "conversations"):
-        original = table(db_path, name, ignore=("id", "created_at", "updated_at"))
-        assert table(copy, name, ignore=("id", "created_at", "updated_at")) == original, name
+        assert table(target, name, ignore=loose) == original[name], name
     # Stricter than asked, and what retention relies on: replay keeps each conversation's times (a
     # replayed old conversation stays old), and each message's created_at is its first delivery's.
-    assert table(copy, "conversations") == table(db_path, "conversations")
-    assert table(copy, "messages", ignore=("id",)) == table(db_path, "messages", ignore=("id",))
+    assert table(target, "conversations") == conversations
+    assert table(target, "messages", ignore=("id",)) == messages
 
-    before = {name: table(copy, name) for name in ("messages", "conversations", "events")}
-    again = transcriptd("replay", "--db", str(copy), cwd=tmp_path)
+    before = {name: table(target, name) for name in ("messages", "conversations", "events")}
+    again = transcriptd("replay", "--db", target, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"replayed {events} events" in again.stdout, again.stdout
     assert "0 messages inserted" in again.stdout, again.stdout
-    assert {name: table(copy, name) for name in before} == before
+    assert {name: table(target, name) for name in before} == before
 
 
-def test_replay_of_one_conversation_or_since_a_time_restores_appended_messages_in_place(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
-    with managed(start_daemon(tmp_path, db_path)) as daemon:
+def test_replay_of_one_conversation_or_since_a_time_restores_appended_messages_in_place(
+    tmp_path: Path, target: str
+) -> None:
+    with managed(start_daemon(tmp_path, target)) as daemon:
         post_everything(daemon)
         assert daemon.stop(signal.SIGTERM) == 0
-    original = table(db_path, "messages", ignore=("id",))
-    api_events = rows(db_path, "SELECT received_at FROM events WHERE conversation_id = 'rp-g1' AND source = 'api'")
+    original = table(target, "messages", ignore=("id",))
+    conversations = table(target, "conversations")
+    api_events = rows(target, "SELECT received_at FROM events WHERE conversation_id = 'rp-g1' AND source = 'api'")
     since = api_events[4][0]  # from the fifth delivery on: the positions before it must be re-read
 
     # ISO-8601 to the microsecond: a hair earlier, so that rounding cannot leave that delivery out.
     iso = datetime.fromtimestamp(since - 0.001, UTC).isoformat()
-    for n, (args, where) in enumerate(
-        [
-            (["--conversation", "rp-g1"], "conversation_id = 'rp-g1'"),
-            (["--since", repr(since)], f"conversation_id = 'rp-g1' AND created_at >= {since!r}"),
-            (["--since", iso], f"created_at >= {since!r}"),
-        ]
-    ):
-        copy = tmp_path / f"copy-{n}.db"
-        copy_database(db_path, copy)
-        with connect(copy) as conn:
-            # As if those messages had never been stored: the rows and their count.
-            for cid, n in conn.execute(f"SELECT conversation_id, count(*) FROM messages WHERE {where} GROUP BY 1"):  # noqa: S608
-                conn.execute("UPDATE conversations SET message_count = message_count - ? WHERE id = ?", (n, cid))
-            assert conn.execute(f"DELETE FROM messages WHERE {where}").rowcount > 0  # noqa: S608
-        done = transcriptd("replay", "--db", str(copy), *args, cwd=tmp_path)
+    for args, where in [
+        (["--conversation", "rp-g1"], "conversation_id = 'rp-g1'"),
+        (["--since", repr(since)], f"conversation_id = 'rp-g1' AND created_at >= {since!r}"),
+        (["--since", iso], f"created_at >= {since!r}"),
+    ]:
+        # As if those messages had never been stored: the rows and their count.
+        lost = rows(target, f"SELECT conversation_id, count(*) FROM messages WHERE {where} GROUP BY 1")  # noqa: S608
+        assert lost
+        # The test's own ids and counts, spliced into one script.
+        update = "UPDATE conversations SET message_count = message_count - {} WHERE id = '{}';"
+        recount = "".join(update.format(n, cid) for cid, n in lost)
+        execute(target, recount + f"DELETE FROM messages WHERE {where}")  # noqa: S608
+        done = transcriptd("replay", "--db", target, *args, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert table(copy, "messages", ignore=("id",)) == original, args
-        assert table(copy, "conversations") == table(db_path, "conversations"), args
+        assert table(target, "messages", ignore=("id",)) == original, args
+        assert table(target, "conversations") == conversations, args
         # Again, on a database that has it all: appended messages are not appended a second time.
-        again = transcriptd("replay", "--db", str(copy), *args, cwd=tmp_path)
+        again = transcriptd("replay", "--db", target, *args, cwd=tmp_path)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "0 messages inserted" in again.stdout, again.stdout
-        assert table(copy, "messages", ignore=("id",)) == original, args
-        assert table(copy, "conversations") == table(db_path, "conversations"), args
+        assert table(target, "messages", ignore=("id",)) == original, args
+        assert table(target, "conversations") == conversations, args
 
     unknown = transcriptd("replay", "--db", str(tmp_path / "nowhere.db"), cwd=tmp_path)
     assert unknown.returncode == 1
@@ -257,8 +268,17 @@ def test_replay_of_one_conversation_or_since_a_time_restores_appended_messages_i
 # --- prune ----------------------------------------------------------------------------------------------
 
 
-def seed(db_path: Path, deliveries: list[Record]) -> None:
+def seed(db_path: Path | str, deliveries: list[Record]) -> None:
     """Store deliveries with the writer's own code, with whatever received_at they carry."""
+    if is_postgres_url(str(db_path)):
+        from storage.postgres.connection import connect as connect_postgres
+        from storage.postgres.writes import write_batch as write_postgres
+
+        with connect_postgres(str(db_path)) as pg:  # a schema of the tests comes migrated
+            for start in range(0, len(deliveries), 100):
+                outcomes = write_postgres(pg, deliveries[start : start + 100])
+                assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+        return
     conn = open_writer(db_path)
     try:
         migrate(conn)
@@ -283,7 +303,7 @@ def conversation_deliveries(cid: str, at: float, *, generic_stream: bool) -> lis
     ]
 
 
-def seed_old_and_fresh(db_path: Path, *, old: int, fresh: int) -> tuple[list[str], list[str]]:
+def seed_old_and_fresh(db_path: Path | str, *, old: int, fresh: int) -> tuple[list[str], list[str]]:
     """``old`` conversations last updated 100+ days ago; ``fresh`` ones updated 1 to 29 days ago."""
     now = time.time()
     old_ids = [f"old-{n:04d}" for n in range(old)]
@@ -298,7 +318,7 @@ def seed_old_and_fresh(db_path: Path, *, old: int, fresh: int) -> tuple[list[str
     return old_ids, fresh_ids
 
 
-def of_conversations(db_path: Path, ids: list[str]) -> dict[str, list[Row]]:
+def of_conversations(db_path: Path | str, ids: list[str]) -> dict[str, list[Row]]:
     marks = ", ".join("?" * len(ids))
     return {
         "conversations": rows(db_path, f"SELECT * FROM conversations WHERE id IN ({marks}) ORDER BY id", (*ids,)),  # noqa: S608
@@ -313,19 +333,19 @@ def counts(text: str, verb: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3])
 
 
-def test_prune_dry_run_counts_and_deletes_nothing(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_prune_dry_run_counts_and_deletes_nothing(tmp_path: Path, target: str) -> None:
+    db_path = target
     old_ids, _ = seed_old_and_fresh(db_path, old=60, fresh=5)
     everything = {name: table(db_path, name) for name in ("conversations", "messages", "events")}
     old = of_conversations(db_path, old_ids)
 
-    done = transcriptd("prune", "--dry-run", "--older-than-days", "30", "--db", str(db_path), cwd=tmp_path)
+    done = transcriptd("prune", "--dry-run", "--older-than-days", "30", "--db", db_path, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert counts(done.stdout, "would delete") == (60, len(old["messages"]), len(old["events"]))
     assert "nothing deleted" in done.stdout
 
     # No --older-than-days and no storage.retention_days configured: keep everything.
-    unset = transcriptd("prune", "--db", str(db_path), cwd=tmp_path)
+    unset = transcriptd("prune", "--db", db_path, cwd=tmp_path)
     assert unset.returncode == 0, unset.stderr
     assert "no retention configured" in unset.stdout
     assert {name: table(db_path, name) for name in everything} == everything
@@ -337,20 +357,20 @@ def test_prune_dry_run_counts_and_deletes_nothing(tmp_path: Path) -> None:
     # storage.retention_days from the config file, as the daemon reads it.
     config = tmp_path / "retention.toml"
     config.write_text("[storage]\nretention_days = 30\n")
-    configured = transcriptd("prune", "--dry-run", "--config", str(config), "--db", str(db_path), cwd=tmp_path)
+    configured = transcriptd("prune", "--dry-run", "--config", str(config), "--db", db_path, cwd=tmp_path)
     assert configured.returncode == 0, configured.stderr
     assert counts(configured.stdout, "would delete") == (60, len(old["messages"]), len(old["events"]))
 
-    refused = transcriptd("prune", "--older-than-days", "0", "--db", str(db_path), cwd=tmp_path)
+    refused = transcriptd("prune", "--older-than-days", "0", "--db", db_path, cwd=tmp_path)
     assert refused.returncode == 2
     assert "--older-than-days" in refused.stderr
     assert {name: table(db_path, name) for name in everything} == everything
 
 
 def test_prune_under_concurrent_intake_deletes_exactly_the_old_and_loses_nothing_acknowledged(
-    tmp_path: Path,
+    tmp_path: Path, target: str
 ) -> None:
-    db_path = tmp_path / "transcriptd.db"
+    db_path = target
     old_ids, fresh_ids = seed_old_and_fresh(db_path, old=300, fresh=12)
     fresh_before = of_conversations(db_path, fresh_ids)
     revived = old_ids[1:300:60]  # old conversations that get a new message while the prune runs
@@ -360,7 +380,7 @@ def test_prune_under_concurrent_intake_deletes_exactly_the_old_and_loses_nothing
         load = Load(daemon.base_url, "new", senders=3, turns=5, max_deliveries=3000, duration_s=25.0).start()
         try:
             load.wait_answered(200, 30, timeout=15.0)
-            prune = popen_transcriptd("prune", "--older-than-days", "30", "--db", str(db_path), cwd=tmp_path)
+            prune = popen_transcriptd("prune", "--older-than-days", "30", "--db", db_path, cwd=tmp_path)
             post = Poster(daemon)
             try:
                 for cid in revived:
@@ -400,6 +420,7 @@ def test_prune_under_concurrent_intake_deletes_exactly_the_old_and_loses_nothing
 # --- backup ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("SQLite's online backup API; a PostgreSQL database is backed up with pg_dump")
 def test_backup_under_load_holds_every_delivery_acknowledged_before_it_began(tmp_path: Path) -> None:
     db_path = tmp_path / "transcriptd.db"
     target = tmp_path / "backups" / "snapshot.db"
@@ -450,8 +471,8 @@ def at(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def test_export_writes_the_transcript_exactly_in_order(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_export_writes_the_transcript_exactly_in_order(tmp_path: Path, target: str) -> None:
+    db_path = target
     entries = [
         {"role": "system", "content": "You are Ana."},
         {"role": "user", "content": "Hello, olá 😀", "timestamp": "2025-03-01T12:01:05Z"},
@@ -467,7 +488,7 @@ def test_export_writes_the_transcript_exactly_in_order(tmp_path: Path) -> None:
             post.close()
 
         # While the daemon serves: export only reads.
-        jsonl = transcriptd("export", "--conversation", "ex-1", "--format", "jsonl", "--db", str(db_path), cwd=tmp_path)
+        jsonl = transcriptd("export", "--conversation", "ex-1", "--format", "jsonl", "--db", db_path, cwd=tmp_path)
         output = tmp_path / "ex-1.md"
         markdown = transcriptd(
             "export",
@@ -481,7 +502,7 @@ def test_export_writes_the_transcript_exactly_in_order(tmp_path: Path) -> None:
             str(db_path),
             cwd=tmp_path,
         )
-        unknown = transcriptd("export", "--conversation", "nope", "--db", str(db_path), cwd=tmp_path)
+        unknown = transcriptd("export", "--conversation", "nope", "--db", db_path, cwd=tmp_path)
         assert daemon.stop(signal.SIGTERM) == 0
 
     assert jsonl.returncode == 0, jsonl.stderr

@@ -1,4 +1,5 @@
-"""The daemon as operators run it: a real process, real HTTP over loopback, real signals, a real SQLite file.
+"""The daemon as operators run it: a real process, real HTTP over loopback, real signals, a real SQLite file
+or PostgreSQL schema.
 
 The promises checked: an answered 200 (durable) survives ``kill -9``; an answered 202 (enqueued) is
 committed before a SIGTERM/SIGINT exit; a signal exits 0, in bounded time; a bad setting stops start-up
@@ -8,7 +9,6 @@ with exit code 2 naming it; a restart migrates nothing twice and keeps the data.
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from storage.migrations import available
+from tests.conftest import Storage, locked
 from tests.daemon_process import (
     EXIT_TIMEOUT_S,
     WEBHOOK,
@@ -40,14 +41,14 @@ pytestmark = pytest.mark.slow
 ROWS = 101  # transcription_ready(turns=100): the system entry (seq 0) and 100 turns
 
 
-def assert_no_partial_transcript(db_path: Path) -> None:
+def assert_no_partial_transcript(db_path: Path | str) -> None:
     """A delivery is one transaction: whatever is stored holds all of its rows, acknowledged or not."""
     stored = stored_messages(db_path).items()
     partial = {cid: s for cid, s in stored if (s.rows, s.min_seq, s.max_seq) != (ROWS, 0, ROWS - 1)}
     assert not partial, f"{len(partial)} conversation(s) stored in part, e.g. {list(partial.items())[:5]}"
 
 
-def assert_acknowledged_are_stored(db_path: Path, acknowledged: list[str], what: str) -> None:
+def assert_acknowledged_are_stored(db_path: Path | str, acknowledged: list[str], what: str) -> None:
     missing = missing_rows(db_path, acknowledged, ROWS)
     assert not missing, (
         f"{len(missing)} of {len(acknowledged)} deliveries answered {what} are not stored: {missing[:10]}"
@@ -63,8 +64,8 @@ def post_transcript(daemon: Daemon, conversation_id: str) -> httpx.Response:
         )
 
 
-def test_kill_9_loses_no_delivery_answered_200(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_kill_9_loses_no_delivery_answered_200(tmp_path: Path, target: str) -> None:
+    db_path = target
     with managed(start_daemon(tmp_path, db_path, ack="durable")) as daemon:
         load = Load(daemon.base_url, "kill9", senders=8, max_deliveries=3000, duration_s=15.0).start()
         load.wait_answered(200, 300, timeout=15.0)
@@ -110,11 +111,11 @@ class Stopped:
 
 
 def signal_under_load(
-    tmp_path: Path, *, ack: str, sig: signal.Signals, senders: int, answered_before: int, prefix: str
+    tmp_path: Path, target: str, *, ack: str, sig: signal.Signals, senders: int, answered_before: int, prefix: str
 ) -> Stopped:
     """Start a daemon, put it under load, send ``sig`` once ``answered_before`` deliveries were acknowledged."""
     acknowledged = 200 if ack == "durable" else 202
-    with managed(start_daemon(tmp_path, tmp_path / "transcriptd.db", ack=ack)) as daemon:
+    with managed(start_daemon(tmp_path, target, ack=ack)) as daemon:
         load = Load(daemon.base_url, prefix, senders=senders, max_deliveries=3000, duration_s=15.0).start()
         load.wait_answered(acknowledged, answered_before, timeout=15.0)
         signalled = time.monotonic()
@@ -125,7 +126,7 @@ def signal_under_load(
         return Stopped(outcomes, load.summary(), returncode, exit_s, daemon.log_tail(60))
 
 
-def check_stopped(stopped: Stopped, db_path: Path, *, acknowledged: int, at_least: int) -> None:
+def check_stopped(stopped: Stopped, db_path: Path | str, *, acknowledged: int, at_least: int) -> None:
     outcomes = stopped.outcomes
     answered = [o.conversation_id for o in outcomes if o.status == acknowledged]
     assert len(answered) >= at_least
@@ -139,25 +140,25 @@ def check_stopped(stopped: Stopped, db_path: Path, *, acknowledged: int, at_leas
     assert stopped.returncode == 0, f"exit code {stopped.returncode}; log:\n{stopped.log}"
 
 
-def test_sigterm_in_enqueued_mode_commits_every_delivery_answered_202_and_exits_0(tmp_path: Path) -> None:
+def test_sigterm_in_enqueued_mode_commits_every_delivery_answered_202_and_exits_0(tmp_path: Path, target: str) -> None:
     stopped = signal_under_load(
-        tmp_path, ack="enqueued", sig=signal.SIGTERM, senders=8, answered_before=300, prefix="term-enq"
+        tmp_path, target, ack="enqueued", sig=signal.SIGTERM, senders=8, answered_before=300, prefix="term-enq"
     )
-    check_stopped(stopped, tmp_path / "transcriptd.db", acknowledged=202, at_least=300)
+    check_stopped(stopped, target, acknowledged=202, at_least=300)
 
 
-def test_sigterm_in_durable_mode_keeps_every_delivery_answered_200_and_exits_0(tmp_path: Path) -> None:
+def test_sigterm_in_durable_mode_keeps_every_delivery_answered_200_and_exits_0(tmp_path: Path, target: str) -> None:
     stopped = signal_under_load(
-        tmp_path, ack="durable", sig=signal.SIGTERM, senders=8, answered_before=200, prefix="term-dur"
+        tmp_path, target, ack="durable", sig=signal.SIGTERM, senders=8, answered_before=200, prefix="term-dur"
     )
-    check_stopped(stopped, tmp_path / "transcriptd.db", acknowledged=200, at_least=200)
+    check_stopped(stopped, target, acknowledged=200, at_least=200)
 
 
-def test_sigint_drains_and_exits_0(tmp_path: Path) -> None:
+def test_sigint_drains_and_exits_0(tmp_path: Path, target: str) -> None:
     stopped = signal_under_load(
-        tmp_path, ack="enqueued", sig=signal.SIGINT, senders=3, answered_before=50, prefix="int-enq"
+        tmp_path, target, ack="enqueued", sig=signal.SIGINT, senders=3, answered_before=50, prefix="int-enq"
     )
-    check_stopped(stopped, tmp_path / "transcriptd.db", acknowledged=202, at_least=50)
+    check_stopped(stopped, target, acknowledged=202, at_least=50)
 
 
 @pytest.mark.parametrize(
@@ -242,21 +243,18 @@ def test_an_unusable_database_exits_3_naming_it_in_one_line_without_listening(
         assert db_path.read_bytes() == before  # refused, not overwritten
 
 
-def test_a_restart_applies_no_migration_twice_and_keeps_the_data(tmp_path: Path) -> None:
-    db_path = tmp_path / "transcriptd.db"
+def test_a_restart_applies_no_migration_twice_and_keeps_the_data(tmp_path: Path, storage: Storage) -> None:
+    db_path = storage.target
     expected = [(m.version, m.name) for m in available()]
 
     def ledger() -> list[tuple[int, str, float]]:
-        conn = sqlite3.connect(db_path)
-        try:
-            return conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version").fetchall()
-        finally:
-            conn.close()
+        return storage.query("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
 
     with managed(start_daemon(tmp_path, db_path, name="first")) as first:
         assert post_transcript(first, "before-restart").status_code == 200
         first.stop(signal.SIGTERM)
-    assert "applied migrations" in first.log()
+    if not storage.postgres:  # a PostgreSQL schema of the tests comes migrated
+        assert "applied migrations" in first.log()
     applied = ledger()
     assert [(version, name) for version, name, _ in applied] == expected
 
@@ -272,24 +270,17 @@ def test_a_restart_applies_no_migration_twice_and_keeps_the_data(tmp_path: Path)
         assert stored[cid].rows == ROWS, stored.get(cid)
 
 
-def test_shutdown_is_bounded_when_storage_keeps_failing(tmp_path: Path) -> None:
+def test_shutdown_is_bounded_when_storage_keeps_failing(tmp_path: Path, target: str) -> None:
     """Enqueued deliveries that cannot be stored must not hold the process hostage past its budget."""
-    db_path = tmp_path / "transcriptd.db"
     env = {"TRANSCRIPTD_SERVER_SHUTDOWN_TIMEOUT_S": "3", "TRANSCRIPTD_STORAGE_BUSY_TIMEOUT_MS": "0"}
-    with managed(start_daemon(tmp_path, db_path, ack="enqueued", env=env)) as daemon:
-        blocker = sqlite3.connect(db_path, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            answer = httpx.post(
-                f"{daemon.base_url}{WEBHOOK}", content=encode(transcription_ready("stuck", turns=3)), timeout=10
-            )
-            assert answer.status_code == 202
-            started = time.monotonic()
-            daemon.send(signal.SIGTERM)
-            daemon.wait_exit(timeout=15)
-            took = time.monotonic() - started
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
+    with managed(start_daemon(tmp_path, target, ack="enqueued", env=env)) as daemon, locked(target):
+        answer = httpx.post(
+            f"{daemon.base_url}{WEBHOOK}", content=encode(transcription_ready("stuck", turns=3)), timeout=10
+        )
+        assert answer.status_code == 202
+        started = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        daemon.wait_exit(timeout=15)
+        took = time.monotonic() - started
     assert took < 10, f"the stop took {took:.1f} s with a 3 s budget"
     assert "not stored" in daemon.log() or "not drained" in daemon.log()

@@ -53,13 +53,13 @@ def wait_for(check: Any, what: str) -> None:
 
 
 def test_a_conversation_that_joined_and_went_quiet_gets_its_transcript_from_the_running_daemon(
-    tmp_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+    tmp_path: Path, target: str, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
 ) -> None:
     standin, calls = quiet_call
     fed = tmp_path / "fed.db"
     bodies = [encode(b) for call in calls.values() for b in call]
     anyio.run(post_webhooks, fed, "/webhooks/tavus", bodies, backend="asyncio")
-    db = tmp_path / "daemon.db"
+    db = target  # the daemon's; the webhooks fed to a SQLite file are the reference
     standin.fail("/v2/conversations", 429, retry_after="0")  # the first pass is rate-limited once
     env = api_env(standin, TRANSCRIPTD_RECONCILE_INTERVAL_S="1", TRANSCRIPTD_RECONCILE_GRACE_S="0")
     with managed(start_daemon(tmp_path / "run", db, env=env)) as daemon:
@@ -94,11 +94,11 @@ def test_a_conversation_that_joined_and_went_quiet_gets_its_transcript_from_the_
 
 @pytest.mark.anyio
 async def test_a_vendor_outage_is_logged_counted_and_shown_in_readyz_and_the_next_pass_recovers(
-    db_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+    target: str, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
 ) -> None:
     standin, calls = quiet_call
     config = make_config(
-        db_path,
+        target,
         **{
             "webhooks.tavus.api_key": TAVUS_KEY,
             "webhooks.tavus.api_url": standin.base_url,
@@ -122,13 +122,13 @@ async def test_a_vendor_outage_is_logged_counted_and_shown_in_readyz_and_the_nex
         assert state["errors"] == 1
         assert state["last_error"] == "tavus API GET /v2/conversations: HTTP 503 after 2 attempts"
         assert 'transcriptd_reconcile_errors_total{source="tavus"} 1.0' in (await client.get("/metrics")).text
-        assert count(db_path, "SELECT count(*) FROM messages") == 0
+        assert count(target, "SELECT count(*) FROM messages") == 0
 
         await reconciler.run_pass()
         state = (await client.get("/readyz")).json()["reconcile"]["tavus"]
         assert "last_error" not in state
         assert state["passes"] == 2
-        stored = count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
+        stored = count(target, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
         assert stored == len(calls["joined"][3]["properties"]["transcript"])
 
 
@@ -173,7 +173,7 @@ def test_sigterm_during_a_slow_pass_stops_the_daemon_cleanly(
 
 @pytest.mark.anyio
 async def test_a_conversation_still_going_at_the_vendor_is_not_fetched_until_it_ends(
-    db_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+    target: str, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
 ) -> None:
     standin, calls = quiet_call
     live = calls["joined"][:1]  # only the join so far, here and at the vendor
@@ -185,7 +185,7 @@ async def test_a_conversation_still_going_at_the_vendor_is_not_fetched_until_it_
         "reconcile.interval_s": 3600,
         "reconcile.grace_s": 0,
     }
-    app: Starlette = create_app(make_config(db_path, **settings))
+    app: Starlette = create_app(make_config(target, **settings))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://transcriptd.test") as client,
@@ -197,13 +197,13 @@ async def test_a_conversation_still_going_at_the_vendor_is_not_fetched_until_it_
         standin.conversations["joined"] = tavus_conversation("joined", iso(time.time() - 60), calls["joined"])
         await reconciler.run_pass()
         assert len(standin.requests_to("/v2/conversations/joined")) == 1
-    stored = count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
+    stored = count(target, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'")
     assert stored == len(calls["joined"][3]["properties"]["transcript"])
 
 
 @pytest.mark.anyio
 async def test_a_conversation_the_vendor_does_not_know_costs_only_itself(
-    db_path: Path, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
+    target: str, quiet_call: tuple[StandIn, dict[str, list[dict[str, Any]]]]
 ) -> None:
     standin, calls = quiet_call
     settings = {
@@ -213,7 +213,7 @@ async def test_a_conversation_the_vendor_does_not_know_costs_only_itself(
         "reconcile.grace_s": 0,
     }
     stray = encode(callbacks("stray", 1)[0])  # a join of a conversation Tavus answers 404 for
-    app: Starlette = create_app(make_config(db_path, **settings))
+    app: Starlette = create_app(make_config(target, **settings))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://transcriptd.test") as client,
@@ -224,7 +224,7 @@ async def test_a_conversation_the_vendor_does_not_know_costs_only_itself(
         await reconciler.run_pass()
         state = (await client.get("/readyz")).json()["reconcile"]["tavus"]
         assert state["last_error"] == "tavus API GET /v2/conversations/stray: HTTP 404"
-        assert count(db_path, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'") > 0
+        assert count(target, "SELECT count(*) FROM messages WHERE conversation_id = 'joined'") > 0
         await reconciler.run_pass()  # not asked for again
         assert len(standin.requests_to("/v2/conversations/stray")) == 1
         assert "last_error" not in (await client.get("/readyz")).json()["reconcile"]["tavus"]

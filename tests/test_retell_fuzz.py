@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,17 +16,27 @@ from hypothesis import strategies as st
 
 from daemon.app import create_app
 from daemon.sources.retell import ROLES, SIGNATURE_HEADER
-from tests.conftest import make_config
+from tests.conftest import Storage
 from tests.retell_signing import sign
-from tests.test_fuzz import Client, broken_json, check_answer, fresh_id, fuzz, json_values, running, text_content
+from tests.test_fuzz import (
+    Client,
+    broken_json,
+    check_answer,
+    decoded,
+    fresh_id,
+    fuzz,
+    json_values,
+    running,
+    text_content,
+)
 
 API_KEY = "key_retell-e2e-5a7c"  # in TEST_SECRETS
 EVENTS = ["call_started", "call_ended", "call_analyzed", "transcript_updated", "transfer_started"]
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[Client]:
-    config = make_config(tmp_path / "transcriptd.db", **{"webhooks.retell.api_key": API_KEY})
+def client(storage: Storage) -> Iterator[Client]:
+    config = storage.config(**{"webhooks.retell.api_key": API_KEY})
     with running(create_app(config)) as client:
         yield client
 
@@ -61,13 +70,15 @@ tool_results = st.fixed_dictionaries(
 entries = st.lists(st.one_of(spoken, tool_calls, tool_results), max_size=12)
 
 
-def test_any_transcript_reads_back_exactly(client: Client) -> None:
+def test_any_transcript_reads_back_exactly(client: Client, storage: Storage) -> None:
     @fuzz(80)
     @given(transcript=entries, key=st.sampled_from(["transcript_object", "transcript_with_tool_calls"]))
     def round_trip(transcript: list[dict[str, Any]], key: str) -> None:
         cid = fresh_id("rt-retell")
         body = json.dumps({"event": "call_ended", "call": {"call_id": cid, key: transcript}}).encode()
         response = signed_post(client, body)
+        if storage.refused(response, transcript):
+            return
         check_answer(response)
         assert response.status_code == 200, response.text
         assert response.json()["received"] == len(transcript)
@@ -119,11 +130,13 @@ odd_bodies = st.one_of(
 )
 
 
-def test_whatever_a_signed_body_holds_the_server_answers_in_shape(client: Client) -> None:
+def test_whatever_a_signed_body_holds_the_server_answers_in_shape(client: Client, storage: Storage) -> None:
     @fuzz(250)
     @given(body=odd_bodies)
     def post(body: bytes) -> None:
         response = signed_post(client, body)
+        if storage.refused(response, decoded(body)):
+            return
         check_answer(response)
         assert response.status_code in (200, 400, 422), response.text
 

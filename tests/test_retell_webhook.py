@@ -16,8 +16,8 @@ import pytest
 
 from daemon.logs import RedactSecrets, config_secrets
 from daemon.sources.retell import SIGNATURE_HEADER
-from tests.conftest import AppClient, make_config
-from tests.daemon_process import connect, managed, start_daemon, transcriptd
+from tests.conftest import AppClient, execute, make_config
+from tests.daemon_process import managed, start_daemon, transcriptd
 from tests.retell_signing import sign
 from tests.test_operations import table
 
@@ -294,22 +294,22 @@ async def test_a_bad_entry_is_named_and_the_rest_stored(app_client: AppClient, d
     assert [(m["seq"], m["content"]) for m in read] == [(0, "kept"), (2, "too")]
 
 
-async def test_transcriptd_replay_rebuilds_retell_calls_exactly(app_client: AppClient, db_path: Path) -> None:
+async def test_transcriptd_replay_rebuilds_retell_calls_exactly(
+    app_client: AppClient, target: str, tmp_path: Path
+) -> None:
     ended = fixture("call_ended.json")["call"]
     analyzed = {**ended, "call_analysis": fixture("api_reference_call.json")["call_analysis"]}
     async with app_client(**SIGNED) as client:
         for event, call in (("call_ended", ended), ("call_analyzed", analyzed)):
             assert (await post(client, encode(event, call))).status_code == 200
-    original = {name: table(db_path, name, ignore=("id", "created_at", "updated_at")) for name in TABLES}
-    with connect(db_path) as conn:
-        conn.execute("DELETE FROM messages")
-        conn.execute("DELETE FROM conversations")
+    original = {name: table(target, name, ignore=("id", "created_at", "updated_at")) for name in TABLES}
+    execute(target, "DELETE FROM messages; DELETE FROM conversations")
     # The real command, in its own process, from the raw events alone: no headers, no signature.
-    done = transcriptd("replay", "--db", str(db_path), cwd=db_path.parent)
+    done = transcriptd("replay", "--db", target, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "replayed 2 events" in done.stdout, done.stdout
     for name in TABLES:
-        assert table(db_path, name, ignore=("id", "created_at", "updated_at")) == original[name], name
+        assert table(target, name, ignore=("id", "created_at", "updated_at")) == original[name], name
     assert len(original["messages"]) == 4
 
 

@@ -11,6 +11,8 @@ from storage import statements as sql
 from storage.connection import open_writer
 from storage.migrations import migrate
 
+pytestmark = pytest.mark.sqlite_only("SQLite's bound-parameter limits and multi-row statements")
+
 
 @pytest.fixture
 def conn(tmp_path: Path) -> sqlite3.Connection:

@@ -28,6 +28,8 @@ from tests.daemon_process import daemon_env
 from tests.fault_tools import release, transaction_elsewhere
 from tests.payloads import encode, transcription_ready
 
+pytestmark = pytest.mark.sqlite_only("the WAL file and its checkpoints")
+
 GROW_TO_BYTES = WAL_KEEP_BYTES + 24 * 2**20
 MAX_DELIVERIES = 3_000  # ~60 KiB of WAL each: the loop stops at GROW_TO_BYTES long before this
 SHRINK_WITHIN_S = 60.0

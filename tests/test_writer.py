@@ -1,11 +1,10 @@
-"""The group-commit writer on a real SQLite file: batching, poison isolation, storage faults, migrations."""
+"""The group-commit writer on a real SQLite file and PostgreSQL schema: batching, poison isolation, storage
+faults, migrations."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,13 @@ import anyio
 import pytest
 
 from daemon.inflight import InFlight
+from storage.backend import is_postgres_url
 from storage.connection import open_writer
 from storage.deliveries import MessageRow, Record
 from storage.errors import StorageRejected, StorageUnavailable
 from storage.migrations import available, migrate
 from storage.writer import Writer, WriterSettings
-from tests.conftest import AppClient
+from tests.conftest import AppClient, execute, locked
 from tests.payloads import encode, transcription_ready
 
 pytestmark = pytest.mark.anyio
@@ -43,21 +43,9 @@ def delivery(cid: str, contents: list[str], *, awaited: bool = True) -> InFlight
     return InFlight(record, awaited=awaited)
 
 
-@contextmanager
-def locked(db_path: Path) -> Iterator[None]:
-    """Another process's exclusive lock: the writer cannot begin a write transaction while it is held."""
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-
-
-async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Path, db: Query) -> None:
+async def test_one_commit_for_many_units_and_each_delivery_resolved(target: str, db: Query) -> None:
     # The batch is held open long enough for every unit below to join it.
-    writer = Writer(WriterSettings(db_path, max_delay_s=0.3))
+    writer = Writer(WriterSettings(target, max_delay_s=0.3))
     units = [[delivery(f"c{i}", ["a", "b"]), delivery(f"c{i}-b", ["c"])] for i in range(20)]
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -72,8 +60,8 @@ async def test_one_commit_for_many_units_and_each_delivery_resolved(db_path: Pat
     assert db("SELECT count(*) FROM messages") == [(60,)]
 
 
-async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path))
+async def test_a_poisoned_delivery_does_not_sink_its_batch(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target))
     good_before, good_after = delivery("good-1", ["fine"]), delivery("good-2", ["also fine"])
     poison = delivery("poison", ["ok", "\ud800 a lone surrogate cannot be stored as UTF-8"])
     async with anyio.create_task_group() as tg:
@@ -90,18 +78,19 @@ async def test_a_poisoned_delivery_does_not_sink_its_batch(db_path: Path, db: Qu
     assert db("SELECT count(*) FROM conversations WHERE id = 'poison'") == [(0,)]
 
 
-async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path, busy_timeout_ms=20))
+async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target, busy_timeout_ms=20))
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
-        with locked(db_path):
+        with locked(target):
             waited = delivery("durable", ["x"], awaited=True)
             acked = delivery("enqueued", ["y"], awaited=False)
             assert writer.offer([waited, acked])
             await waited.done.wait()
             assert isinstance(waited.error, StorageUnavailable)
             assert not acked.done.is_set()
-            assert "locked" in (writer.last_error or "")
+            # The storage's own words: SQLite's "database is locked", PostgreSQL's "lock timeout".
+            assert ("lock timeout" if is_postgres_url(target) else "locked") in (writer.last_error or "")
             assert await writer.probe() is not None
         # The lock is gone: the acknowledged delivery is committed by the retry, without anyone resending it.
         with anyio.fail_after(10):
@@ -111,12 +100,12 @@ async def test_a_locked_database_fails_waiters_and_retries_what_was_acknowledged
     assert db("SELECT conversation_id FROM messages") == [("enqueued",)]
 
 
-async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, db_path: Path) -> None:
+async def test_storage_fault_is_503_with_retry_after_then_recovers(app_client: AppClient, target: str) -> None:
     body = encode(transcription_ready("c-fault", turns=5))
     settings = {"storage.busy_timeout_ms": 20, "ingest.retry_after_s": 3}
     async with app_client(**settings) as client:
         assert (await client.get("/readyz")).status_code == 200
-        with locked(db_path):
+        with locked(target):
             refused = await client.post("/webhooks/tavus", content=body)
             not_ready = await client.get("/readyz")
         assert refused.status_code == 503
@@ -161,8 +150,8 @@ async def test_a_database_that_cannot_open_fails_start_up(tmp_path: Path) -> Non
     assert writer.state == "closed"
 
 
-async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> None:
-    writer = Writer(WriterSettings(db_path, max_rows=10, max_delay_s=0.3))
+async def test_a_batch_stops_growing_at_max_rows(target: str, db: Query) -> None:
+    writer = Writer(WriterSettings(target, max_rows=10, max_delay_s=0.3))
     units = [[delivery(f"c{i}", ["a", "b", "c", "d"])] for i in range(6)]  # 5 rows each, with the event
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -174,9 +163,9 @@ async def test_a_batch_stops_growing_at_max_rows(db_path: Path, db: Query) -> No
     assert db("SELECT count(*) FROM messages") == [(24,)]
 
 
-async def test_readiness_recovers_without_any_delivery(app_client: AppClient, db_path: Path) -> None:
+async def test_readiness_recovers_without_any_delivery(app_client: AppClient, target: str) -> None:
     async with app_client(**{"storage.busy_timeout_ms": 20}) as client:
-        with locked(db_path):
+        with locked(target):
             await client.post("/webhooks/tavus", content=encode(transcription_ready("c-r", turns=1)))
             assert (await client.get("/readyz")).status_code == 503
         # No sender comes back (a load balancer stopped routing here): the probe alone must clear it.
@@ -214,16 +203,13 @@ async def test_the_registry_closes_in_time_even_when_the_writer_never_commits() 
 
 
 async def test_retention_inside_the_daemon_removes_exactly_the_old(
-    app_client: AppClient, db_path: Path, db: Query
+    app_client: AppClient, target: str, db: Query
 ) -> None:
     async with app_client(**{"storage.retention_days": 30}) as client:
         for cid in ("old-1", "old-2", "fresh"):
             await client.post("/webhooks/tavus", content=encode(transcription_ready(cid, turns=3)))
         await client.get("/conversations/old-1")  # cached: must not outlive the removal
-        aged = sqlite3.connect(db_path)
-        with aged:
-            aged.execute("UPDATE conversations SET updated_at = updated_at - 40 * 86400 WHERE id LIKE 'old-%'")
-        aged.close()
+        execute(target, "UPDATE conversations SET updated_at = updated_at - 40 * 86400 WHERE id LIKE 'old-%'")
         janitor = client.app.state.runtime.janitor  # type: ignore[attr-defined]
         assert await janitor.sweep() == 2
         assert (await client.get("/conversations/old-1")).status_code == 404

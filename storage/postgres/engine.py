@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import psycopg
+
 from storage.deliveries import Record
 from storage.errors import StorageUnavailable
 from storage.postgres import heartbeat
@@ -27,20 +29,33 @@ log = logging.getLogger("transcriptd.writer")
 
 
 class PostgresEngine:
-    def __init__(self, url: str, *, synchronous: Synchronous = "full", replica: str = "") -> None:
+    def __init__(
+        self, url: str, *, synchronous: Synchronous = "full", replica: str = "", busy_timeout_ms: int = 5000
+    ) -> None:
         self.url = url
         self.replica = replica or "transcriptd"
         self._synchronous: Synchronous = synchronous
+        # storage.busy_timeout_ms, as on SQLite: how long a write waits for a lock held elsewhere (another
+        # session's long transaction, a LOCK TABLE) before it fails as a storage fault (503, Retry-After).
+        # Unbounded, the writer thread would wait as long as the holder likes, and a stop with deliveries
+        # queued would never end. 0 means "do not wait" on SQLite, "for ever" on PostgreSQL: 1 ms instead.
+        self._lock_timeout = f"{max(1, busy_timeout_ms)}ms"
         self._conn: Connection | None = None
 
     def _connect(self) -> Connection:
         return connect(self.url, synchronous=self._synchronous, application_name=f"transcriptd {self.replica}")
 
+    def _bound_lock_waits(self, conn: Connection) -> None:
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (self._lock_timeout,))
+
     def open(self) -> None:
         conn = self._connect()
         try:
+            # Migrations first, without the bound: replicas starting together wait on the migration lock
+            # for as long as the first one takes to migrate.
             if applied := migrate(conn):
                 log.info("applied migrations %s to %s", applied, where(self.url))
+            self._bound_lock_waits(conn)
         except BaseException:
             conn.close()
             raise
@@ -59,7 +74,13 @@ class PostgresEngine:
         if conn is not None:
             conn.close()
             self._conn = None
-        self._conn = conn = self._connect()
+        conn = self._connect()
+        try:
+            self._bound_lock_waits(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise StorageUnavailable(f"storage is unavailable: {exc}") from exc
+        self._conn = conn
         log.info("reconnected to PostgreSQL at %s", where(self.url))
         return conn, True
 
