@@ -20,6 +20,7 @@ from storage.connection import open_writer
 from storage.deliveries import Record
 from storage.errors import StorageError, StorageUnavailable
 from storage.migrations import migrate
+from storage.postgres import erasure as pg_erasure
 from storage.postgres.connection import ServerUnreachable, connect
 from storage.postgres.queries import Reader as PgReader
 from storage.postgres.writes import write_batch as pg_write_batch
@@ -241,7 +242,16 @@ async def test_rev_moves_with_every_write_and_sqlite_has_none(both: Both) -> Non
     assert await both.pg.rev("c-a") == untouched
     with connect(both.pg_url) as conn:
         pg_write_batch(conn, [append("c-new", [{"role": "user", "content": "new"}], at=NOW + 61)])
-    assert await both.pg.rev("c-new") is not None
+    first_life = await both.pg.rev("c-new")
+    assert first_life is not None
+    # Erased and written again: a page another replica cached in its first life must not match its second.
+    with connect(both.pg_url) as conn:
+        assert pg_erasure.erase(conn, "c-new") is not None
+        assert pg_erasure.undo(conn, "c-new") is not None
+        pg_write_batch(conn, [append("c-new", [{"role": "user", "content": "again"}], at=NOW + 62)])
+    second_life = await both.pg.rev("c-new")
+    assert second_life is not None
+    assert second_life != first_life
 
 
 def closed_port() -> int:

@@ -37,7 +37,7 @@ __all__ = ["ERASED", "Erased", "Tombstone", "count_dropped", "erase", "tombstone
 # ``xmax = 0``: no row was there, this is the placeholder.
 LOCK_FOR_ERASURE = """
 INSERT INTO conversations (id, source, created_at, updated_at) VALUES (%s, '', %s, %s)
-ON CONFLICT (id) DO UPDATE SET rev = conversations.rev + 1
+ON CONFLICT (id) DO UPDATE SET rev = nextval('conversation_revs')
 RETURNING xmax = 0
 """
 

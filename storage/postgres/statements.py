@@ -22,7 +22,7 @@ SELECT v.id, v.source, v.at, v.at
 FROM unnest(%b::text[], %b::text[], %b::float8[]) AS v (id, source, at)
 WHERE NOT EXISTS (SELECT 1 FROM tombstones AS t WHERE t.conversation_id = v.id)
 ORDER BY v.id COLLATE "C"
-ON CONFLICT (id) DO UPDATE SET rev = conversations.rev + 1
+ON CONFLICT (id) DO UPDATE SET rev = nextval('conversation_revs')
 RETURNING id, xmax = 0
 """
 

@@ -2,6 +2,8 @@
 -- COLLATE "C" (byte order, as SQLite compares, so cursors page the same on both backends), Unix seconds as
 -- double precision, raw bodies as bytea.
 
+CREATE SEQUENCE conversation_revs;
+
 CREATE TABLE conversations (
     id                  text COLLATE "C" PRIMARY KEY,   -- the vendor's conversation_id
     source              text COLLATE "C" NOT NULL,      -- 'tavus' or 'api'
@@ -21,10 +23,11 @@ CREATE TABLE conversations (
     perception_unavailable_reason text,
     created_at          double precision NOT NULL,
     updated_at          double precision NOT NULL,
-    -- Bumped by every write transaction that touches the conversation (its first statement, which also
+    -- Set anew by every write transaction that touches the conversation (its first statement, which also
     -- takes the row lock all writers of the conversation queue on): a replica's cached page is served only
-    -- while the conversation's rev is the one it was cached at, whichever replica wrote since.
-    rev                 bigint NOT NULL DEFAULT 0
+    -- while the conversation's rev is the one it was cached at, whichever replica wrote since. Drawn from
+    -- one sequence, never reused: a conversation erased and written again never shows a rev it had before.
+    rev                 bigint NOT NULL DEFAULT nextval('conversation_revs')
 );
 
 CREATE INDEX conversations_by_activity ON conversations (updated_at DESC, id DESC);
