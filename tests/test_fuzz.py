@@ -309,7 +309,8 @@ def test_every_valid_transcript_reads_back_exactly(client: Client, storage: Stor
     def round_trip(delivery: tuple[str, list[dict[str, Any]], bytes]) -> None:
         cid, entries, body = delivery
         response = client.post("/webhooks/tavus", content=body)
-        if storage.refused(response, entries):
+        # Any text of the body counts (the envelope's extra fields too), not only the entries'.
+        if storage.refused(response, json.loads(body)):
             return
         check_answer(response)
         assert response.status_code == 200, response.text

@@ -50,7 +50,15 @@ async def test_the_probes_stay_open_and_readyz_says_nothing_secret(app_client: A
         assert (await client.get("/livez")).status_code == 200
         ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert set(ready.json()) <= {"status", "writer", "intake", "live_actors", "queued_deliveries", "storage_error"}
+    assert set(ready.json()) <= {
+        "status",
+        "writer",
+        "intake",
+        "live_actors",
+        "queued_deliveries",
+        "storage_error",
+        "leader",
+    }
     for secret in settings.values():
         assert secret not in ready.text
     assert "transcriptd.db" not in ready.text  # not even where the database is
