@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -21,7 +22,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 class Indexer:
-    def __init__(self, writer: Writer, search_index: SearchIndex, *, enabled: bool) -> None:
+    def __init__(self, writer: Writer, search_index: SearchIndex[Any], *, enabled: bool) -> None:
         self.writer = writer
         self.search_index = search_index
         self.enabled = enabled

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -28,7 +29,7 @@ class Janitor:
         writer: Writer,
         cache: PrefixTTLCache,
         retention_days: float,
-        retention: Retention,
+        retention: Retention[Any],
         *,
         interval_s: float = 3600.0,
         batch: int = 50,

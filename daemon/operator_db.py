@@ -41,23 +41,18 @@ from storage.postgres.connection import connect, is_postgres_url, where
 from storage.postgres.migrations import migrate as pg_migrate
 from storage.postgres.writes import write_batch as pg_write_batch
 from storage.replay import Parse, ReplayLimits, ReplayStats, StoredEvent
-from storage.retention import Pruned, RetentionPlan
+from storage.surface import Conn, Erasure, Notifications, Retention, SearchIndex
 from storage.writes import write_batch as sqlite_write_batch
 
 C = TypeVar("C")
-Conn = TypeVar("Conn", contravariant=True)
 
 
 class NoDatabase(Exception):
     """There is nothing to work on at the configured place; the message says why, in one line."""
 
 
-# What the commands call of each storage module, as both backends' modules provide it.
-class Retention(Protocol[Conn]):
-    def plan(self, conn: Conn, cutoff: float) -> RetentionPlan: ...
-    def prune_batch_counts(self, conn: Conn, cutoff: float, max_conversations: int = 50) -> Pruned: ...
-
-
+# What the commands call of the storage modules the daemon does not (Retention, Erasure, Notifications and
+# SearchIndex are storage.surface's), as both backends' modules provide it.
 class Export(Protocol[Conn]):
     def conversation(self, conn: Conn, conversation_id: str) -> ConversationHead | None: ...
     def export(self, conn: Conn, head: ConversationHead, format: Format) -> Iterator[bytes]: ...
@@ -80,25 +75,6 @@ class Replay(Protocol[Conn]):
 class DeadLetters(Protocol[Conn]):
     def list_unresolved(self, conn: Conn) -> list[DeadLetter]: ...
     def retry(self, conn: Conn, parsers: Mapping[str, Parse], ids: Iterable[int] | None = None) -> RetrySummary: ...
-
-
-class Erasure(Protocol[Conn]):
-    def erase(self, conn: Conn, conversation_id: str, *, now: float | None = None) -> erasure.Erased | None: ...
-    def undo(self, conn: Conn, conversation_id: str) -> erasure.Tombstone | None: ...
-
-
-class Notifications(Protocol[Conn]):
-    def undelivered(
-        self, conn: Conn, *, failed_only: bool = False, limit: int = 10_000
-    ) -> list[notifications.Pending]: ...
-    def retry(self, conn: Conn, now: float, position: int | None = None) -> int: ...
-
-
-class SearchIndex(Protocol[Conn]):
-    def configure(self, conn: Conn, *, enabled: bool) -> bool: ...
-    def rebuild(self, conn: Conn) -> None: ...
-    def state(self, conn: Conn) -> search_index.State: ...
-    def step(self, conn: Conn, chunk: int = search_index.CHUNK) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ class Local:
         return self.status in ("failed", ERASED) or (self.status == "ended" and self.message_count > 0)
 
 
-def local_state(conn: Any, source: str, ids: Iterable[str], erasure: Erasure) -> dict[str, Local]:
+def local_state(conn: Any, source: str, ids: Iterable[str], erasure: Erasure[Any]) -> dict[str, Local]:
     """What this database holds of ``ids``: status and message count, by id (absent: nothing here)."""
     wanted, found = list(dict.fromkeys(ids)), {}
     for start in range(0, len(wanted), _CHUNK):

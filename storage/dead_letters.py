@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from storage.connection import immediate
+from storage.deliveries import Record, WriteResult
 from storage.outbox import ChangeSet
 from storage.replay import Parse, StoredEvent, parse_stored
 from storage.writes import write_in_savepoint
@@ -132,6 +133,21 @@ def _unresolved(conn: sqlite3.Connection, ids: list[int] | None) -> list[StoredE
 def _retry_one(
     conn: sqlite3.Connection, parsers: Mapping[str, Parse], event: StoredEvent, changes: ChangeSet
 ) -> RetryOutcome:
+    def store(delivery: Record) -> WriteResult | str:
+        result = write_in_savepoint(conn, delivery, changes)
+        return f"{result.__class__.__name__}: {result}" if isinstance(result, Exception) else result
+
+    return retry_letter(parsers, event, store)
+
+
+# Write one parsed delivery, event included, in a savepoint of its own: its result, or why the database
+# refused it (only it is rolled back then).
+StoreOne = Callable[[Record], WriteResult | str]
+
+
+def retry_letter(parsers: Mapping[str, Parse], event: StoredEvent, store: StoreOne) -> RetryOutcome:
+    """Parse one dead letter's body again and hand it to ``store``: what came of it, on either backend."""
+
     def failed(error: str) -> RetryOutcome:
         return RetryOutcome(event.id, event.source, event.event_type, event.conversation_id, "failed", error=error)
 
@@ -143,9 +159,9 @@ def _retry_one(
         delivery = parse_stored(parse, event)
     except Exception as exc:  # whatever the parser raises, this body cannot be parsed now
         return failed(f"the parser refuses it: {exc.__class__.__name__}: {exc}")
-    result = write_in_savepoint(conn, delivery, changes)
-    if isinstance(result, Exception):
-        return failed(f"the database refused it: {result.__class__.__name__}: {result}")
+    result = store(delivery)
+    if isinstance(result, str):
+        return failed(f"the database refused it: {result}")
     status: RetryStatus = "already_stored" if result.duplicate_delivery else "stored"
     return RetryOutcome(
         event.id, event.source, event.event_type, event.conversation_id, status, inserted=result.inserted

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from storage import outbox
 from storage import statements as sql
@@ -87,19 +88,44 @@ def erase(conn: sqlite3.Connection, conversation_id: str, *, now: float | None =
         with immediate(conn):
             source = outbox.erased_source(conn, conversation_id)
             counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
-            erased = Erased(conversation_id, **counts, deleted_at=deleted_at)
-            if not erased.anything:
-                return None  # committed on the way out: nothing was changed
-            conn.execute(TOMBSTONE, (conversation_id, deleted_at))
-            # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
-            changes = conn.execute(outbox.DELETE_CHANGES, (conversation_id,)).rowcount
-            position = None
-            if source is not None:  # it has data, so it has a source: this change tells the app it is gone
-                position = outbox.record_erased(conn, conversation_id, source, deleted_at)
-            erased = dataclasses.replace(erased, changes=changes, position=position)
+            found = Erased(conversation_id, **counts, deleted_at=deleted_at)
+            erased = leave_tombstone(
+                conn.execute,
+                found,
+                TOMBSTONE,
+                outbox.DELETE_CHANGES,
+                source,
+                lambda source: outbox.record_erased(conn, conversation_id, source, deleted_at),
+            )
     finally:
         conn.execute(f"PRAGMA secure_delete = {int(secure)}")
     return erased
+
+
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+
+def leave_tombstone(
+    execute: Callable[[str, tuple[Any, ...]], _Cursor],
+    erased: Erased,
+    tombstone: str,
+    delete_changes: str,
+    source: str | None,
+    record_erased: Callable[[str], int],
+) -> Erased | None:
+    """The end of an erasure on either backend, once its rows are deleted (``erased`` counts them): its
+    tombstone, its changes deleted and the erasure's own change recorded; None if nothing was there."""
+    if not erased.anything:
+        return None  # the caller's transaction commits on the way out: nothing was changed
+    execute(tombstone, (erased.conversation_id, erased.deleted_at))
+    # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
+    changes = execute(delete_changes, (erased.conversation_id,)).rowcount
+    position = None
+    if source is not None:  # it has data, so it has a source: this change tells the app it is gone
+        position = record_erased(source)
+    return dataclasses.replace(erased, changes=changes, position=position)
 
 
 def undo(conn: sqlite3.Connection, conversation_id: str) -> Tombstone | None:

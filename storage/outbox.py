@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,18 +66,49 @@ class Messages:
             self.last_seq = high if self.last_seq is None else max(high, self.last_seq)
 
 
-class ChangeSet:
+class TrackedChanges:
+    """What both backends' ChangeSets hold: the tracked conversations as they were before the transaction,
+    the messages it changed, and from those the changes to record."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._before: dict[str, Snapshot | None] = {}
+        self._messages: dict[str, Messages] = {}
+
+    def messages(self, conversation_id: str, added: int, updated: int, seqs: Sequence[int]) -> None:
+        """Note messages added or updated at positions ``seqs`` (all of them, or a range's two ends)."""
+        if not self.enabled or not (added or updated):
+            return
+        noted = self._messages.get(conversation_id)
+        if noted is None:
+            noted = self._messages[conversation_id] = Messages()
+        noted.add(added, updated, seqs)
+
+    def _changed(self, after: Mapping[str, Snapshot]) -> list[tuple[str, Snapshot, str, int | None, int | None]]:
+        """(conversation id, snapshot now, kinds as JSON, first seq, last seq) of each tracked conversation
+        that changed, given the snapshots read now (one missing: its only delivery was refused, or was a
+        duplicate, and its row rolled back or dropped)."""
+        changed = []
+        for cid, before in self._before.items():
+            current = after.get(cid)
+            if current is None:
+                continue
+            noted = self._messages.get(cid)
+            kinds = kinds_changed(before, current, noted)
+            if not kinds:
+                continue
+            first, last = (noted.first_seq, noted.last_seq) if noted is not None else (None, None)
+            changed.append((cid, current, msgspec.json.encode(kinds).decode(), first, last))
+        return changed
+
+
+class ChangeSet(TrackedChanges):
     """The conversations one transaction touches, as they were before it, and the messages it changed.
 
     Start a new one after a ROLLBACK of the whole transaction. A savepoint rolled back leaves the
     snapshots right (they are of the state before the transaction) and notes no messages (the writes
     note them only once they succeeded). ``enabled=False`` records nothing (``changes.enabled``).
     """
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._before: dict[str, Snapshot | None] = {}
-        self._messages: dict[str, Messages] = {}
 
     def track(self, conn: sqlite3.Connection, conversation_ids: Iterable[str]) -> None:
         """Read how the conversations not tracked yet are now, before this transaction changes them."""
@@ -90,33 +121,17 @@ class ChangeSet:
         for cid in new:
             self._before[cid] = found.get(cid)
 
-    def messages(self, conversation_id: str, added: int, updated: int, seqs: Sequence[int]) -> None:
-        """Note messages added or updated at positions ``seqs`` (all of them, or a range's two ends)."""
-        if not self.enabled or not (added or updated):
-            return
-        noted = self._messages.get(conversation_id)
-        if noted is None:
-            noted = self._messages[conversation_id] = Messages()
-        noted.add(added, updated, seqs)
-
     def record(self, conn: sqlite3.Connection, *, now: float | None = None) -> int | None:
         """Insert one change per tracked conversation that changed, inside the open transaction: the
         position of the last one, or None if nothing changed."""
         if not self.enabled or not self._before:
             return None
-        after = _snapshots(conn, list(self._before))
+        changed = self._changed(_snapshots(conn, list(self._before)))
         committed_at = time.time() if now is None else now
-        rows: list[tuple[object, ...]] = []
-        for cid, before in self._before.items():
-            current = after.get(cid)
-            if current is None:  # its only delivery was refused (rolled back to its savepoint)
-                continue
-            noted = self._messages.get(cid)
-            kinds = kinds_changed(before, current, noted)
-            if not kinds:
-                continue
-            first, last = (noted.first_seq, noted.last_seq) if noted is not None else (None, None)
-            rows.append((cid, current[0], current[1], msgspec.json.encode(kinds).decode(), first, last, committed_at))
+        rows: list[tuple[object, ...]] = [
+            (cid, current[0], current[1], kinds, first, last, committed_at)
+            for cid, current, kinds, first, last in changed
+        ]
         if not rows:
             return None
         return sql.insert_rows_last_id(conn, INSERT_CHANGES, rows)

@@ -152,15 +152,11 @@ class Reader:
         )
         if not rows:
             return None
-        record = dict(zip(CONVERSATION_COLUMNS, rows[0], strict=True))
-        record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
-        record["analysis"] = _json_or_text(record["analysis"])
-        record["post_call_actions"] = await self.post_call_actions(conversation_id)
-        ((record["message_count_without_system"],),) = await self._all(
+        actions = await self.post_call_actions(conversation_id)
+        ((without_system,),) = await self._all(
             "SELECT count(*) FROM messages WHERE conversation_id = ? AND role != 'system'", (conversation_id,)
         )
-        record["metadata"] = _metadata(record["metadata"])
-        return msgspec.convert(record, Conversation, from_attributes=True)
+        return conversation_from_row(rows[0], actions, without_system)
 
     async def post_call_actions(self, conversation_id: str) -> list[PostCallAction]:
         """From the raw events: they are kept there as Tavus sent them, in arrival order."""
@@ -169,22 +165,7 @@ class Reader:
             "AND event_type = 'application.post_call_action_executed' ORDER BY id",
             (conversation_id,),
         )
-        actions = []
-        for body, received_at in rows:
-            try:
-                props = msgspec.json.decode(body, type=_PostCallEvent).properties
-            except msgspec.DecodeError:
-                continue  # stored for the record, but not a shape we can show
-            actions.append(
-                PostCallAction(
-                    tool_name=_str_or_none(props.get("tool_name")),
-                    status=_str_or_none(props.get("status")),
-                    request=props.get("request"),
-                    response=props.get("response"),
-                    received_at=received_at,
-                )
-            )
-        return actions
+        return post_call_actions_from(rows)
 
     async def conversations(
         self, limit: int, before: tuple[float, str] | None, where: ConversationFilter | None = None
@@ -197,13 +178,9 @@ class Reader:
         if before is not None:
             conditions.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
             params += [before[0], before[0], before[1]]
-        for column, value in (("status", where.status), ("source", where.source)):
-            if value is not None:
-                conditions.append(f"{column} = ?")
-                params.append(value)
-        if where.updated_since is not None:
-            conditions.append("updated_at >= ?")
-            params.append(where.updated_since)
+        filtered, values = filter_conditions(where, "?")
+        conditions += filtered
+        params += values
         for key, value in where.metadata:
             # The key is quoted as a JSON path member; daemon.metadata allows no quote or backslash in it.
             conditions.append("json_extract(metadata, ?) = ?")
@@ -234,16 +211,9 @@ class Reader:
         include_system: bool = False,
     ) -> list[Message]:
         """One stream's messages by position: after a ``seq`` (cursor) or from an ``offset`` (page)."""
-        where = ["conversation_id = ?", "source = ?"]
-        params: list[Any] = [conversation_id, source]
-        if after is not None:
-            where.append("seq > ?")
-            params.append(after)
-        if role is not None:
-            where.append("role = ?")
-            params.append(role)
-        elif not include_system:
-            where.append("role != 'system'")
+        where, params = message_conditions(
+            "?", conversation_id, source=source, after=after, role=role, include_system=include_system
+        )
         params += [limit, offset]
         # The WHERE clause is assembled from the constant fragments above; values are all parameters.
         rows = await self._all(
@@ -322,6 +292,71 @@ SELECT kind, id, event_type, source, received_at, delivery_key, size, problems, 
 WHERE ?4 IS NULL OR (received_at, kind, id) > (?4, ?5, ?6)
 ORDER BY received_at, kind, id LIMIT ?2
 """
+
+
+def conversation_from_row(
+    row: tuple[Any, ...], post_call_actions: list[PostCallAction], without_system: int
+) -> Conversation:
+    """A row of :data:`CONVERSATION_COLUMNS` (either backend's), with what is read beside it."""
+    record = dict(zip(CONVERSATION_COLUMNS, row, strict=True))
+    record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
+    record["analysis"] = _json_or_text(record["analysis"])
+    record["post_call_actions"] = post_call_actions
+    record["message_count_without_system"] = without_system
+    record["metadata"] = _metadata(record["metadata"])
+    return msgspec.convert(record, Conversation, from_attributes=True)
+
+
+def post_call_actions_from(rows: list[tuple[Any, ...]]) -> list[PostCallAction]:
+    """The actions in rows of (body, received_at) of post_call_action_executed events, in their order."""
+    actions = []
+    for body, received_at in rows:
+        try:
+            props = msgspec.json.decode(body, type=_PostCallEvent).properties
+        except msgspec.DecodeError:
+            continue  # stored for the record, but not a shape we can show
+        actions.append(
+            PostCallAction(
+                tool_name=_str_or_none(props.get("tool_name")),
+                status=_str_or_none(props.get("status")),
+                request=props.get("request"),
+                response=props.get("response"),
+                received_at=received_at,
+            )
+        )
+    return actions
+
+
+def filter_conditions(where: ConversationFilter, mark: str) -> tuple[list[str], list[Any]]:
+    """The status, source and updated_since conditions of ``where`` (the ones both backends write alike),
+    with ``mark`` the driver's parameter placeholder, and their values."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, value in (("status", where.status), ("source", where.source)):
+        if value is not None:
+            conditions.append(f"{column} = {mark}")
+            params.append(value)
+    if where.updated_since is not None:
+        conditions.append(f"updated_at >= {mark}")
+        params.append(where.updated_since)
+    return conditions, params
+
+
+def message_conditions(
+    mark: str, conversation_id: str, *, source: str, after: int | None, role: str | None, include_system: bool
+) -> tuple[list[str], list[Any]]:
+    """The conditions of :meth:`Reader.messages` (``mark`` the driver's parameter placeholder) and their values."""
+    where = [f"conversation_id = {mark}", f"source = {mark}"]
+    params: list[Any] = [conversation_id, source]
+    if after is not None:
+        where.append(f"seq > {mark}")
+        params.append(after)
+    if role is not None:
+        where.append(f"role = {mark}")
+        params.append(role)
+    elif not include_system:
+        where.append("role != 'system'")
+    return where, params
 
 
 def _json_or_text(stored: str | None) -> Any:

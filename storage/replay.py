@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -169,25 +170,42 @@ def has_events(conn: sqlite3.Connection, conversation_id: str) -> bool:
 
 def _bounds(conn: sqlite3.Connection, conversation_id: str | None, since: float | None) -> tuple[int, int] | None:
     """(after, last): replay the events with after < id <= last; None if there are none."""
-    where, params = ("WHERE conversation_id = ?", [conversation_id]) if conversation_id is not None else ("", [])
-    (last,) = conn.execute(f"SELECT max(id) FROM events {where}", params).fetchone()  # noqa: S608
-    if last is None:
-        return None
-    if since is None:
-        return 0, last
-    where = f"{where} AND received_at >= ?" if where else "WHERE received_at >= ?"
-    (first,) = conn.execute(f"SELECT min(id) FROM events {where}", [*params, since]).fetchone()  # noqa: S608
-    return None if first is None else (first - 1, last)
+    return replay_bounds(lambda sql, params: conn.execute(sql, params).fetchone(), "?", conversation_id, since)
 
 
 def _events(conn: sqlite3.Connection, conversation_id: str | None, after: int, last: int) -> Iterator[StoredEvent]:
-    """One event at a time, each by its own short query: no read snapshot outlives a batch, and at most one
-    raw body is read ahead."""
+    if conversation_id is None:
+        return stored_events(lambda at: conn.execute(NEXT_EVENT, (at, last)).fetchone(), after)
+    return stored_events(lambda at: conn.execute(NEXT_EVENT_OF, (conversation_id, at, last)).fetchone(), after)
+
+
+# Run one query of a single value, with its parameters; its one row, or None.
+FetchOne = Callable[[str, list[Any]], Sequence[Any] | None]
+
+
+def replay_bounds(
+    fetchone: FetchOne, mark: str, conversation_id: str | None, since: float | None
+) -> tuple[int, int] | None:
+    """(after, last) for either backend (``mark`` its parameter placeholder): replay the events with
+    after < id <= last; None if there are none."""
+    where, params = (f"WHERE conversation_id = {mark}", [conversation_id]) if conversation_id is not None else ("", [])
+    row = fetchone(f"SELECT max(id) FROM events {where}", params)  # noqa: S608 (constant text)
+    if row is None or row[0] is None:
+        return None
+    last: int = row[0]
+    if since is None:
+        return 0, last
+    where = f"{where} AND received_at >= {mark}" if where else f"WHERE received_at >= {mark}"
+    row = fetchone(f"SELECT min(id) FROM events {where}", [*params, since])  # noqa: S608
+    return None if row is None or row[0] is None else (row[0] - 1, last)
+
+
+def stored_events(next_row: Callable[[int], Sequence[Any] | None], after: int) -> Iterator[StoredEvent]:
+    """The events after ``after``, one at a time, each by its own short query (``next_row``: the row of the
+    first event after an id, or None): no read snapshot outlives a batch, and at most one raw body is read
+    ahead."""
     while True:
-        if conversation_id is None:
-            row = conn.execute(NEXT_EVENT, (after, last)).fetchone()
-        else:
-            row = conn.execute(NEXT_EVENT_OF, (conversation_id, after, last)).fetchone()
+        row = next_row(after)
         if row is None:
             return
         event = StoredEvent(*row)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from storage.dead_letters import LIST_UNRESOLVED, DeadLetter, RetryOutcome, RetryStatus, RetrySummary
+from storage.dead_letters import LIST_UNRESOLVED, DeadLetter, RetryOutcome, RetrySummary, retry_letter
+from storage.deliveries import Record, WriteResult
 from storage.errors import StorageUnavailable
 from storage.postgres.connection import Connection
 from storage.postgres.outbox import ChangeSet
 from storage.postgres.retries import ATTEMPTS, RETRIED
 from storage.postgres.writes import MAX_SAVEPOINTS, REFUSALS, unstorable, write_deliveries
-from storage.replay import Parse, StoredEvent, parse_stored
+from storage.replay import Parse, StoredEvent
 
 _UNRESOLVED_BODIES = """
 SELECT id, delivery_key, source, event_type, conversation_id, received_at, body
@@ -84,27 +85,16 @@ def _retry_chunk(conn: Connection, parsers: Mapping[str, Parse], letters: list[S
 
 
 def _retry_one(conn: Connection, parsers: Mapping[str, Parse], event: StoredEvent, changes: ChangeSet) -> RetryOutcome:
-    def failed(error: str) -> RetryOutcome:
-        return RetryOutcome(event.id, event.source, event.event_type, event.conversation_id, "failed", error=error)
+    def store(delivery: Record) -> WriteResult | str:
+        if (reason := unstorable(delivery)) is not None:
+            return reason
+        tracked = changes.tracked()
+        try:
+            with conn.transaction():  # a savepoint: a refusal rolls back this delivery alone
+                (result,) = write_deliveries(conn, [delivery], changes)
+        except REFUSALS as exc:
+            changes.forget_since(tracked)
+            return f"{exc.__class__.__name__}: {exc}"
+        return result
 
-    parse = parsers.get(event.source)
-    if parse is None:
-        return failed(f"no parser for source {event.source!r}")
-    try:
-        # Under the key intake computed (a webhook-id header is not stored): the one a re-sent copy is known by.
-        delivery = parse_stored(parse, event)
-    except Exception as exc:  # whatever the parser raises, this body cannot be parsed now
-        return failed(f"the parser refuses it: {exc.__class__.__name__}: {exc}")
-    if (reason := unstorable(delivery)) is not None:
-        return failed(f"the database refused it: {reason}")
-    tracked = changes.tracked()
-    try:
-        with conn.transaction():  # a savepoint: a refusal rolls back this delivery alone
-            (result,) = write_deliveries(conn, [delivery], changes)
-    except REFUSALS as exc:
-        changes.forget_since(tracked)
-        return failed(f"the database refused it: {exc.__class__.__name__}: {exc}")
-    status: RetryStatus = "already_stored" if result.duplicate_delivery else "stored"
-    return RetryOutcome(
-        event.id, event.source, event.event_type, event.conversation_id, status, inserted=result.inserted
-    )
+    return retry_letter(parsers, event, store)

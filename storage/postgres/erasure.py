@@ -22,11 +22,10 @@ leaves a deleted row's bytes in its page until VACUUM reuses the space (autovacu
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 
-from storage.erasure import Erased, Tombstone
+from storage.erasure import Erased, Tombstone, leave_tombstone
 from storage.postgres import outbox, retries
 from storage.postgres import statements as sql
 from storage.postgres.connection import Connection
@@ -69,16 +68,15 @@ def _erase(conn: Connection, conversation_id: str, deleted_at: float) -> Erased 
         conn.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
     source = outbox.erased_source(conn, conversation_id)
     counts = {what: conn.execute(statement, (conversation_id,)).rowcount for what, statement in ERASED}
-    erased = Erased(conversation_id, **counts, deleted_at=deleted_at, search_entries=counts["messages"])
-    if not erased.anything:
-        return None  # committed on the way out: nothing was changed
-    conn.execute(TOMBSTONE, (conversation_id, deleted_at))
-    # Its changes go, but only with its data: the change an earlier erasure left stays the only one.
-    changes = conn.execute(outbox.DELETE_CHANGES, (conversation_id,)).rowcount
-    position = None
-    if source is not None:  # it has data, so it has a source: this change tells the app it is gone
-        position = outbox.record_erased(conn, conversation_id, source, deleted_at)
-    return dataclasses.replace(erased, changes=changes, position=position)
+    found = Erased(conversation_id, **counts, deleted_at=deleted_at, search_entries=counts["messages"])
+    return leave_tombstone(
+        conn.execute,
+        found,
+        TOMBSTONE,
+        outbox.DELETE_CHANGES,
+        source,
+        lambda source: outbox.record_erased(conn, conversation_id, source, deleted_at),
+    )
 
 
 def undo(conn: Connection, conversation_id: str) -> Tombstone | None:

@@ -22,11 +22,9 @@ yet to commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-import msgspec
-
-from storage.outbox import ERASED_KINDS, KIND_COLUMNS, Messages, Snapshot, kinds_changed
+from storage.outbox import ERASED_KINDS, KIND_COLUMNS, Snapshot, TrackedChanges
 from storage.postgres.connection import Connection
 
 # pg_advisory_xact_lock's key (any bigint no other application on the database uses): "trnsoutb".
@@ -51,7 +49,7 @@ def take_order_lock(conn: Connection) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (ORDER_LOCK,))
 
 
-class ChangeSet:
+class ChangeSet(TrackedChanges):
     """The conversations one transaction touches, as they were before it, and the messages it changed.
 
     The writes lock the conversations first (storage.postgres.statements.LOCK_CONVERSATIONS), then
@@ -59,11 +57,6 @@ class ChangeSet:
     another replica committed before. Start a new one for each transaction (a retried batch, each chunk
     of the savepoint path). ``enabled=False`` records nothing (``changes.enabled``).
     """
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._before: dict[str, Snapshot | None] = {}
-        self._messages: dict[str, Messages] = {}
 
     def track(self, conn: Connection, conversation_ids: Iterable[str], created: Iterable[str] = ()) -> None:
         """Read how the conversations not tracked yet are now; those in ``created`` were inserted by this
@@ -87,33 +80,16 @@ class ChangeSet:
         for cid in [cid for cid in self._before if cid not in tracked]:
             del self._before[cid]
 
-    def messages(self, conversation_id: str, added: int, updated: int, seqs: Sequence[int]) -> None:
-        """Note messages added or updated at positions ``seqs`` (all of them, or a range's two ends)."""
-        if not self.enabled or not (added or updated):
-            return
-        noted = self._messages.get(conversation_id)
-        if noted is None:
-            noted = self._messages[conversation_id] = Messages()
-        noted.add(added, updated, seqs)
-
     def record(self, conn: Connection, *, now: float | None = None) -> int | None:
         """Insert one change per tracked conversation that changed, last thing inside the open transaction
         (it takes ``ORDER_LOCK`` until COMMIT): the position of the last one, or None if nothing changed."""
         if not self.enabled or not self._before:
             return None
-        after = _snapshots(conn, list(self._before))
+        changed = self._changed(_snapshots(conn, list(self._before)))
         committed_at = time.time() if now is None else now
-        rows: list[tuple[str, str, str, str, int | None, int | None]] = []
-        for cid, before in self._before.items():
-            current = after.get(cid)
-            if current is None:  # only duplicates or refusals: its row was dropped or rolled back
-                continue
-            noted = self._messages.get(cid)
-            kinds = kinds_changed(before, current, noted)
-            if not kinds:
-                continue
-            first, last = (noted.first_seq, noted.last_seq) if noted is not None else (None, None)
-            rows.append((cid, str(current[0]), str(current[1]), msgspec.json.encode(kinds).decode(), first, last))
+        rows: list[tuple[str, str, str, str, int | None, int | None]] = [
+            (cid, str(current[0]), str(current[1]), kinds, first, last) for cid, current, kinds, first, last in changed
+        ]
         if not rows:
             return None
         take_order_lock(conn)

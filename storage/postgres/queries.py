@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -31,11 +30,11 @@ from storage.queries import (
     ConversationSummary,
     Message,
     PostCallAction,
-    _json_or_text,
-    _metadata,
-    _PostCallEvent,
-    _str_or_none,
     _summary,
+    conversation_from_row,
+    filter_conditions,
+    message_conditions,
+    post_call_actions_from,
 )
 
 AsyncConnection = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -127,15 +126,11 @@ class Reader:
         rows = await self._all(CONVERSATION, (conversation_id,))
         if not rows:
             return None
-        record = dict(zip(CONVERSATION_COLUMNS, rows[0], strict=True))
-        record["recording"] = {key: record.pop(f"recording_{key}") for key in ("uri", "provider", "duration", "error")}
-        record["analysis"] = _json_or_text(record["analysis"])
-        record["post_call_actions"] = await self.post_call_actions(conversation_id)
-        ((record["message_count_without_system"],),) = await self._all(
+        actions = await self.post_call_actions(conversation_id)
+        ((without_system,),) = await self._all(
             "SELECT count(*) FROM messages WHERE conversation_id = %s AND role != 'system'", (conversation_id,)
         )
-        record["metadata"] = _metadata(record["metadata"])
-        return msgspec.convert(record, Conversation, from_attributes=True)
+        return conversation_from_row(rows[0], actions, without_system)
 
     async def post_call_actions(self, conversation_id: str) -> list[PostCallAction]:
         """From the raw events: they are kept there as Tavus sent them, in arrival order."""
@@ -144,22 +139,7 @@ class Reader:
             "AND event_type = 'application.post_call_action_executed' ORDER BY id",
             (conversation_id,),
         )
-        actions = []
-        for body, received_at in rows:
-            try:
-                props = msgspec.json.decode(body, type=_PostCallEvent).properties
-            except msgspec.DecodeError:
-                continue  # stored for the record, but not a shape we can show
-            actions.append(
-                PostCallAction(
-                    tool_name=_str_or_none(props.get("tool_name")),
-                    status=_str_or_none(props.get("status")),
-                    request=props.get("request"),
-                    response=props.get("response"),
-                    received_at=received_at,
-                )
-            )
-        return actions
+        return post_call_actions_from(rows)
 
     async def conversations(
         self, limit: int, before: tuple[float, str] | None, where: ConversationFilter | None = None
@@ -179,13 +159,9 @@ class Reader:
             else:
                 conditions.append("(updated_at, id) < (%s::float8, %s::text)")
                 params += [at, last_id]
-        for column, value in (("status", where.status), ("source", where.source)):
-            if value is not None:
-                conditions.append(f"{column} = %s")
-                params.append(value)
-        if where.updated_since is not None:
-            conditions.append("updated_at >= %s")
-            params.append(where.updated_since)
+        filtered, values = filter_conditions(where, "%s")
+        conditions += filtered
+        params += values
         for key, value in where.metadata:
             # Every value stored is a JSON string, so ->> gives what SQLite's json_extract gives.
             conditions.append("metadata::jsonb ->> %s = %s")
@@ -216,16 +192,9 @@ class Reader:
         include_system: bool = False,
     ) -> list[Message]:
         """One stream's messages by position: after a ``seq`` (cursor) or from an ``offset`` (page)."""
-        where = ["conversation_id = %s", "source = %s"]
-        params: list[Any] = [conversation_id, source]
-        if after is not None:
-            where.append("seq > %s")
-            params.append(after)
-        if role is not None:
-            where.append("role = %s")
-            params.append(role)
-        elif not include_system:
-            where.append("role != 'system'")
+        where, params = message_conditions(
+            "%s", conversation_id, source=source, after=after, role=role, include_system=include_system
+        )
         params += [limit, offset]
         # The WHERE clause is assembled from the constant fragments above; values are all parameters.
         rows = await self._all(

@@ -26,7 +26,15 @@ from storage.postgres.connection import Connection
 from storage.postgres.outbox import ChangeSet
 from storage.postgres.retries import ATTEMPTS, RETRIED, RETRY_PAUSE_S
 from storage.postgres.writes import MAX_SAVEPOINTS, REFUSALS, unstorable, write_deliveries
-from storage.replay import Parse, ReplayLimits, ReplayStats, StoredEvent, replay_events
+from storage.replay import (
+    Parse,
+    ReplayLimits,
+    ReplayStats,
+    StoredEvent,
+    replay_bounds,
+    replay_events,
+    stored_events,
+)
 
 log = logging.getLogger("transcriptd.storage")
 
@@ -74,32 +82,13 @@ def has_events(conn: Connection, conversation_id: str) -> bool:
 
 
 def _bounds(conn: Connection, conversation_id: str | None, since: float | None) -> tuple[int, int] | None:
-    """(after, last): replay the events with after < id <= last; None if there are none."""
-    where, params = ("WHERE conversation_id = %s", [conversation_id]) if conversation_id is not None else ("", [])
-    row = conn.execute(f"SELECT max(id) FROM events {where}", params).fetchone()  # noqa: S608 (constant text)
-    if row is None or row[0] is None:
-        return None
-    last: int = row[0]
-    if since is None:
-        return 0, last
-    where = f"{where} AND received_at >= %s" if where else "WHERE received_at >= %s"
-    row = conn.execute(f"SELECT min(id) FROM events {where}", [*params, since]).fetchone()  # noqa: S608
-    return None if row is None or row[0] is None else (row[0] - 1, last)
+    return replay_bounds(lambda sql, params: conn.execute(sql, params).fetchone(), "%s", conversation_id, since)
 
 
 def _events(conn: Connection, conversation_id: str | None, after: int, last: int) -> Iterator[StoredEvent]:
-    """One event at a time, each by its own short query: no snapshot outlives a batch, and at most one raw
-    body is read ahead."""
-    while True:
-        if conversation_id is None:
-            row = conn.execute(NEXT_EVENT, (after, last)).fetchone()
-        else:
-            row = conn.execute(NEXT_EVENT_OF, (conversation_id, after, last)).fetchone()
-        if row is None:
-            return
-        event = StoredEvent(*row)
-        yield event
-        after = event.id
+    if conversation_id is None:
+        return stored_events(lambda at: conn.execute(NEXT_EVENT, (at, last)).fetchone(), after)
+    return stored_events(lambda at: conn.execute(NEXT_EVENT_OF, (conversation_id, at, last)).fetchone(), after)
 
 
 def _write(
