@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from daemon.config import Config
 from daemon.reconcile import Local, local_state
-from storage import dead_letters, erasure, export, notifications, replay, retention, search_index
+from storage import dead_letters, export, replay
 from storage.connection import open_reader, open_writer
 from storage.dead_letters import DeadLetter, RetrySummary
 from storage.deliveries import Record, WriteResult
@@ -30,18 +30,14 @@ from storage.errors import StorageRejected
 from storage.export import ConversationHead, Format
 from storage.migrations import migrate as sqlite_migrate
 from storage.postgres import dead_letters as pg_dead_letters
-from storage.postgres import erasure as pg_erasure
 from storage.postgres import export as pg_export
-from storage.postgres import notifications as pg_notifications
 from storage.postgres import replay as pg_replay
-from storage.postgres import retention as pg_retention
-from storage.postgres import search_index as pg_search_index
 from storage.postgres.connection import Connection as PgConnection
 from storage.postgres.connection import connect, is_postgres_url, where
 from storage.postgres.migrations import migrate as pg_migrate
 from storage.postgres.writes import write_batch as pg_write_batch
 from storage.replay import Parse, ReplayLimits, ReplayStats, StoredEvent
-from storage.surface import Conn, Erasure, Notifications, Retention, SearchIndex
+from storage.surface import Conn, Erasure, Notifications, Retention, SearchIndex, surface_for
 from storage.writes import write_batch as sqlite_write_batch
 
 C = TypeVar("C")
@@ -111,20 +107,22 @@ def opened(config: Config, *, reads_only: bool = False, migrates: bool = False) 
         raise NoDatabase(problem)
     path = Path(location)
     conn = open_reader(path, busy_timeout_ms=config.storage.busy_timeout_ms) if reads_only else writer(config)
+    # The modules the daemon calls too come from storage.surface: one choice of backend for both.
+    surface = surface_for(location)
     with closing(conn):
         yield Database(
             conn,
             label=str(path),
             migrate=sqlite_migrate,
             write_batch=sqlite_write_batch,
-            retention=retention,
             export=export,
             replay=replay,
             dead_letters=dead_letters,
-            erasure=erasure,
-            notifications=notifications,
-            search_index=search_index,
-            local_state=partial(local_state, erasure=erasure),
+            retention=surface.retention,
+            erasure=surface.erasure,
+            notifications=surface.notifications,
+            search_index=surface.search_index,
+            local_state=partial(local_state, erasure=surface.erasure),
         )
 
 
@@ -136,19 +134,20 @@ def _postgres(config: Config, url: str, *, migrates: bool) -> Iterator[Database[
                 f"no transcriptd tables at PostgreSQL {where(url)} (transcriptd serve creates them; check the "
                 "URL's database and search_path)"
             )
+        surface = surface_for(url)
         yield Database(
             conn,
             label=f"PostgreSQL {where(url)}",
             migrate=pg_migrate,
             write_batch=pg_write_batch,
-            retention=pg_retention,
             export=pg_export,
             replay=pg_replay,
             dead_letters=pg_dead_letters,
-            erasure=pg_erasure,
-            notifications=pg_notifications,
-            search_index=pg_search_index,
-            local_state=partial(local_state, erasure=pg_erasure),
+            retention=surface.retention,
+            erasure=surface.erasure,
+            notifications=surface.notifications,
+            search_index=surface.search_index,
+            local_state=partial(local_state, erasure=surface.erasure),
         )
 
 
